@@ -1,0 +1,35 @@
+"""agent_client: the agent side of dispatcher (asyncio library and pure protocol module).
+
+Never imports ``dispatcher`` and never needs Redis (ARCHITECTURE.md, Layers).
+"""
+
+from __future__ import annotations
+
+from .client import Agent, CommandContext, CommandHandler
+from .errors import (
+    AgentOffline,
+    AgentReplaced,
+    CommandCancelled,
+    CommandError,
+    CommandFailed,
+    CommandTimeout,
+    DispatcherError,
+    HelloRefused,
+    NotConnected,
+)
+
+__all__ = [
+    "Agent",
+    "AgentOffline",
+    "AgentReplaced",
+    "CommandCancelled",
+    "CommandContext",
+    "CommandError",
+    "CommandFailed",
+    "CommandHandler",
+    "CommandTimeout",
+    "DispatcherError",
+    "HelloRefused",
+    "NotConnected",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,367 @@
+"""``Agent``: the asyncio agent library (connect, serve commands, reconnect forever).
+
+One persistent WebSocket to a hub from a list of URLs. Commands run as tasks
+under a concurrency bound, so a slow handler never blocks the read loop.
+Each command id runs at most once per process: a redelivered command that is
+still running is only acked, one that finished gets its stored answer again
+(PROTOCOL.md, Commands, Redelivery). Answers computed while the connection was
+down are sent when the hub redelivers after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import ssl as ssl_module
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import broadcast
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from . import protocol as P
+from .backoff import backoff
+from .errors import AgentReplaced, CommandError, HelloRefused, NotConnected
+
+__all__ = ["Agent", "CommandContext", "CommandHandler"]
+
+log = structlog.get_logger(__name__)
+
+CommandHandler = Callable[[Any, "CommandContext"], Awaitable[Any] | Any]
+Hook = Callable[[], Awaitable[None] | None]
+
+# Close codes after which reconnecting would be wrong (PROTOCOL.md, Close codes).
+_FINAL_CLOSE_CODES = frozenset({int(P.CloseCode.REPLACED)})
+
+
+class CommandContext:
+    """What a command handler knows about its command."""
+
+    __slots__ = ("_agent", "_cancelled", "deadline", "id", "key", "ts")
+
+    def __init__(self, agent: Agent, frame: P.CmdFrame) -> None:
+        self._agent = agent
+        self.id = frame.id
+        self.key = frame.key
+        self.ts = frame.ts
+        self.deadline = frame.deadline
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the hub sent ``cancel`` (timeout, operator, drop)."""
+        return self._cancelled
+
+    async def progress(self, data: Any) -> None:
+        """Send a progress update; dropped (not queued) while disconnected."""
+        await self._agent._send_soft(P.encode(P.ProgressFrame(self.id, data)))
+
+
+class Agent:
+    """An agent. Register handlers with :meth:`command`, then ``await agent.run()``.
+
+    ``urls`` is one hub URL or a list (``ws://host:8080/ws``); on every
+    reconnect the next one is tried, with exponential backoff and jitter.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        agent_id: str,
+        *,
+        token: str | None = None,
+        meta: dict[str, Any] | None = None,
+        max_concurrency: int = 64,
+        ssl: ssl_module.SSLContext | None = None,
+        heartbeat: float = 20.0,
+        open_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        result_cache: int = 10_000,
+        max_frame: int = 16 * 1024 * 1024,
+    ) -> None:
+        if not P.is_valid_agent_id(agent_id):
+            raise ValueError(f"invalid agent id {agent_id!r}")
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("at least one hub URL is needed")
+        self.agent_id = agent_id
+        self.token = token
+        self.meta = dict(meta or {})
+        self.ssl = ssl
+        self.heartbeat = heartbeat
+        self.open_timeout = open_timeout
+        self.max_frame = max_frame
+        self._backoff = (backoff_initial, backoff_max)
+        self._handlers: dict[str, CommandHandler] = {}
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._running: dict[str, tuple[asyncio.Task[None], CommandContext]] = {}
+        # id -> stored terminal frame (None: ended without one, e.g. cancelled)
+        self._finished: OrderedDict[str, bytes | None] = OrderedDict()
+        self._result_cache = result_cache
+        self._ws: ClientConnection | None = None
+        self._connected = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._url_cycle = itertools.cycle(self.urls)
+        self.session: str | None = None
+        self.hub_id: str | None = None
+        self.on_connect: Hook | None = None
+        self.on_disconnect: Hook | None = None
+
+    # -- registration ---------------------------------------------------------
+    def command(self, key: str) -> Callable[[CommandHandler], CommandHandler]:
+        """Decorator: ``@agent.command("resize")`` on ``async def f(payload, ctx)``."""
+
+        def register(fn: CommandHandler) -> CommandHandler:
+            self._handlers[key] = fn
+            return fn
+
+        return register
+
+    def add_command(self, key: str, fn: CommandHandler) -> None:
+        self._handlers[key] = fn
+
+    # -- lifecycle ------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the handshake with a hub is done."""
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        if self._loop_task is None or self._loop_task.done():
+            self._stopping = False
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._connect_loop(), name=f"agent:{self.agent_id}"
+            )
+
+    async def run(self) -> None:
+        """Connect, serve and reconnect until :meth:`stop` (or a replacement, 4409)."""
+        await self.start()
+        assert self._loop_task is not None
+        await self._loop_task
+
+    async def stop(self) -> None:
+        """Close the connection and cancel running commands; idempotent."""
+        self._stopping = True
+        ws = self._ws
+        if ws is not None:
+            await ws.close(P.CloseCode.NORMAL, "agent stopping")
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        tasks = [t for t, _ in self._running.values()] + list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._running.clear()
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- connection loop ------------------------------------------------------
+    async def _connect_loop(self) -> None:
+        delays = backoff(*self._backoff)
+        while not self._stopping:
+            url = next(self._url_cycle)
+            served = False
+            try:
+                async with connect(
+                    url,
+                    open_timeout=self.open_timeout,
+                    ping_interval=self.heartbeat,
+                    ping_timeout=self.heartbeat,
+                    close_timeout=5,
+                    max_size=self.max_frame,
+                    compression=None,
+                    ssl=self.ssl if url.startswith("wss:") else None,
+                ) as ws:
+                    served = await self._serve(ws)
+            except HelloRefused as exc:
+                log.error("hello_refused", agent_id=self.agent_id, url=url, code=exc.code,
+                          error=exc.message)
+            except AgentReplaced:
+                log.error("agent_replaced", agent_id=self.agent_id, url=url)
+                raise
+            except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed, TimeoutError) as exc:
+                log.info("connect_failed", agent_id=self.agent_id, url=url,
+                         error=f"{type(exc).__name__}: {exc}")
+            if self._stopping:
+                break
+            if served:
+                delays = backoff(*self._backoff)  # a good session resets the backoff
+            await asyncio.sleep(next(delays))
+
+    async def _serve(self, ws: ClientConnection) -> bool:
+        """Handshake, then read frames until the connection ends. True if welcomed."""
+        hello = P.HelloFrame(v=P.PROTOCOL_VERSION, agent=self.agent_id, token=self.token,
+                             meta=self.meta or None)
+        await ws.send(P.encode(hello))
+        async with asyncio.timeout(self.open_timeout):
+            first = P.decode(await ws.recv())
+        if isinstance(first, P.ErrorFrame):
+            raise HelloRefused(first.code, first.message)
+        if not isinstance(first, P.WelcomeFrame):
+            raise HelloRefused(P.ErrorCode.BAD_FRAME, f"expected 'welcome', got {first.TYPE!r}")
+        self._ws = ws
+        self.session = first.session
+        self.hub_id = first.hub
+        self._connected.set()
+        log.info("agent_connected", agent_id=self.agent_id, hub=first.hub, session=first.session)
+        await self._run_hook(self.on_connect)
+        try:
+            async for message in ws:
+                try:
+                    frame = P.decode(message)
+                except P.ProtocolError as exc:
+                    log.warning("bad_frame_from_hub", agent_id=self.agent_id, error=exc.message)
+                    continue
+                self._on_frame(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._ws = None
+            self._connected.clear()
+            code = ws.close_code
+            log.info("agent_disconnected", agent_id=self.agent_id, code=code,
+                     reason=ws.close_reason)
+            await self._run_hook(self.on_disconnect)
+        if ws.close_code in _FINAL_CLOSE_CODES:
+            raise AgentReplaced(f"agent {self.agent_id!r} was replaced by a newer connection")
+        return True
+
+    async def _run_hook(self, hook: Hook | None) -> None:
+        if hook is None:
+            return
+        try:
+            out = hook()
+            if inspect.isawaitable(out):
+                await out
+        except Exception:
+            log.exception("agent_hook_failed", agent_id=self.agent_id)
+
+    # -- frames from the hub --------------------------------------------------
+    def _on_frame(self, frame: P.Frame) -> None:
+        if isinstance(frame, P.CmdFrame):
+            self._on_cmd(frame)
+        elif isinstance(frame, P.CancelFrame):
+            self._on_cancel(frame.id)
+        elif isinstance(frame, P.ErrorFrame):
+            log.warning("hub_error", agent_id=self.agent_id, code=frame.code,
+                        message=frame.message, ref=frame.ref)
+        else:
+            self._on_other_frame(frame)
+
+    def _on_other_frame(self, frame: P.Frame) -> None:
+        log.debug("frame_ignored", agent_id=self.agent_id, type=frame.TYPE)
+
+    def _on_cmd(self, frame: P.CmdFrame) -> None:
+        running = self._running.get(frame.id)
+        if running is not None:
+            self._send_now(P.encode(P.AckFrame(frame.id)))  # still running: ack only
+            return
+        if frame.id in self._finished:
+            stored = self._finished[frame.id]
+            if stored is not None:
+                self._send_now(stored)  # finished: the stored answer again
+            return
+        ctx = CommandContext(self, frame)
+        task = asyncio.get_running_loop().create_task(self._run_command(frame, ctx))
+        self._running[frame.id] = (task, ctx)
+        # Ack only if the handler did not finish in its first step: a quick
+        # command answers with its terminal frame alone (PROTOCOL.md allows it).
+        asyncio.get_running_loop().call_soon(self._maybe_ack, frame.id, task)
+
+    def _maybe_ack(self, cmd_id: str, task: asyncio.Task[None]) -> None:
+        if not task.done():
+            self._send_now(P.encode(P.AckFrame(cmd_id)))
+
+    def _on_cancel(self, cmd_id: str) -> None:
+        running = self._running.pop(cmd_id, None)
+        if running is None:
+            return
+        task, ctx = running
+        ctx._cancelled = True
+        self._remember(cmd_id, None)
+        task.cancel()
+
+    async def _run_command(self, frame: P.CmdFrame, ctx: CommandContext) -> None:
+        answer: bytes
+        async with self._slots:
+            handler = self._handlers.get(frame.key)
+            try:
+                if handler is None:
+                    raise CommandError("unknown_key", f"this agent has no command {frame.key!r}")
+                out = handler(frame.payload, ctx)
+                if inspect.isawaitable(out):
+                    out = await out
+                answer = P.encode(P.ResultFrame(frame.id, out))
+            except CommandError as exc:
+                answer = P.encode(P.FailFrame(frame.id, P.error_info(exc.code, exc.message,
+                                                                      exc.data)))
+            except asyncio.CancelledError:
+                if ctx.cancelled:
+                    return  # the hub cancelled it: no answer is wanted
+                raise
+            except Exception as exc:
+                log.exception("command_handler_failed", agent_id=self.agent_id,
+                              command_id=frame.id, key=frame.key)
+                answer = P.encode(P.FailFrame(frame.id, P.error_info(
+                    "handler_error", f"{type(exc).__name__}: {exc}")))
+        if self._running.pop(frame.id, None) is None:
+            return  # cancelled meanwhile
+        self._remember(frame.id, answer)
+        self._send_now(answer)
+
+    def _remember(self, cmd_id: str, answer: bytes | None) -> None:
+        finished = self._finished
+        finished[cmd_id] = answer
+        while len(finished) > self._result_cache:
+            finished.popitem(last=False)
+
+    # -- sending ----------------------------------------------------------------
+    def _send_now(self, data: bytes) -> None:
+        """Send without waiting; while disconnected the frame is dropped, and
+        terminal answers are resent from the cache when the hub redelivers."""
+        ws = self._ws
+        if ws is not None:
+            # Synchronous write into the transport: no task per frame. The hub
+            # bounds how much an agent is asked to answer, so this stays small.
+            broadcast((ws,), data)
+
+    async def _send_soft(self, data: bytes) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(data)
+
+    async def send_frame(self, frame: P.Frame) -> None:
+        """Send one frame now; raises ``NotConnected`` while disconnected."""
+        ws = self._ws
+        if ws is None:
+            raise NotConnected("not connected to a hub")
+        try:
+            await ws.send(P.encode(frame))
+        except ConnectionClosed as exc:
+            raise NotConnected("the connection closed while sending") from exc

@@ -1,0 +1,41 @@
+"""dispatcher: a realtime agent hub (commands with futures, events with receipts)."""
+
+from __future__ import annotations
+
+from .config import HubConfig
+from .errors import (
+    AgentOffline,
+    CommandCancelled,
+    CommandFailed,
+    CommandTimeout,
+    DeliveryTimeout,
+    DispatcherError,
+    HubClosed,
+    StoreUnavailable,
+    TooManyCommands,
+    UnknownCommand,
+)
+from .handle import CommandHandle
+from .hub import Dispatcher
+from .models import AgentInfo, CommandInfo
+from .transport import agent_token
+
+__all__ = [
+    "AgentInfo",
+    "AgentOffline",
+    "CommandCancelled",
+    "CommandFailed",
+    "CommandHandle",
+    "CommandInfo",
+    "CommandTimeout",
+    "DeliveryTimeout",
+    "Dispatcher",
+    "DispatcherError",
+    "HubClosed",
+    "HubConfig",
+    "StoreUnavailable",
+    "TooManyCommands",
+    "UnknownCommand",
+    "agent_token",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""``HubConfig``: every setting of a hub in one object, readable from ``DISPATCHER_*``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl as ssl_module
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["HubConfig"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(slots=True)
+class HubConfig:
+    """Settings of one hub. Times are seconds, sizes bytes.
+
+    Every field can be set from the environment as ``DISPATCHER_<FIELD>``
+    (``HubConfig.from_env()``); the command line maps its flags one to one.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str | None = None  # None: same as host
+    admin_port: int | None = 8081  # None: no admin server; 0: any free port
+    redis_url: str | None = None  # None: in-memory engine
+    prefix: str = "dispatcher"
+    hub_id: str | None = None  # random when unset
+    heartbeat: float = 20.0
+    hello_timeout: float = 10.0
+    command_timeout: float = 60.0
+    retention: float = 3600.0
+    max_frame: int = 1 * MiB
+    agent_secret: str | None = None
+    agent_tokens: Mapping[str, str] | str | None = None  # mapping, or a file of "id token" lines
+    admin_token: str | None = None
+    ssl: ssl_module.SSLContext | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    # Limits (API.md, Security): each is answered by a named error or close code.
+    max_send_buffer: int = 4 * MiB  # per connection; a reader that does not read is dropped
+    max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
+    max_agents: int = 100_000  # connected agents on this hub
+    max_event_queue: int = 1000  # events queued per offline agent
+    event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
+    # Operations
+    sweep_interval: float = 1.0  # how often overdue commands are looked for in the store
+    drain_timeout: float = 10.0  # bounded graceful shutdown
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HubConfig.{name} must be positive")
+        if self.max_frame < 1024:
+            raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
+        if not self.prefix or any(c in self.prefix for c in " \t\r\n"):
+            raise ValueError("HubConfig.prefix must be a non-empty word")
+
+    def ssl_context(self) -> ssl_module.SSLContext | None:
+        """The TLS context for both ports: ``ssl`` if given, else built from cert/key files."""
+        if self.ssl is not None:
+            return self.ssl
+        if self.certfile:
+            ctx = ssl_module.create_default_context(ssl_module.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.certfile, self.keyfile)
+            return ctx
+        return None
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> HubConfig:
+        """Read ``DISPATCHER_<FIELD>`` variables; ``overrides`` (not None) win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("ssl", "extra"):
+                continue
+            raw = env.get(f"DISPATCHER_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _convert(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"DISPATCHER_{name.upper()}={raw!r} is not a number") from None
+    return raw

@@ -1,0 +1,501 @@
+"""The hub core: command lifecycle, futures, groups, timeouts, agent sessions.
+
+Written against the store interface only (``store/base.py``) and against the
+small :class:`Session` protocol that a transport implements; it never touches a
+socket. The transport turns frames into calls of the ``on_*`` methods here; the
+public :class:`~dispatcher.Dispatcher` adds the servers around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import structlog
+
+from agent_client import protocol as P
+
+from .config import HubConfig
+from .emitter import EventEmitter
+from .errors import (
+    AgentOffline,
+    DispatcherError,
+    HubClosed,
+    StoreUnavailable,
+    UnknownCommand,
+)
+from .handle import CommandHandle
+from .ids import IdFactory, new_hub_id
+from .models import AgentInfo, CommandInfo, Outcome
+from .store.base import DropSpec, Store
+
+__all__ = ["HubCore", "Session", "now_ms"]
+
+log = structlog.get_logger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Session(Protocol):
+    """One agent connection as the core sees it (the transport implements it)."""
+
+    agent_id: str
+    session_id: str
+    info: AgentInfo
+
+    def send(self, data: bytes) -> bool:
+        """Queue one frame without waiting; False if the connection is gone."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start closing the connection with a close code of PROTOCOL.md."""
+
+
+class _Delivery:
+    """Per-session delivery state while the catch-up after ``welcome`` runs.
+
+    Commands submitted during the catch-up wait here so that none is sent
+    before ``welcome`` and none twice (PROTOCOL.md, Handshake, step 4).
+    """
+
+    __slots__ = ("backlog", "ready")
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.backlog: list[CommandInfo] = []
+
+
+class HubCore(EventEmitter):
+    """Everything a hub does between its transports and its store."""
+
+    def __init__(self, config: HubConfig, store: Store) -> None:
+        super().__init__()
+        self.config = config
+        self.store = store
+        self.hub_id = config.hub_id or new_hub_id()
+        self._new_id = IdFactory()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[str, Session] = {}
+        self._delivery: dict[str, _Delivery] = {}
+        self._handles: dict[str, CommandHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._timeout_ms = int(config.command_timeout * 1000)
+
+    # -- small helpers -------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the hub owns and ends on close."""
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                log.error("hub_task_failed", task=task.get_name(), exc_info=exc)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def session_of(self, agent_id: str) -> Session | None:
+        return self._sessions.get(agent_id)
+
+    @property
+    def connected_count(self) -> int:
+        return len(self._sessions)
+
+    # -- commands: submit ------------------------------------------------------
+    def execute_on_agent(
+        self,
+        agent_id: str,
+        command_key: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        group: str | bool | None = None,
+        drop_all_pending: bool | str = False,
+        command_id: str | None = None,
+        require_online: bool = False,
+    ) -> CommandHandle:
+        """Submit a command; returns its handle at once (API.md).
+
+        Argument errors raise here, synchronously (``ValueError``/``TypeError``);
+        everything that happens later (store, agent) arrives through the handle.
+        """
+        if self._closing:
+            raise HubClosed("the hub is closed")
+        if not P.is_valid_agent_id(agent_id):
+            raise ValueError(f"invalid agent id {agent_id!r}")
+        if not isinstance(command_key, str) or not 0 < len(command_key) <= P.MAX_KEY_LENGTH:
+            raise ValueError("command_key must be a non-empty string of at most 256 characters")
+        if command_id is not None:
+            if not isinstance(command_id, str) or not 0 < len(command_id) <= P.MAX_ID_LENGTH:
+                raise ValueError("command_id must be a non-empty string of at most 128 characters")
+            existing = self._handles.get(command_id)
+            if existing is not None:  # idempotent submit of a command waiting here
+                return existing
+        if timeout is not None and not 0 < timeout < 1e8:
+            raise ValueError("timeout must be a positive number of seconds")
+        if group is True:
+            group = f"{agent_id}:{command_key}"
+        elif group is False:
+            group = None
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ValueError("group must be a non-empty string or True")
+        # Fail fast on payloads that cannot cross the wire or be stored.
+        P.pack(payload)
+        loop = self.loop
+        ts = now_ms()
+        timeout_ms = self._timeout_ms if timeout is None else int(timeout * 1000)
+        cmd = CommandInfo(
+            id=command_id or self._new_id(),
+            agent_id=agent_id,
+            key=command_key,
+            group=group,
+            ts=ts,
+            updated=ts,
+            deadline=ts + timeout_ms,
+            origin=self.hub_id,
+            payload=payload,
+        )
+        handle = CommandHandle(cmd.id, agent_id, command_key, loop, self.cancel_command)
+        drop: DropSpec = drop_all_pending or None
+        self._handles[cmd.id] = handle
+        handle._timer = loop.call_later(timeout_ms / 1000, self._on_deadline, cmd.id)
+        self._spawn(self._submit(handle, cmd, drop, require_online))
+        return handle
+
+    async def _submit(
+        self, handle: CommandHandle, cmd: CommandInfo, drop: DropSpec, require_online: bool
+    ) -> None:
+        try:
+            if require_online and not await self._is_online(cmd.agent_id):
+                raise AgentOffline(f"agent {cmd.agent_id!r} is not connected")
+            res = await self.store.create_command(
+                cmd, drop=drop, max_pending=self.config.max_inflight_per_agent
+            )
+        except DispatcherError as exc:
+            if self._handles.get(cmd.id) is handle:
+                del self._handles[cmd.id]
+            handle._fail(exc)
+            if isinstance(exc, StoreUnavailable):
+                self._store_failed(exc)
+            return
+        handle._set_submitted()
+        for dropped in res.dropped:
+            self._completed(dropped, tell_agent=True)
+        stored = res.command
+        if not res.created:
+            # Idempotent submit of a command this hub was not waiting for
+            # (another hub's, or one from before a restart).
+            if stored.status == "COMPLETE":
+                self._handles.pop(cmd.id, None)
+                handle._resolve(stored)
+            elif stored.deadline is not None:
+                handle._stop_timer()
+                delay = max(0.0, (stored.deadline - now_ms()) / 1000)
+                handle._timer = self.loop.call_later(delay, self._on_deadline, cmd.id)
+            return
+        log.debug("command_stored", command_id=cmd.id, agent_id=cmd.agent_id, key=cmd.key)
+        if not res.coalesced:
+            self._deliver(stored)
+
+    async def _is_online(self, agent_id: str) -> bool:
+        if agent_id in self._sessions:
+            return True
+        return await self.store.get_agent(agent_id) is not None
+
+    def _deliver(self, cmd: CommandInfo) -> None:
+        """Send a stored command to its agent if it is connected here."""
+        session = self._sessions.get(cmd.agent_id)
+        if session is None:
+            return  # PENDING until the agent connects (PROTOCOL.md, Handshake, step 4)
+        delivery = self._delivery[cmd.agent_id]
+        if not delivery.ready:
+            delivery.backlog.append(cmd)
+            return
+        session.send(_cmd_bytes(cmd))
+
+    # -- commands: complete ------------------------------------------------------
+    def _completed(self, info: CommandInfo, *, tell_agent: bool) -> None:
+        """A command became COMPLETE in the store: resolve, cancel, log."""
+        handle = self._handles.pop(info.id, None)
+        if handle is not None:
+            handle._resolve(info)
+        if tell_agent:
+            session = self._sessions.get(info.agent_id)
+            if session is not None:
+                session.send(P.encode(P.CancelFrame(info.id)))
+        if info.outcome not in ("ok", "error"):
+            log.info(
+                "command_ended", command_id=info.id, agent_id=info.agent_id,
+                key=info.key, outcome=info.outcome,
+            )
+
+    async def _complete(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+        tell_agent: bool = False,
+    ) -> CommandInfo:
+        """Complete in the store (first answer wins), then everything that follows."""
+        now = now_ms()
+        info = await self.store.complete(
+            cmd_id, outcome, now=now, result=result, error=error, agent_id=agent_id
+        )
+        self._completed(info, tell_agent=tell_agent)
+        if info.group is not None:
+            if outcome in ("ok", "error"):
+                # The group's first answer completes every PENDING member.
+                for other in await self.store.complete_group(
+                    info.agent_id, info.group, outcome, now=now, result=result, error=error
+                ):
+                    self._completed(other, tell_agent=True)
+            else:
+                # The leader ended without an answer: the next member runs.
+                nxt = await self.store.next_in_group(info.agent_id, info.group)
+                if nxt is not None and nxt.status == "PENDING":
+                    self._deliver(nxt)
+        return info
+
+    def _on_deadline(self, cmd_id: str) -> None:
+        if self._closing:
+            return
+        self._spawn(self._expire(cmd_id), name=f"expire:{cmd_id}")
+
+    async def _expire(self, cmd_id: str) -> None:
+        try:
+            await self._complete(
+                cmd_id, "timeout",
+                error={"code": P.ErrorCode.TIMEOUT, "message": "the command timed out"},
+                tell_agent=True,
+            )
+        except UnknownCommand:
+            handle = self._handles.get(cmd_id)
+            if handle is None:
+                return  # completed meanwhile: nothing to time out
+            if not handle._submitted.done():
+                # Still being stored (a slow store): time it out right after.
+                handle._timer = self.loop.call_later(0.05, self._on_deadline, cmd_id)
+                return
+            info = await self.store.get_command(cmd_id)
+            if info is not None and info.status == "COMPLETE":
+                self._handles.pop(cmd_id, None)
+                handle._resolve(info)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            handle = self._handles.get(cmd_id)
+            if handle is not None:
+                # Retry soon: the store's deadline still stands (ARCHITECTURE.md).
+                handle._timer = self.loop.call_later(1.0, self._on_deadline, cmd_id)
+
+    async def cancel_command(self, cmd_id: str) -> bool:
+        """Cancel a command that is not COMPLETE; False when it already was."""
+        try:
+            await self._complete(
+                cmd_id, "cancelled",
+                error={"code": P.ErrorCode.CANCELLED, "message": "the command was cancelled"},
+                tell_agent=True,
+            )
+        except UnknownCommand:
+            return False
+        return True
+
+    async def apply_command_response(self, cmd_id: str, result: Any) -> bool:
+        """Apply a result as if its agent had sent it; ``UnknownCommand`` if not applicable."""
+        await self._complete(cmd_id, "ok", result=result)
+        return True
+
+    async def apply_command_error(self, cmd_id: str, error: Any) -> bool:
+        """Apply a failure: a map with ``code``/``message``/``data``, or an exception."""
+        await self._complete(cmd_id, "error", error=_error_map(error))
+        return True
+
+    async def apply_command_progress(self, cmd_id: str, data: Any) -> bool:
+        """Pass a progress update to the command's handle."""
+        return await self._progress(cmd_id, data, agent_id=None)
+
+    async def _progress(self, cmd_id: str, data: Any, agent_id: str | None) -> bool:
+        handle = self._handles.get(cmd_id)
+        if handle is not None and (agent_id is None or handle.agent_id == agent_id):
+            handle._push_progress(data)
+            return True
+        info = await self.store.get_command(cmd_id)
+        if info is None or info.status == "COMPLETE":
+            raise UnknownCommand(f"no command {cmd_id!r} that is not COMPLETE")
+        if agent_id is not None and info.agent_id != agent_id:
+            raise UnknownCommand(f"command {cmd_id!r} is not addressed to agent {agent_id!r}")
+        return True
+
+    # -- queries ---------------------------------------------------------------
+    async def list_pending_commands(self, agent_id: str) -> list[CommandInfo]:
+        return await self.store.list_pending(agent_id)
+
+    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        return await self.store.get_command(cmd_id)
+
+    async def list_connected_agents(self) -> list[AgentInfo]:
+        return await self.store.list_agents()
+
+    async def get_agent(self, agent_id: str) -> AgentInfo | None:
+        return await self.store.get_agent(agent_id)
+
+    # -- sessions (called by the transport) ------------------------------------
+    async def attach(self, session: Session) -> None:
+        """A new authenticated connection: replace, register, welcome, catch up.
+
+        Raises ``StoreUnavailable`` when the agent cannot be registered; the
+        transport then refuses the connection.
+        """
+        agent_id = session.agent_id
+        old = self._sessions.get(agent_id)
+        if old is not None:
+            self._replace(old)
+        self._sessions[agent_id] = session
+        delivery = self._delivery[agent_id] = _Delivery()
+        try:
+            await self.store.register_agent(session.info)
+            session.send(P.encode(P.WelcomeFrame(
+                v=P.PROTOCOL_VERSION, hub=self.hub_id, session=session.session_id,
+                heartbeat=self.config.heartbeat,
+            )))
+            pending = await self.store.list_pending(agent_id)
+        except BaseException:
+            if self._sessions.get(agent_id) is session:
+                del self._sessions[agent_id]
+                del self._delivery[agent_id]
+            raise
+        if self._sessions.get(agent_id) is not session:
+            return  # replaced while we waited on the store
+        sent: set[str] = set()
+        leaders: set[str] = set()
+        for cmd in pending + delivery.backlog:
+            if cmd.id in sent:
+                continue
+            if cmd.group is not None:
+                # One command per group is in flight; the rest take its answer.
+                if cmd.group in leaders:
+                    continue
+                leaders.add(cmd.group)
+            sent.add(cmd.id)
+            session.send(_cmd_bytes(cmd))
+        delivery.ready = True
+        delivery.backlog = []
+        log.info("agent_connected", agent_id=agent_id, session=session.session_id,
+                 redelivered=len(sent))
+        self._emit("agent-connected", session.info.copy())
+
+    def _replace(self, old: Session) -> None:
+        """One live connection per agent id (PROTOCOL.md, Handshake, step 3)."""
+        old.send(P.encode(P.ErrorFrame(
+            P.ErrorCode.REPLACED, "replaced by a newer connection of the same agent"
+        )))
+        old.close(P.CloseCode.REPLACED, "replaced")
+        self._sessions.pop(old.agent_id, None)
+        self._delivery.pop(old.agent_id, None)
+        log.info("agent_replaced", agent_id=old.agent_id, session=old.session_id)
+        self._emit("agent-disconnected", old.info.copy(), "replaced")
+
+    async def detach(self, session: Session, reason: str) -> None:
+        """The connection ended. Its commands stay in the store for the next one."""
+        if self._sessions.get(session.agent_id) is not session:
+            return  # already replaced (and reported) or never attached
+        del self._sessions[session.agent_id]
+        del self._delivery[session.agent_id]
+        try:
+            await self.store.unregister_agent(session.agent_id, session.session_id)
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+        log.info("agent_disconnected", agent_id=session.agent_id, session=session.session_id,
+                 reason=reason)
+        self._emit("agent-disconnected", session.info.copy(), reason)
+
+    # -- frames from an agent (called by the transport) --------------------------
+    async def on_frame(self, session: Session, frame: P.Frame) -> None:
+        """Apply one frame; answer bad ones with an ``error`` frame, never raise."""
+        try:
+            if isinstance(frame, P.ResultFrame):
+                await self._complete(frame.id, "ok", result=frame.data, agent_id=session.agent_id)
+            elif isinstance(frame, P.AckFrame):
+                await self.store.mark_active(frame.id, session.agent_id, now_ms())
+            elif isinstance(frame, P.FailFrame):
+                await self._complete(frame.id, "error", error=frame.error,
+                                     agent_id=session.agent_id)
+            elif isinstance(frame, P.ProgressFrame):
+                await self._progress(frame.id, frame.data, session.agent_id)
+            else:
+                await self._on_other_frame(session, frame)
+        except UnknownCommand as exc:
+            ref = getattr(frame, "id", None)
+            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), ref)))
+        except P.ProtocolError as exc:
+            session.send(P.encode(exc.to_frame()))
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
+            session.send(P.encode(P.ErrorFrame(
+                P.ErrorCode.INTERNAL, "the hub's store is unavailable; send it again later",
+                getattr(frame, "id", None),
+            )))
+
+    async def _on_other_frame(self, session: Session, frame: P.Frame) -> None:
+        if isinstance(frame, P.HelloFrame):
+            raise P.ProtocolError(P.ErrorCode.BAD_FRAME, "'hello' is only valid as the first frame")
+        if isinstance(frame, P.WelcomeFrame | P.CmdFrame | P.CancelFrame | P.EventFrame
+                      | P.ReplyFrame | P.ErrorFrame):
+            raise P.ProtocolError(
+                P.ErrorCode.BAD_FRAME, f"{frame.TYPE!r} frames are sent by the hub, not by agents",
+                getattr(frame, "id", None),
+            )
+        # emit / received / sub / unsub / call: events and routed calls.
+        raise P.ProtocolError(
+            P.ErrorCode.UNKNOWN_TYPE, f"{frame.TYPE!r} frames are not supported by this hub yet",
+            getattr(frame, "id", None),
+        )
+
+    # -- store health --------------------------------------------------------------
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        """Hook for outage reporting (the Redis engine reports once per outage)."""
+        log.warning("store_unavailable", error=str(exc))
+
+    # -- shutdown ----------------------------------------------------------------
+    async def _close_core(self) -> None:
+        self._closing = True
+        handles = list(self._handles.values())
+        self._handles.clear()
+        for handle in handles:
+            handle._fail(HubClosed("the hub closed; the command stays stored"))
+        await self._cancel_tasks()
+        await self._close_emitter()
+
+
+def _cmd_bytes(cmd: CommandInfo) -> bytes:
+    return P.encode(P.CmdFrame(cmd.id, cmd.key, cmd.payload, cmd.ts, cmd.deadline))
+
+
+def _error_map(error: Any) -> dict[str, Any]:
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return P.error_info(error["code"], str(error.get("message", "")), error.get("data"))
+    if isinstance(error, BaseException):
+        code = getattr(error, "code", None) or type(error).__name__
+        return P.error_info(str(code), str(error), getattr(error, "data", None))
+    return P.error_info("error", str(error))

@@ -1,0 +1,154 @@
+"""``CommandHandle``: what ``execute_on_agent`` returns at once; awaiting it gives the result."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any
+
+from .errors import CommandCancelled, CommandFailed, CommandTimeout, DispatcherError
+from .models import CommandInfo
+
+__all__ = ["CommandHandle", "outcome_exception"]
+
+# Progress updates kept per handle for late or slow iterators; older ones are
+# dropped (an iterator that falls behind skips ahead, it never blocks the hub).
+MAX_PROGRESS_BACKLOG = 256
+
+
+def outcome_exception(info: CommandInfo) -> DispatcherError | None:
+    """The exception a COMPLETE command raises to its caller, or None for a value."""
+    if info.outcome in ("ok", "dropped"):
+        return None
+    err = info.error or {}
+    if info.outcome == "timeout":
+        return CommandTimeout(err.get("message") or f"command {info.id} timed out")
+    if info.outcome == "cancelled":
+        return CommandCancelled(err.get("message") or f"command {info.id} was cancelled")
+    return CommandFailed(
+        str(err.get("code", "error")), str(err.get("message", "")), err.get("data")
+    )
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    # Nobody has to await a handle (fire-and-forget is legitimate), so its
+    # exception is marked retrieved instead of being logged at garbage collection.
+    if not fut.cancelled():
+        fut.exception()
+
+
+class CommandHandle:
+    """A command in flight. ``await handle`` gives the agent's result or raises.
+
+    ``id`` is known at once; ``await handle.submitted()`` resolves once the
+    command is stored; ``async for update in handle.progress()`` follows the
+    agent's progress frames; ``await handle.cancel()`` cancels it.
+    """
+
+    __slots__ = (
+        "_canceller", "_progress", "_progress_seq", "_progress_waiter", "_result",
+        "_submitted", "_timer", "agent_id", "id", "key",
+    )
+
+    def __init__(
+        self,
+        cmd_id: str,
+        agent_id: str,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        canceller: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        self.id = cmd_id
+        self.agent_id = agent_id
+        self.key = key
+        self._result: asyncio.Future[Any] = loop.create_future()
+        self._result.add_done_callback(_consume)
+        self._submitted: asyncio.Future[None] = loop.create_future()
+        self._submitted.add_done_callback(_consume)
+        self._canceller = canceller
+        self._progress: deque[Any] = deque(maxlen=MAX_PROGRESS_BACKLOG)
+        self._progress_seq = 0
+        self._progress_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        state = "done" if self._result.done() else "waiting"
+        return f"<CommandHandle {self.id} {self.key!r} on {self.agent_id} {state}>"
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._result.__await__()
+
+    def done(self) -> bool:
+        return self._result.done()
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """The result, waiting at most ``timeout`` seconds (the command keeps running)."""
+        return await asyncio.wait_for(asyncio.shield(self._result), timeout)
+
+    async def submitted(self) -> None:
+        """Resolve once the command is stored (raises ``StoreUnavailable`` if it was not)."""
+        await asyncio.shield(self._submitted)
+
+    async def cancel(self) -> bool:
+        """Cancel the command: completes it as ``cancelled`` and tells the agent.
+
+        Returns False when it had already completed.
+        """
+        if self._result.done():
+            return False
+        await asyncio.shield(self._submitted)
+        return await self._canceller(self.id)
+
+    async def progress(self) -> AsyncIterator[Any]:
+        """Progress updates in order, ending when the command completes."""
+        seq = self._progress_seq - len(self._progress)
+        while True:
+            oldest = self._progress_seq - len(self._progress)
+            seq = max(seq, oldest)
+            while seq < self._progress_seq:
+                yield self._progress[seq - oldest]
+                seq += 1
+                oldest = self._progress_seq - len(self._progress)
+                seq = max(seq, oldest)
+            if self._result.done():
+                return
+            if self._progress_waiter is None or self._progress_waiter.done():
+                self._progress_waiter = self._result.get_loop().create_future()
+            waiter = self._progress_waiter
+            await asyncio.wait([waiter, self._result], return_when=asyncio.FIRST_COMPLETED)
+
+    # -- called by the hub core --------------------------------------------
+    def _set_submitted(self) -> None:
+        if not self._submitted.done():
+            self._submitted.set_result(None)
+
+    def _push_progress(self, data: Any) -> None:
+        self._progress.append(data)
+        self._progress_seq += 1
+        waiter = self._progress_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _resolve(self, info: CommandInfo) -> None:
+        self._set_submitted()
+        self._stop_timer()
+        if self._result.done():
+            return
+        exc = outcome_exception(info)
+        if exc is None:
+            self._result.set_result(info.result)
+        else:
+            self._result.set_exception(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._stop_timer()
+        if not self._submitted.done():
+            self._submitted.set_exception(exc)
+        if not self._result.done():
+            self._result.set_exception(exc)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

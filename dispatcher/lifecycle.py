@@ -1,0 +1,34 @@
+"""The command lifecycle as a transition table (PENDING → ACTIVE → COMPLETE).
+
+Like h11's connection states: every allowed move is a row; anything else is a
+typed error, never a silent change. The store engines consult this table so the
+in-memory and the Redis engine agree on what is legal.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from .errors import InvalidTransition
+from .models import Status
+
+__all__ = ["Event", "TRANSITIONS", "next_status"]
+
+Event = Literal["ack", "complete"]
+
+# (status, event) -> new status. ``ack`` on ACTIVE is allowed: after a
+# redelivery an agent that is still running a command acks it again
+# (PROTOCOL.md, Commands, Redelivery).
+TRANSITIONS: Final[dict[tuple[Status, Event], Status]] = {
+    ("PENDING", "ack"): "ACTIVE",
+    ("ACTIVE", "ack"): "ACTIVE",
+    ("PENDING", "complete"): "COMPLETE",
+    ("ACTIVE", "complete"): "COMPLETE",
+}
+
+
+def next_status(status: Status, event: Event) -> Status:
+    try:
+        return TRANSITIONS[(status, event)]
+    except KeyError:
+        raise InvalidTransition(f"{event!r} is not allowed on a {status} command") from None

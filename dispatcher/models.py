@@ -1,0 +1,66 @@
+"""Plain records the hub hands out: commands (``CommandInfo``) and agents (``AgentInfo``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["AgentInfo", "CommandInfo", "Outcome", "Status", "TERMINAL_OUTCOMES"]
+
+Status = Literal["PENDING", "ACTIVE", "COMPLETE"]
+Outcome = Literal["ok", "error", "timeout", "cancelled", "dropped"]
+TERMINAL_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled", "dropped"})
+
+
+@dataclass(slots=True)
+class CommandInfo:
+    """One command as the store keeps it (ARCHITECTURE.md, ``P:cmd:ID``).
+
+    ``ts``, ``updated`` and ``deadline`` are unix milliseconds. ``result`` is set
+    when ``outcome`` is ``ok`` or ``dropped``; ``error`` (a map with ``code``,
+    ``message`` and optional ``data``) for every other outcome.
+    """
+
+    id: str
+    agent_id: str
+    key: str
+    status: Status = "PENDING"
+    outcome: Outcome | None = None
+    group: str | None = None
+    ts: int = 0
+    updated: int = 0
+    deadline: int | None = None
+    origin: str = ""
+    payload: Any = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+    def copy(self) -> CommandInfo:
+        # Spelled out: dataclasses.replace costs several times more, and the
+        # in-memory engine copies on its hot path.
+        return CommandInfo(
+            self.id, self.agent_id, self.key, self.status, self.outcome, self.group, self.ts,
+            self.updated, self.deadline, self.origin, self.payload, self.result, self.error,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class AgentInfo:
+    """A connected agent (ARCHITECTURE.md, ``P:agent:ID``); times are unix ms."""
+
+    id: str
+    hub_id: str
+    session: str
+    connected_at: int
+    last_seen: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> AgentInfo:
+        return dataclasses.replace(self, meta=dict(self.meta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

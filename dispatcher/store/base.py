@@ -1,0 +1,152 @@
+"""The store interface: what the hub core needs from an engine (memory or Redis).
+
+The core is written against this class only; the two engines implement it and
+one contract test suite (``tests/store/test_contract.py``) runs unchanged
+against both. Every method that touches the store raises ``StoreUnavailable``
+(and only that) when the backing service cannot be reached, and changes
+nothing in that case. Times are unix milliseconds, passed in by the caller so
+that an engine never reads a clock of its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..models import AgentInfo, CommandInfo, Outcome
+
+__all__ = ["CreateResult", "DropSpec", "Store"]
+
+# ``drop_all_pending`` of ``execute_on_agent``: True drops every PENDING
+# command of the agent in another group; a string drops those with that key.
+DropSpec = bool | str | None
+
+DROPPED_RESULT: dict[str, Any] = {"dropped": True}
+
+
+@dataclass(slots=True)
+class CreateResult:
+    """What ``create_command`` did.
+
+    ``created`` is False when a command with that id existed already
+    (idempotent submit): ``command`` is then the stored one and nothing else
+    changed. ``dropped`` lists the commands ``drop`` completed as ``dropped``.
+    ``coalesced`` is True when another command of the same agent and group is
+    not COMPLETE yet: this one waits and takes the group's first answer.
+    """
+
+    command: CommandInfo
+    created: bool
+    dropped: list[CommandInfo] = field(default_factory=list)
+    coalesced: bool = False
+
+
+class Store(ABC):
+    """Command, agent and event-queue state shared by the hubs using it."""
+
+    engine: ClassVar[str]
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect; may raise ``StoreUnavailable``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; idempotent."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+
+    # -- commands ----------------------------------------------------------
+    @abstractmethod
+    async def create_command(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> CreateResult:
+        """Store a new PENDING command and index it, atomically.
+
+        When ``cmd.id`` exists already, return it with ``created=False`` and
+        change nothing. Otherwise first complete the agent's PENDING commands
+        selected by ``drop`` with outcome ``dropped`` (same atomic step).
+        Raises ``TooManyCommands`` (changing nothing) when the agent already
+        has ``max_pending`` commands that are not COMPLETE.
+        """
+
+    @abstractmethod
+    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> CommandInfo:
+        """PENDING or ACTIVE → ACTIVE (the agent's ``ack``).
+
+        Raises ``UnknownCommand`` when the id is unknown, COMPLETE, or not
+        addressed to ``agent_id``.
+        """
+
+    @abstractmethod
+    async def complete(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+    ) -> CommandInfo:
+        """Complete a command if it is not COMPLETE yet: the first answer wins.
+
+        Removes it from the pending index and lets it expire after the
+        retention period. With ``agent_id``, only a command addressed to that
+        agent is completed. Returns the completed command; raises
+        ``UnknownCommand`` when nothing was applied.
+        """
+
+    @abstractmethod
+    async def complete_group(
+        self,
+        agent_id: str,
+        group: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> list[CommandInfo]:
+        """Complete every PENDING command of the agent in ``group`` the same way."""
+
+    @abstractmethod
+    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
+        """The oldest command of the agent's group that is not COMPLETE, if any."""
+
+    @abstractmethod
+    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        """The command, while it exists (COMPLETE ones until retention passes)."""
+
+    @abstractmethod
+    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
+        """The agent's commands that are not COMPLETE, oldest first."""
+
+    @abstractmethod
+    async def count_pending(self, agent_id: str) -> int:
+        """How many of the agent's commands are not COMPLETE."""
+
+    @abstractmethod
+    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
+        """Commands not COMPLETE whose deadline is at or before ``now``, soonest first."""
+
+    # -- agents ------------------------------------------------------------
+    @abstractmethod
+    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
+        """Record a connected agent; return the record it replaces, if any."""
+
+    @abstractmethod
+    async def unregister_agent(self, agent_id: str, session: str) -> bool:
+        """Forget the agent if its record is still this ``session``'s."""
+
+    @abstractmethod
+    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
+        """Refresh ``last_seen`` of the agent's record, if it is this session's."""
+
+    @abstractmethod
+    async def get_agent(self, agent_id: str) -> AgentInfo | None: ...
+
+    @abstractmethod
+    async def list_agents(self) -> list[AgentInfo]: ...

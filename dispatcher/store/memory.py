@@ -1,0 +1,206 @@
+"""The in-memory engine: one hub, nothing to install, everything lost on restart."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Any, ClassVar
+
+from ..errors import TooManyCommands, UnknownCommand
+from ..lifecycle import next_status
+from ..models import AgentInfo, CommandInfo, Outcome
+from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """Dicts and indexes in this process. Same semantics as the Redis engine.
+
+    Returned records are copies: callers cannot change the store by mutating
+    what they get back.
+    """
+
+    engine: ClassVar[str] = "memory"
+
+    def __init__(self, *, retention: float = 3600.0) -> None:
+        self._retention_ms = int(retention * 1000)
+        self._commands: dict[str, CommandInfo] = {}
+        # agent id -> ids not COMPLETE, in insertion (= ts) order
+        self._pending: dict[str, dict[str, None]] = {}
+        # (deadline, id) of commands not COMPLETE; stale entries are skipped
+        self._deadlines: list[tuple[int, str]] = []
+        # (expires, id) of COMPLETE commands; retention is constant, so FIFO
+        self._expiry: deque[tuple[int, str]] = deque()
+        self._agents: dict[str, AgentInfo] = {}
+
+    async def ping(self) -> None:
+        return None
+
+    # -- commands ----------------------------------------------------------
+    def _expire(self, now: int) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, cmd_id = expiry.popleft()
+            cmd = self._commands.get(cmd_id)
+            if cmd is not None and cmd.status == "COMPLETE":
+                del self._commands[cmd_id]
+
+    def _finish(
+        self, cmd: CommandInfo, outcome: Outcome, now: int, result: Any,
+        error: dict[str, Any] | None,
+    ) -> None:
+        cmd.status = next_status(cmd.status, "complete")
+        cmd.outcome = outcome
+        cmd.updated = now
+        cmd.result = result
+        cmd.error = error
+        index = self._pending.get(cmd.agent_id)
+        if index is not None:
+            index.pop(cmd.id, None)
+            if not index:
+                del self._pending[cmd.agent_id]
+        self._expiry.append((now + self._retention_ms, cmd.id))
+
+    async def create_command(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> CreateResult:
+        self._expire(cmd.ts)
+        existing = self._commands.get(cmd.id)
+        if existing is not None:
+            return CreateResult(existing.copy(), created=False)
+        index = self._pending.setdefault(cmd.agent_id, {})
+        if max_pending is not None and len(index) >= max_pending:
+            raise TooManyCommands(
+                f"agent {cmd.agent_id!r} already has {len(index)} commands not COMPLETE"
+            )
+        dropped: list[CommandInfo] = []
+        coalesced = False
+        for other_id in list(index) if (drop or cmd.group is not None) else ():
+            other = self._commands[other_id]
+            if drop and other.status == "PENDING" and _drops(drop, cmd, other):
+                self._finish(other, "dropped", cmd.ts, DROPPED_RESULT, None)
+                dropped.append(other.copy())
+            elif cmd.group is not None and other.group == cmd.group:
+                coalesced = True
+        stored = cmd.copy()
+        stored.status = "PENDING"
+        stored.outcome = None
+        stored.updated = cmd.ts
+        self._commands[cmd.id] = stored
+        index[cmd.id] = None
+        if cmd.deadline is not None:
+            heapq.heappush(self._deadlines, (cmd.deadline, cmd.id))
+        return CreateResult(stored.copy(), created=True, dropped=dropped, coalesced=coalesced)
+
+    def _addressed(self, cmd_id: str, agent_id: str | None) -> CommandInfo:
+        cmd = self._commands.get(cmd_id)
+        if cmd is None:
+            raise UnknownCommand(f"no command {cmd_id!r}")
+        if agent_id is not None and cmd.agent_id != agent_id:
+            raise UnknownCommand(f"command {cmd_id!r} is not addressed to agent {agent_id!r}")
+        if cmd.status == "COMPLETE":
+            raise UnknownCommand(f"command {cmd_id!r} is already COMPLETE")
+        return cmd
+
+    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> CommandInfo:
+        cmd = self._addressed(cmd_id, agent_id)
+        cmd.status = next_status(cmd.status, "ack")
+        cmd.updated = now
+        return cmd.copy()
+
+    async def complete(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+    ) -> CommandInfo:
+        self._expire(now)
+        cmd = self._addressed(cmd_id, agent_id)
+        self._finish(cmd, outcome, now, result, error)
+        return cmd.copy()
+
+    async def complete_group(
+        self,
+        agent_id: str,
+        group: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> list[CommandInfo]:
+        done: list[CommandInfo] = []
+        for cmd_id in list(self._pending.get(agent_id, ())):
+            cmd = self._commands[cmd_id]
+            if cmd.group == group and cmd.status == "PENDING":
+                self._finish(cmd, outcome, now, result, error)
+                done.append(cmd.copy())
+        return done
+
+    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
+        for cmd_id in self._pending.get(agent_id, ()):
+            cmd = self._commands[cmd_id]
+            if cmd.group == group:
+                return cmd.copy()
+        return None
+
+    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        cmd = self._commands.get(cmd_id)
+        return None if cmd is None else cmd.copy()
+
+    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
+        return [self._commands[i].copy() for i in self._pending.get(agent_id, ())]
+
+    async def count_pending(self, agent_id: str) -> int:
+        return len(self._pending.get(agent_id, ()))
+
+    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
+        heap = self._deadlines
+        out: list[CommandInfo] = []
+        # Drop entries of commands that completed or expired; keep live ones.
+        while heap and len(out) < limit and heap[0][0] <= now:
+            _, cmd_id = heapq.heappop(heap)
+            cmd = self._commands.get(cmd_id)
+            if cmd is not None and cmd.status != "COMPLETE":
+                out.append(cmd.copy())
+        for cmd in out:  # still overdue until someone completes them
+            assert cmd.deadline is not None
+            heapq.heappush(heap, (cmd.deadline, cmd.id))
+        return out
+
+    # -- agents ------------------------------------------------------------
+    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
+        previous = self._agents.get(info.id)
+        self._agents[info.id] = info.copy()
+        return previous
+
+    async def unregister_agent(self, agent_id: str, session: str) -> bool:
+        current = self._agents.get(agent_id)
+        if current is None or current.session != session:
+            return False
+        del self._agents[agent_id]
+        return True
+
+    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
+        current = self._agents.get(agent_id)
+        if current is not None and current.session == session:
+            current.last_seen = last_seen
+
+    async def get_agent(self, agent_id: str) -> AgentInfo | None:
+        info = self._agents.get(agent_id)
+        return None if info is None else info.copy()
+
+    async def list_agents(self) -> list[AgentInfo]:
+        return [a.copy() for a in self._agents.values()]
+
+
+def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:
+    """Whether ``drop_all_pending`` of ``new`` selects the PENDING command ``other``."""
+    if isinstance(drop, str):
+        return other.key == drop
+    return new.group is None or other.group != new.group

@@ -1,0 +1,288 @@
+"""The agents' WebSocket server: handshake, reader, non-blocking writer, liveness.
+
+Thin by design (ARCHITECTURE.md, Layers): it turns WebSocket messages into
+frames and frames into calls on the hub core, and maps every failure to the
+close code PROTOCOL.md names. Sending never blocks the hub: frames go straight
+into the connection's transport buffer, which is bounded (``max_send_buffer``);
+a reader that does not read is disconnected instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from agent_client import protocol as P
+
+from .core import HubCore, now_ms
+from .errors import StoreUnavailable
+from .ids import new_session_id
+from .models import AgentInfo
+
+__all__ = ["AgentServer", "WsSession", "agent_token", "close_reason"]
+
+log = structlog.get_logger(__name__)
+
+
+def agent_token(secret: str, agent_id: str) -> str:
+    """An agent's credential under ``agent_secret`` (API.md, Security)."""
+    return hmac.new(secret.encode(), agent_id.encode(), "sha256").hexdigest()
+
+
+def close_reason(code: int | None, reason: str | None) -> str:
+    """A short word for the ``agent-disconnected`` event and the logs."""
+    if code is None:
+        return "connection_lost"
+    if code == 1011 and reason and "keepalive" in reason:
+        return "heartbeat_timeout"
+    return {
+        1000: "closed",
+        1001: "going_away",
+        1006: "connection_lost",
+        1008: "policy_violation",
+        1009: "frame_too_large",
+        int(P.CloseCode.REPLACED): "replaced",
+    }.get(code, f"close_{code}")
+
+
+class WsSession:
+    """One authenticated agent connection (implements ``core.Session``)."""
+
+    __slots__ = ("_server", "agent_id", "info", "session_id", "ws")
+
+    def __init__(self, server: AgentServer, ws: ServerConnection, info: AgentInfo) -> None:
+        self._server = server
+        self.ws = ws
+        self.info = info
+        self.agent_id = info.id
+        self.session_id = info.session
+
+    def send(self, data: bytes) -> bool:
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            return False
+        # broadcast() writes synchronously without awaiting the drain: the
+        # hub never waits on one slow agent. The buffer bound below replaces
+        # the backpressure a drain would give.
+        broadcast((ws,), data)
+        transport = ws.transport
+        if transport.get_write_buffer_size() > self._server.max_send_buffer:
+            log.warning("send_buffer_overflow", agent_id=self.agent_id,
+                        buffered=transport.get_write_buffer_size())
+            transport.abort()
+            return False
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        self._server.close_soon(self.ws, code, reason)
+
+
+class AgentServer:
+    """Serves ``/ws`` (agents) and ``GET /healthz`` (load balancers) on one port."""
+
+    def __init__(self, core: HubCore) -> None:
+        self.core = core
+        config = core.config
+        self.config = config
+        self.max_send_buffer = config.max_send_buffer
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
+        self.port: int | None = None
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.config.agent_secret) or self._tokens is not None
+
+    async def start(self) -> int:
+        config = self.config
+        self._server = await serve(
+            self._handler,
+            config.host,
+            config.port,
+            process_request=self._process_request,
+            max_size=config.max_frame,
+            # Liveness (PROTOCOL.md, Transport): a Ping every heartbeat, and a
+            # connection whose Pong is `heartbeat` late is closed. A dead peer
+            # never answers the close, so do not wait long for it.
+            ping_interval=config.heartbeat,
+            ping_timeout=config.heartbeat,
+            close_timeout=min(config.heartbeat / 2, 5.0),
+            # Compression triples the memory of an idle connection (PERFORMANCE.md).
+            compression=None,
+            max_queue=64,
+            ssl=config.ssl_context(),
+            server_header=None,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    def close_soon(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection without blocking the caller; the task is owned."""
+        task = asyncio.get_running_loop().create_task(ws.close(code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop accepting; close every agent with 1001 (they reconnect elsewhere)."""
+        if self._server is not None:
+            # Closes every connection with 1001 and waits for their handlers.
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+            self._server = None
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- HTTP on the agent port -------------------------------------------------
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            body = json.dumps({"status": "ok", "hub": self.core.hub_id,
+                               "agents": self.core.connected_count}).encode()
+            return Response(http.HTTPStatus.OK, "OK",
+                            Headers([("Content-Type", "application/json"),
+                                     ("Content-Length", str(len(body)))]), body)
+        if path != "/ws":
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "agents connect on /ws\n")
+        return None
+
+    # -- one connection ----------------------------------------------------------
+    async def _handler(self, ws: ServerConnection) -> None:
+        session = await self._handshake(ws)
+        if session is None:
+            return
+        core = self.core
+        try:
+            while True:
+                try:
+                    message = await ws.recv()
+                except ConnectionClosed:
+                    break
+                try:
+                    frame = P.decode(message)
+                except P.ProtocolError as exc:
+                    session.send(P.encode(exc.to_frame()))
+                    continue
+                await core.on_frame(session, frame)
+        finally:
+            await core.detach(session, close_reason(_close_code(ws), _close_text(ws)))
+
+    async def _handshake(self, ws: ServerConnection) -> WsSession | None:
+        """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
+        config = self.config
+        try:
+            async with asyncio.timeout(config.hello_timeout):
+                message = await ws.recv()
+        except TimeoutError:
+            await self._refuse(ws, P.ErrorCode.BAD_HELLO,
+                               f"no hello within {config.hello_timeout:g} s",
+                               P.CloseCode.HELLO_TIMEOUT)
+            return None
+        except ConnectionClosed:
+            return None
+        try:
+            frame = P.decode(message)
+        except P.ProtocolError as exc:
+            await self._refuse(ws, P.ErrorCode.BAD_HELLO, f"bad hello: {exc.message}",
+                               P.CloseCode.BAD_HELLO)
+            return None
+        if not isinstance(frame, P.HelloFrame):
+            await self._refuse(ws, P.ErrorCode.BAD_HELLO,
+                               f"the first frame must be 'hello', not {frame.TYPE!r}",
+                               P.CloseCode.BAD_HELLO)
+            return None
+        if frame.v != P.PROTOCOL_VERSION:
+            await self._refuse(ws, P.ErrorCode.UNSUPPORTED_VERSION,
+                               f"protocol version {frame.v} is not supported; this hub speaks "
+                               f"{P.PROTOCOL_VERSION}", P.CloseCode.BAD_HELLO)
+            return None
+        if not self._authorized(frame.agent, frame.token):
+            log.warning("agent_unauthorized", agent_id=frame.agent,
+                        remote=_remote(ws))
+            await self._refuse(ws, P.ErrorCode.UNAUTHORIZED,
+                               f"bad or missing token for agent {frame.agent!r}",
+                               P.CloseCode.UNAUTHORIZED)
+            return None
+        now = now_ms()
+        info = AgentInfo(id=frame.agent, hub_id=self.core.hub_id, session=new_session_id(),
+                         connected_at=now, last_seen=now, meta=frame.meta or {})
+        session = WsSession(self, ws, info)
+        try:
+            await self.core.attach(session)
+        except StoreUnavailable:
+            await self._refuse(ws, P.ErrorCode.INTERNAL,
+                               "the hub's store is unavailable; try again later", 1013)
+            return None
+        return session
+
+    def _authorized(self, agent_id: str, token: str | None) -> bool:
+        """Constant-time check of the agent's credential (API.md, Security)."""
+        if not self.auth_required:
+            return True
+        if token is None:
+            return False
+        ok = False
+        if self.config.agent_secret:
+            expected = agent_token(self.config.agent_secret, agent_id)
+            ok = hmac.compare_digest(expected.encode(), token.encode())
+        if self._tokens is not None:
+            expected = self._tokens.get(agent_id, "")
+            # compare_digest runs even for unknown ids so timing tells nothing.
+            ok = (hmac.compare_digest(expected.encode(), token.encode()) and bool(expected)) or ok
+        return ok
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str, close: int) -> None:
+        try:
+            await ws.send(P.encode(P.ErrorFrame(code, message)))
+            await ws.close(close, message[:120])
+        except ConnectionClosed:
+            pass
+
+
+def _close_code(ws: ServerConnection) -> int | None:
+    rcvd, sent = ws.protocol.close_rcvd, ws.protocol.close_sent
+    if sent is not None and sent.code == P.CloseCode.REPLACED:
+        return sent.code
+    if rcvd is not None:
+        return rcvd.code
+    return sent.code if sent is not None else None
+
+
+def _close_text(ws: ServerConnection) -> str | None:
+    frame = ws.protocol.close_sent or ws.protocol.close_rcvd
+    return frame.reason if frame is not None else None
+
+
+def _remote(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
+def _load_tokens(tokens: Mapping[str, str] | str | None) -> dict[str, str] | None:
+    """``agent_tokens`` as a mapping, or a file of ``id token`` lines (``#`` comments)."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, str):
+        table: dict[str, str] = {}
+        with open(tokens, encoding="utf-8") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                parts = raw.split("#", 1)[0].split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or not P.is_valid_agent_id(parts[0]):
+                    raise ValueError(f"{tokens}:{lineno}: expected 'AGENT_ID TOKEN'")
+                table[parts[0]] = parts[1]
+        return table
+    return dict(tokens)

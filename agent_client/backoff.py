@@ -1,7 +1,8 @@
-"""Reconnection delays: exponential backoff with full jitter, as a pure generator."""
+"""Reconnection delays: exponential backoff with jitter, as a pure generator."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -14,14 +15,20 @@ def backoff(
     factor: float = 2.0,
     rng: random.Random | None = None,
 ) -> Iterator[float]:
-    """Yield delays in ``[0, min(maximum, initial * factor**n)]`` (full jitter).
+    """Yield delays in ``[initial / 4, min(maximum, initial * factor**n)]`` (jitter).
 
-    Full jitter spreads the reconnections of many agents after a hub restart
-    over the whole window instead of synchronised waves.
+    Jitter spreads the reconnections of many agents after a hub restart over
+    the whole window instead of synchronised waves. Bad arguments raise
+    ``ValueError`` here, at the call, not at the first ``next()``.
     """
-    if initial <= 0 or maximum < initial or factor < 1:
-        raise ValueError("need 0 < initial <= maximum and factor >= 1")
-    uniform = (rng or random.Random()).uniform
+    # Written so that NaN fails every comparison and is refused too.
+    if not (0 < initial <= maximum and math.isfinite(maximum) and factor >= 1):
+        raise ValueError("need 0 < initial <= maximum < inf and factor >= 1")
+    return _delays(initial, maximum, factor, rng or random.Random())
+
+
+def _delays(initial: float, maximum: float, factor: float, rng: random.Random) -> Iterator[float]:
+    uniform = rng.uniform
     ceiling = initial
     while True:
         yield uniform(initial / 4, ceiling)

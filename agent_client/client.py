@@ -98,6 +98,7 @@ class Agent:
         self.heartbeat = heartbeat
         self.open_timeout = open_timeout
         self.max_frame = max_frame
+        backoff(backoff_initial, backoff_max)  # refuse bad settings now, not at a reconnect
         self._backoff = (backoff_initial, backoff_max)
         self._handlers: dict[str, CommandHandler] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -317,11 +318,20 @@ class Agent:
                     out = await out
                 answer = P.encode(P.ResultFrame(frame.id, out))
             except CommandError as exc:
-                answer = P.encode(P.FailFrame(frame.id, P.error_info(exc.code, exc.message,
-                                                                      exc.data)))
+                code, message = str(exc.code), str(exc.message)
+                try:
+                    answer = P.encode(P.FailFrame(frame.id, P.error_info(code, message,
+                                                                          exc.data)))
+                except TypeError:
+                    # data msgpack cannot carry: answer without it rather than never
+                    answer = P.encode(P.FailFrame(frame.id, P.error_info(code, message)))
             except asyncio.CancelledError:
                 if ctx.cancelled:
                     return  # the hub cancelled it: no answer is wanted
+                # stop() interrupted it: never run it again in this process; a
+                # redelivery after a restart gets this answer (PROTOCOL.md, Redelivery).
+                self._remember(frame.id, P.encode(P.FailFrame(frame.id, P.error_info(
+                    "agent_stopped", "the agent stopped while the command ran"))))
                 raise
             except Exception as exc:
                 log.exception("command_handler_failed", agent_id=self.agent_id,

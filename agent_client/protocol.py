@@ -168,7 +168,9 @@ def _opt_str(d: dict[str, Any], t: str, name: str, max_len: int = MAX_KEY_LENGTH
 def _int(d: dict[str, Any], t: str, name: str) -> int:
     value = _field(d, t, name)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"{t!r} frame field {name!r} must be an integer")
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, f"{t!r} frame field {name!r} must be an integer", _ref(d)
+        )
     return value
 
 
@@ -279,8 +281,12 @@ class HelloFrame:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> HelloFrame:
-        v = _int(d, "hello", "v")
-        agent = _field(d, "hello", "agent")
+        # Every fault of a hello is bad_hello (PROTOCOL.md, Handshake, step 2).
+        try:
+            v = _int(d, "hello", "v")
+        except ProtocolError as exc:
+            raise ProtocolError(ErrorCode.BAD_HELLO, exc.message) from None
+        agent = d.get("agent")
         if not is_valid_agent_id(agent):
             raise ProtocolError(
                 ErrorCode.BAD_HELLO,
@@ -328,7 +334,8 @@ class WelcomeFrame:
 
     def to_wire(self) -> dict[str, Any]:
         beat = float(self.heartbeat)
-        hb: float | int = int(beat) if beat.is_integer() else beat
+        # Whole seconds as an int, but only where an int is exact and fits msgpack.
+        hb: float | int = int(beat) if beat.is_integer() and abs(beat) < 2**53 else beat
         return {"t": "welcome", "v": self.v, "hub": self.hub, "session": self.session,
                 "heartbeat": hb}
 
@@ -443,7 +450,8 @@ class EventFrame:
     def parse(cls, d: dict[str, Any]) -> EventFrame:
         sender = d.get("from")
         if sender is not None and not is_valid_agent_id(sender):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "'event' field 'from' must be an agent id")
+            raise ProtocolError(ErrorCode.BAD_FRAME, "'event' field 'from' must be an agent id",
+                                _ref(d))
         return cls(
             key=_str(d, "event", "key"),
             data=_field(d, "event", "data"),
@@ -568,7 +576,8 @@ class ReplyFrame:
         reply_id = _str(d, "reply", "id", MAX_REF_ID_LENGTH)
         ok = _field(d, "reply", "ok")
         if not isinstance(ok, bool):
-            raise ProtocolError(ErrorCode.BAD_FRAME, "'reply' field 'ok' must be a boolean")
+            raise ProtocolError(ErrorCode.BAD_FRAME, "'reply' field 'ok' must be a boolean",
+                                reply_id)
         if ok:
             return cls(id=reply_id, ok=True, data=d.get("data"))
         return cls(id=reply_id, ok=False, error=_error_map(d, "reply"))

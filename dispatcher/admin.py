@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from .errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from .core import HubCore
@@ -42,6 +45,16 @@ class AdminServer:
             self._runner = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        body: dict[str, Any] = {"status": "ok", "engine": self.core.store.engine,
-                                "hub": self.core.hub_id, "agents": self.core.connected_count}
-        return web.json_response(body)
+        """Liveness plus store reachability: 503 while the store is down."""
+        store = self.core.store
+        ok = store.healthy
+        if ok:
+            try:
+                async with asyncio.timeout(2.0):
+                    await store.ping()
+            except (StoreUnavailable, TimeoutError):
+                ok = False
+        body: dict[str, Any] = {"status": "ok" if ok else "store_unavailable",
+                                "engine": store.engine, "hub": self.core.hub_id,
+                                "agents": self.core.connected_count}
+        return web.json_response(body, status=200 if ok else 503)

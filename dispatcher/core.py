@@ -84,6 +84,7 @@ class HubCore(EventEmitter):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._timeout_ms = int(config.command_timeout * 1000)
+        store.set_health_listener(self._on_store_health)
 
     # -- small helpers -------------------------------------------------------
     @property
@@ -198,8 +199,19 @@ class HubCore(EventEmitter):
                 self._store_failed(exc)
             return
         handle._set_submitted()
+        heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
             self._completed(dropped, tell_agent=True)
+            head = heads.get(dropped.group or "")
+            if dropped.group is not None and (head is None or _older(dropped, head)):
+                heads[dropped.group] = dropped
+        for group, head in heads.items():
+            # A dropped group leader must not strand the members behind it
+            # (drop by key can spare them): the next one runs, as after a timeout.
+            nxt = await self.store.next_in_group(head.agent_id, group)
+            if nxt is not None and nxt.status == "PENDING" and nxt.id != res.command.id \
+                    and _older(head, nxt):
+                self._deliver(nxt)
         stored = res.command
         if not res.created:
             # Idempotent submit of a command this hub was not waiting for
@@ -212,7 +224,6 @@ class HubCore(EventEmitter):
                 delay = max(0.0, (stored.deadline - now_ms()) / 1000)
                 handle._timer = self.loop.call_later(delay, self._on_deadline, cmd.id)
             return
-        log.debug("command_stored", command_id=cmd.id, agent_id=cmd.agent_id, key=cmd.key)
         if not res.coalesced:
             self._deliver(stored)
 
@@ -270,11 +281,14 @@ class HubCore(EventEmitter):
                 for other in await self.store.complete_group(
                     info.agent_id, info.group, outcome, now=now, result=result, error=error
                 ):
-                    self._completed(other, tell_agent=True)
+                    # Only a group's oldest member is ever sent to the agent, so the
+                    # ones younger than the answered command never were: no cancel.
+                    self._completed(other, tell_agent=_older(other, info))
             else:
                 # The leader ended without an answer: the next member runs.
+                # Only if it was the leader: an older member is still in flight.
                 nxt = await self.store.next_in_group(info.agent_id, info.group)
-                if nxt is not None and nxt.status == "PENDING":
+                if nxt is not None and nxt.status == "PENDING" and _older(info, nxt):
                     self._deliver(nxt)
         return info
 
@@ -456,6 +470,12 @@ class HubCore(EventEmitter):
                 P.ErrorCode.INTERNAL, "the hub's store is unavailable; send it again later",
                 getattr(frame, "id", None),
             )))
+        except Exception:
+            # A bug must cost one error frame, never the connection or the hub.
+            log.exception("frame_failed", agent_id=session.agent_id, type=frame.TYPE)
+            session.send(P.encode(P.ErrorFrame(
+                P.ErrorCode.INTERNAL, "internal error", getattr(frame, "id", None)
+            )))
 
     async def _on_other_frame(self, session: Session, frame: P.Frame) -> None:
         if isinstance(frame, P.HelloFrame):
@@ -474,8 +494,62 @@ class HubCore(EventEmitter):
 
     # -- store health --------------------------------------------------------------
     def _store_failed(self, exc: StoreUnavailable) -> None:
-        """Hook for outage reporting (the Redis engine reports once per outage)."""
-        log.warning("store_unavailable", error=str(exc))
+        """One call failed; outages themselves are reported by the store's listener."""
+        log.debug("store_call_failed", error=str(exc))
+
+    def _on_store_health(self, ok: bool, exc: BaseException | None) -> None:
+        """The store's outage listener: ``internal.db.error`` once per outage."""
+        if not ok:
+            log.error("store_outage", error=str(exc))
+            self._emit("internal.db.error", exc)
+            return
+        log.info("store_recovered")
+        if not self._closing:
+            # Redis may have come back empty (no persistence): put this hub's
+            # agents back in the registry so the cluster view is right again.
+            self._spawn(self._reregister_agents(), name="reregister-agents")
+
+    async def _reregister_agents(self) -> None:
+        for session in list(self._sessions.values()):
+            try:
+                await self.store.register_agent(session.info)
+            except StoreUnavailable:
+                return
+
+    # -- deadlines from the store -------------------------------------------------
+    def start_sweeper(self) -> None:
+        """Enforce deadlines from the store too (ARCHITECTURE.md, Guarantees): commands
+        whose hub died, or that were submitted before this hub restarted, still time out."""
+        if self.store.shared:
+            self._spawn(self._sweep_forever(), name="deadline-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        interval = self.config.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_once()
+            except StoreUnavailable:
+                continue  # reported by the health listener; try again next turn
+
+    async def sweep_once(self, grace_ms: int = 250) -> int:
+        """Time out every overdue command in the store; returns how many this hub did.
+
+        Commands waited on here have precise local timers; the grace keeps the
+        sweeper from racing them and only catches the others.
+        """
+        done = 0
+        for info in await self.store.overdue(now_ms() - grace_ms):
+            try:
+                await self._complete(
+                    info.id, "timeout",
+                    error={"code": P.ErrorCode.TIMEOUT, "message": "the command timed out"},
+                    tell_agent=True,
+                )
+            except UnknownCommand:
+                continue  # another hub's sweeper, or the agent, was first
+            done += 1
+        return done
 
     # -- shutdown ----------------------------------------------------------------
     async def _close_core(self) -> None:
@@ -486,6 +560,11 @@ class HubCore(EventEmitter):
             handle._fail(HubClosed("the hub closed; the command stays stored"))
         await self._cancel_tasks()
         await self._close_emitter()
+
+
+def _older(a: CommandInfo, b: CommandInfo) -> bool:
+    """Whether ``a`` comes before ``b`` in an agent's pending order (oldest first)."""
+    return (a.ts, a.id) < (b.ts, b.id)
 
 
 def _cmd_bytes(cmd: CommandInfo) -> bytes:

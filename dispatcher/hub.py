@@ -72,6 +72,7 @@ class Dispatcher(HubCore):
             await self.close()
             raise
         self._listening = True
+        self.start_sweeper()
         log.info(
             "hub_listening", hub_id=self.hub_id, engine=self.engine, port=self.port,
             admin_port=self.admin_port, auth=self.auth_required,

@@ -23,7 +23,8 @@ class IdFactory:
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
-        return f"{self._prefix}-{next(self._counter):x}"
+        # Fixed width, so ids sort in creation order (ties in the pending index).
+        return f"{self._prefix}-{next(self._counter):010x}"
 
 
 def new_hub_id() -> str:

@@ -34,6 +34,9 @@ __all__ = ["AgentServer", "WsSession", "agent_token", "close_reason"]
 
 log = structlog.get_logger(__name__)
 
+# Frames of one connection being applied at once (networked store only).
+MAX_FRAMES_IN_FLIGHT = 256
+
 
 def agent_token(secret: str, agent_id: str) -> str:
     """An agent's credential under ``agent_secret`` (API.md, Security)."""
@@ -164,6 +167,12 @@ class AgentServer:
         if session is None:
             return
         core = self.core
+        # With a networked store, frames are applied concurrently so that one
+        # agent's answers share pipelined writes instead of waiting one Redis
+        # round trip each; the batcher keeps their order. Bounded per connection.
+        inline = not core.store.shared
+        inflight: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -175,8 +184,17 @@ class AgentServer:
                 except P.ProtocolError as exc:
                     session.send(P.encode(exc.to_frame()))
                     continue
-                await core.on_frame(session, frame)
+                if inline:
+                    await core.on_frame(session, frame)
+                    continue
+                task = loop.create_task(core.on_frame(session, frame))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
             await core.detach(session, close_reason(_close_code(ws), _close_text(ws)))
 
     async def _handshake(self, ws: ServerConnection) -> WsSession | None:

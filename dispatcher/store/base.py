@@ -11,6 +11,7 @@ that an engine never reads a clock of its own.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +47,19 @@ class Store(ABC):
     """Command, agent and event-queue state shared by the hubs using it."""
 
     engine: ClassVar[str]
+    # True when other hubs (or this hub after a restart) share the state, so
+    # deadlines must also be swept from the store, not only timed locally.
+    shared: ClassVar[bool] = False
+
+    @property
+    def healthy(self) -> bool:
+        """False while the backing service is unreachable (``/healthz`` answers 503)."""
+        return True
+
+    def set_health_listener(  # noqa: B027 - engines that cannot fail keep this no-op
+        self, listener: Callable[[bool, BaseException | None], None] | None
+    ) -> None:
+        """``listener(False, exc)`` once when an outage starts, ``(True, None)`` when it ends."""
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -73,7 +87,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> CommandInfo:
+    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
         """PENDING or ACTIVE → ACTIVE (the agent's ``ack``).
 
         Raises ``UnknownCommand`` when the id is unknown, COMPLETE, or not

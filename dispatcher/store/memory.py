@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 from typing import Any, ClassVar
 
@@ -103,11 +104,10 @@ class MemoryStore(Store):
             raise UnknownCommand(f"command {cmd_id!r} is already COMPLETE")
         return cmd
 
-    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> CommandInfo:
+    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
         cmd = self._addressed(cmd_id, agent_id)
         cmd.status = next_status(cmd.status, "ack")
         cmd.updated = now
-        return cmd.copy()
 
     async def complete(
         self,
@@ -142,19 +142,28 @@ class MemoryStore(Store):
                 done.append(cmd.copy())
         return done
 
+    def _oldest_first(self, agent_id: str) -> list[CommandInfo]:
+        # The index keeps insertion order; the contract is ts order (as
+        # Redis's sorted set), which differs only for explicit timestamps.
+        cmds = [self._commands[i] for i in self._pending.get(agent_id, ())]
+        cmds.sort(key=lambda c: (c.ts, c.id))
+        return cmds
+
     async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
-        for cmd_id in self._pending.get(agent_id, ()):
-            cmd = self._commands[cmd_id]
+        for cmd in self._oldest_first(agent_id):
             if cmd.group == group:
                 return cmd.copy()
         return None
 
     async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        # Retention holds for readers too, as Redis's TTL does: without this
+        # a COMPLETE command stayed readable until the next write swept it.
+        self._expire(int(time.time() * 1000))
         cmd = self._commands.get(cmd_id)
         return None if cmd is None else cmd.copy()
 
     async def list_pending(self, agent_id: str) -> list[CommandInfo]:
-        return [self._commands[i].copy() for i in self._pending.get(agent_id, ())]
+        return [cmd.copy() for cmd in self._oldest_first(agent_id)]
 
     async def count_pending(self, agent_id: str) -> int:
         return len(self._pending.get(agent_id, ()))

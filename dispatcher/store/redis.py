@@ -1,0 +1,463 @@
+"""The Redis engine: durable command state shared by every hub on one Redis.
+
+Layout and atomic steps are in ``scripts.py`` (ARCHITECTURE.md, Redis layout).
+All operations go through one batcher: whatever the event loop's coroutines
+ask for during one turn leaves as a single pipelined write on one connection,
+so the Redis cost per command falls as concurrency rises (PERFORMANCE.md).
+
+Failures are converted here, at the layer edge: a Redis that cannot be reached
+raises ``StoreUnavailable``, once per call and at once. The first failure
+marks the store unhealthy and calls the health listener (the hub emits
+``internal.db.error`` once per outage); while unhealthy every call fails fast
+without touching the network, and a probe task reconnects in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import structlog
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import AbstractConnection
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    TimeoutError as RedisTimeoutError,
+)
+from redis.retry import Retry
+
+from agent_client.protocol import pack, unpack
+
+from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
+from ..models import AgentInfo, CommandInfo, Outcome
+from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
+from .scripts import SCRIPTS
+
+__all__ = ["RedisStore"]
+
+log = structlog.get_logger(__name__)
+
+HealthListener = Callable[[bool, BaseException | None], None]
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+_MAX_BATCH = 1024
+_PACKED_DROPPED = pack(DROPPED_RESULT)
+_REJECTIONS = {
+    0: "no command {id!r}",
+    -1: "command {id!r} is not addressed to agent {agent!r}",
+    -2: "command {id!r} is already COMPLETE",
+}
+
+
+class _Op:
+    __slots__ = ("args", "future", "script")
+
+    def __init__(self, script: str | None, args: tuple[Any, ...],
+                 future: asyncio.Future[Any]) -> None:
+        self.script = script
+        self.args = args
+        self.future = future
+
+
+class RedisStore(Store):
+    """The store on Redis (one URL: ``redis://``, ``rediss://``, ``unix://``)."""
+
+    engine: ClassVar[str] = "redis"
+    shared: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "dispatcher",
+        retention: float = 3600.0,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        probe_interval: float = 0.5,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._retention_ms = str(int(retention * 1000))
+        self._probe_interval = probe_interval
+        # No retries inside redis-py: a failure must reach the caller at once
+        # (ARCHITECTURE.md, store unreachable); the probe task reconnects.
+        self._pool = ConnectionPool.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0), max_connections=8,
+            protocol=2,  # the scripts' replies are parsed as RESP2 arrays
+        )
+        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+        self._queue: list[_Op] = []
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._conn: AbstractConnection | None = None
+        self._healthy = True
+        self._listener: HealthListener | None = None
+        self._closed = False
+        # Counters for tests and metrics: pipelined writes and operations sent.
+        self.round_trips = 0
+        self.operations = 0
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def set_health_listener(self, listener: HealthListener | None) -> None:
+        self._listener = listener
+
+    async def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="redis-batcher")
+        try:
+            await self.ping()
+        except StoreUnavailable:
+            # A hub may start while Redis is down: it serves what it can and
+            # reconnects by itself (the probe is already running).
+            log.warning("store_unavailable_at_start", url=_safe_url(self.url))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._runner, self._probe):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._runner, self._probe) if t is not None),
+                             return_exceptions=True)
+        for op in self._queue:
+            if not op.future.done():
+                op.future.set_exception(StoreUnavailable("the store is closed"))
+        self._queue.clear()
+        await self._drop_connection()
+        await self._pool.disconnect()
+
+    async def ping(self) -> None:
+        await self._call(None, ("PING",))
+
+    # -- batching -----------------------------------------------------------
+    def _call(self, script: str | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one command (or script call) for the next pipelined write."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(StoreUnavailable("the store is closed"))
+        elif not self._healthy:
+            fut.set_exception(StoreUnavailable("Redis is unreachable (reconnecting)"))
+        else:
+            self._queue.append(_Op(script, args, fut))
+            self._wakeup.set()
+        return fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                batch = self._queue[:_MAX_BATCH]
+                del self._queue[:_MAX_BATCH]
+                await self._execute(batch)
+
+    def _command(self, op: _Op) -> tuple[Any, ...]:
+        if op.script is None:
+            return op.args
+        return ("EVALSHA", self._sha[op.script], *op.args)
+
+    async def _execute(self, batch: list[_Op]) -> None:
+        try:
+            results = await self._send(batch)
+            retry = [op for op, res in zip(batch, results, strict=True)
+                     if isinstance(res, NoScriptError)]
+            if retry:
+                # Redis restarted or flushed its script cache: load and resend
+                # just those (a NOSCRIPT reply means the script did not run).
+                await self._load_scripts()
+                again = await self._send(retry)
+                redo = dict(zip(map(id, retry), again, strict=True))
+                results = [redo.get(id(op), res) for op, res in zip(batch, results, strict=True)]
+        except _UNAVAILABLE as exc:
+            await self._drop_connection()
+            self._mark_unhealthy(exc)
+            err = StoreUnavailable(f"Redis is unreachable: {exc}")
+            for op in batch:
+                if not op.future.done():
+                    op.future.set_exception(err)
+            return
+        for op, res in zip(batch, results, strict=True):
+            if op.future.done():
+                continue
+            if isinstance(res, ResponseError):
+                op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
+                log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
+            else:
+                op.future.set_result(res)
+
+    async def _send(self, batch: Sequence[_Op]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        commands = [self._command(op) for op in batch]
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        self.round_trips += 1
+        self.operations += len(commands)
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(await conn.read_response())
+            except ResponseError as exc:  # one command's error; the stream is in sync
+                results.append(exc)
+        return results
+
+    async def _load_scripts(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        for src in SCRIPTS.values():
+            await conn.send_command("SCRIPT", "LOAD", src)
+            await conn.read_response()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect()
+            await self._pool.release(conn)
+
+    # -- health ---------------------------------------------------------------
+    def _mark_unhealthy(self, exc: BaseException) -> None:
+        if not self._healthy or self._closed:
+            return
+        self._healthy = False
+        log.error("store_unreachable", url=_safe_url(self.url), error=str(exc))
+        if self._listener is not None:
+            self._listener(False, exc)
+        self._probe = asyncio.get_running_loop().create_task(self._reconnect(), name="redis-probe")
+
+    async def _reconnect(self) -> None:
+        """Probe until Redis answers, then take traffic again."""
+        while not self._closed:
+            await asyncio.sleep(self._probe_interval)
+            try:
+                conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                await conn.send_command("PING")
+                await conn.read_response()
+                await self._load_scripts()
+            except (*_UNAVAILABLE, RedisError):
+                await self._drop_connection()
+                continue
+            self._healthy = True
+            self._probe = None
+            log.info("store_reconnected", url=_safe_url(self.url))
+            if self._listener is not None:
+                self._listener(True, None)
+            return
+
+    # -- keys -------------------------------------------------------------------
+    def _k_cmd(self, cmd_id: str) -> str:
+        return f"{self.prefix}:cmd:{cmd_id}"
+
+    def _k_pending(self, agent_id: str) -> str:
+        return f"{self.prefix}:agent:{agent_id}:pending"
+
+    def _k_agent(self, agent_id: str) -> str:
+        return f"{self.prefix}:agent:{agent_id}"
+
+    @property
+    def _k_deadlines(self) -> str:
+        return f"{self.prefix}:deadlines"
+
+    @property
+    def _k_agents(self) -> str:
+        return f"{self.prefix}:agents"
+
+    # -- commands ---------------------------------------------------------------
+    async def create_command(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> CreateResult:
+        drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
+        res = await self._call("create", (
+            3, self._k_cmd(cmd.id), self._k_pending(cmd.agent_id), self._k_deadlines,
+            self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
+            "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
+            drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
+        ))
+        status = res[0]
+        if status == 0:
+            return CreateResult(_command_from_hash(res[1]), created=False)
+        if status == -1:
+            raise TooManyCommands(
+                f"agent {cmd.agent_id!r} already has {max_pending} commands not COMPLETE"
+            )
+        stored = cmd.copy()
+        stored.status, stored.outcome, stored.updated = "PENDING", None, cmd.ts
+        dropped = [
+            CommandInfo(
+                id=_s(d[0]), agent_id=cmd.agent_id, key=_s(d[1]), status="COMPLETE",
+                outcome="dropped", group=_s(d[2]) or None, ts=_i(d[4]), updated=cmd.ts,
+                origin=_s(d[3]), result=dict(DROPPED_RESULT),
+            )
+            for d in res[2]
+        ]
+        return CreateResult(stored, created=True, dropped=dropped, coalesced=bool(res[1]))
+
+    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
+        res = await self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now))
+        if res != 1:
+            raise UnknownCommand(_REJECTIONS[res].format(id=cmd_id, agent=agent_id))
+
+    async def complete(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+    ) -> CommandInfo:
+        res = await self._call("complete", (
+            2, self._k_cmd(cmd_id), self._k_deadlines, self.prefix, outcome, now,
+            pack(result), b"" if error is None else pack(error), agent_id or "",
+            self._retention_ms,
+        ))
+        if res[0] != 1:
+            raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
+        _, agent, key, group, origin, ts, deadline = res
+        return CommandInfo(
+            id=cmd_id, agent_id=_s(agent), key=_s(key), status="COMPLETE", outcome=outcome,
+            group=_s(group) or None, ts=_i(ts), updated=now,
+            deadline=_i(deadline) if deadline else None, origin=_s(origin),
+            result=result, error=error,
+        )
+
+    async def complete_group(
+        self,
+        agent_id: str,
+        group: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> list[CommandInfo]:
+        res = await self._call("complete_group", (
+            2, self._k_pending(agent_id), self._k_deadlines, self.prefix, group, outcome, now,
+            pack(result), b"" if error is None else pack(error), self._retention_ms,
+        ))
+        return [
+            CommandInfo(id=_s(d[0]), agent_id=agent_id, key=_s(d[1]), status="COMPLETE",
+                        outcome=outcome, group=group, ts=_i(d[3]), updated=now,
+                        origin=_s(d[2]), result=result, error=error)
+            for d in res
+        ]
+
+    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
+        res = await self._call("next_in_group", (1, self._k_pending(agent_id), self.prefix, group))
+        return _command_from_hash(res) if res else None
+
+    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        res = await self._call(None, ("HGETALL", self._k_cmd(cmd_id)))
+        return _command_from_hash(res) if res else None
+
+    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
+        res = await self._call("list_pending", (1, self._k_pending(agent_id), self.prefix))
+        return [_command_from_hash(h) for h in res]
+
+    async def count_pending(self, agent_id: str) -> int:
+        return int(await self._call(None, ("ZCARD", self._k_pending(agent_id))))
+
+    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
+        res = await self._call("overdue", (1, self._k_deadlines, self.prefix, now, limit))
+        return [_command_from_hash(h) for h in res]
+
+    # -- agents -------------------------------------------------------------------
+    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
+        res = await self._call("register_agent", (
+            2, self._k_agent(info.id), self._k_agents, info.id, info.hub_id, info.session,
+            info.connected_at, info.last_seen, pack(info.meta),
+        ))
+        return _agent_from_hash(res) if res else None
+
+    async def unregister_agent(self, agent_id: str, session: str) -> bool:
+        res = await self._call("unregister_agent",
+                               (2, self._k_agent(agent_id), self._k_agents, agent_id, session))
+        return bool(res)
+
+    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
+        await self._call("touch_agent", (1, self._k_agent(agent_id), session, last_seen))
+
+    async def get_agent(self, agent_id: str) -> AgentInfo | None:
+        res = await self._call(None, ("HGETALL", self._k_agent(agent_id)))
+        return _agent_from_hash(res) if res else None
+
+    async def list_agents(self) -> list[AgentInfo]:
+        res = await self._call("list_agents", (1, self._k_agents, self.prefix))
+        return [_agent_from_hash(h) for h in res]
+
+
+# -- decoding ---------------------------------------------------------------------
+
+def _s(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _i(value: Any) -> int:
+    return int(value) if value not in (None, b"", "") else 0
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    it = iter(flat)
+    return {_s(k): v for k, v in zip(it, it, strict=True)}
+
+
+def _unpack_or_none(value: Any) -> Any:
+    return unpack(value) if value else None
+
+
+def _command_from_hash(flat: Sequence[Any]) -> CommandInfo:
+    h = _pairs(flat)
+    outcome = _s(h.get("outcome")) or None
+    deadline = h.get("deadline")
+    return CommandInfo(
+        id=_s(h.get("id")),
+        agent_id=_s(h.get("agent")),
+        key=_s(h.get("key")),
+        status=_s(h.get("status")) or "PENDING",  # type: ignore[arg-type]
+        outcome=outcome,  # type: ignore[arg-type]
+        group=_s(h.get("group")) or None,
+        ts=_i(h.get("ts")),
+        updated=_i(h.get("updated")),
+        deadline=_i(deadline) if deadline else None,
+        origin=_s(h.get("origin")),
+        payload=_unpack_or_none(h.get("payload")),
+        result=_unpack_or_none(h.get("result")) if outcome else None,
+        error=_unpack_or_none(h.get("error")),
+    )
+
+
+def _agent_from_hash(flat: Sequence[Any]) -> AgentInfo:
+    h = _pairs(flat)
+    meta = _unpack_or_none(h.get("meta"))
+    return AgentInfo(
+        id=_s(h.get("id")), hub_id=_s(h.get("hub")), session=_s(h.get("session")),
+        connected_at=_i(h.get("connected")), last_seen=_i(h.get("last_seen")),
+        meta=meta if isinstance(meta, dict) else {},
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

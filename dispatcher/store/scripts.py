@@ -1,0 +1,224 @@
+"""Lua scripts of the Redis engine: each state change that belongs together, atomically.
+
+Key layout (ARCHITECTURE.md, binding), with ``P`` the prefix:
+``P:cmd:ID`` hash, ``P:agent:ID:pending`` zset (score ts), ``P:deadlines`` zset
+(score deadline; the sweepers' index), ``P:agent:ID`` hash, ``P:agents`` set.
+
+Scripts that walk an agent's pending index build the ``P:cmd:ID`` key names
+they touch from the prefix (ARGV[1]); that is fine on a single Redis or a
+Sentinel-managed primary, not on Redis Cluster (which this hub does not use).
+Every script returns plain arrays; ``redis_store.py`` turns them into records.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["SCRIPTS"]
+
+# KEYS: 1 P:cmd:ID, 2 P:agent:AGENT:pending, 3 P:deadlines
+# ARGV: 1 prefix, 2 id, 3 agent, 4 key, 5 group ('' = none), 6 ts, 7 deadline ('' = none),
+#       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
+#       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack)
+# Returns {0, HGETALL} when the id exists (idempotent submit), {-1} over the
+# limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}}.
+CREATE: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+local maxp = tonumber(ARGV[11])
+if maxp > 0 and redis.call('ZCARD', KEYS[2]) >= maxp then
+  return {-1}
+end
+local dropped = {}
+local coalesced = 0
+local drop = ARGV[10]
+local group = ARGV[5]
+if drop ~= '' or group ~= '' then
+  for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local ok = ARGV[1] .. ':cmd:' .. other
+    local f = redis.call('HMGET', ok, 'status', 'group', 'key', 'origin', 'ts')
+    if not f[1] then
+      redis.call('ZREM', KEYS[2], other)
+    else
+      local selected = false
+      if drop ~= '' and f[1] == 'PENDING' then
+        if string.sub(drop, 1, 2) == 'k:' then
+          selected = (f[3] == string.sub(drop, 3))
+        else
+          selected = (group == '' or f[2] ~= group)
+        end
+      end
+      if selected then
+        redis.call('HSET', ok, 'status', 'COMPLETE', 'outcome', 'dropped',
+                   'updated', ARGV[6], 'result', ARGV[13])
+        redis.call('PEXPIRE', ok, ARGV[12])
+        redis.call('ZREM', KEYS[2], other)
+        redis.call('ZREM', KEYS[3], other)
+        table.insert(dropped, {other, f[3], f[2], f[4], f[5]})
+      elseif group ~= '' and f[2] == group then
+        coalesced = 1
+      end
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'agent', ARGV[3], 'key', ARGV[4],
+           'status', 'PENDING', 'outcome', '', 'group', group, 'ts', ARGV[6],
+           'updated', ARGV[6], 'deadline', ARGV[7], 'origin', ARGV[8], 'payload', ARGV[9])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
+end
+return {1, coalesced, dropped}
+"""
+
+# KEYS: 1 P:cmd:ID.  ARGV: 1 agent, 2 now.
+# Returns 1 applied, 0 unknown, -1 other agent's, -2 COMPLETE.
+MARK_ACTIVE: Final = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'agent')
+if not f[1] then return 0 end
+if f[2] ~= ARGV[1] then return -1 end
+if f[1] == 'COMPLETE' then return -2 end
+redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'updated', ARGV[2])
+return 1
+"""
+
+# Complete if not COMPLETE: the first answer wins (ARCHITECTURE.md).
+# KEYS: 1 P:cmd:ID, 2 P:deadlines
+# ARGV: 1 prefix, 2 outcome, 3 now, 4 result, 5 error, 6 required agent ('' = any),
+#       7 retention ms
+# Returns {1, agent, key, group, origin, ts, deadline}, or {0} unknown,
+# {-1} other agent's, {-2} already COMPLETE.
+COMPLETE: Final = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'agent', 'key', 'group', 'origin', 'ts',
+                     'deadline', 'id')
+if not f[1] then return {0} end
+if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return {-1} end
+if f[1] == 'COMPLETE' then return {-2} end
+redis.call('HSET', KEYS[1], 'status', 'COMPLETE', 'outcome', ARGV[2], 'updated', ARGV[3],
+           'result', ARGV[4], 'error', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('ZREM', ARGV[1] .. ':agent:' .. f[2] .. ':pending', f[8])
+redis.call('ZREM', KEYS[2], f[8])
+return {1, f[2], f[3], f[4], f[5], f[6], f[7]}
+"""
+
+# Complete every PENDING command of a group with the same answer.
+# KEYS: 1 P:agent:AGENT:pending, 2 P:deadlines
+# ARGV: 1 prefix, 2 group, 3 outcome, 4 now, 5 result, 6 error, 7 retention ms
+# Returns {{id, key, origin, ts}...}.
+COMPLETE_GROUP: Final = """
+local done = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local k = ARGV[1] .. ':cmd:' .. id
+  local f = redis.call('HMGET', k, 'status', 'group', 'key', 'origin', 'ts')
+  if f[1] == 'PENDING' and f[2] == ARGV[2] then
+    redis.call('HSET', k, 'status', 'COMPLETE', 'outcome', ARGV[3], 'updated', ARGV[4],
+               'result', ARGV[5], 'error', ARGV[6])
+    redis.call('PEXPIRE', k, ARGV[7])
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    table.insert(done, {id, f[3], f[4], f[5]})
+  end
+end
+return done
+"""
+
+# KEYS: 1 P:agent:AGENT:pending.  ARGV: 1 prefix, 2 group.
+# Returns HGETALL of the oldest command of the group not COMPLETE, or {}.
+NEXT_IN_GROUP: Final = """
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local k = ARGV[1] .. ':cmd:' .. id
+  if redis.call('HGET', k, 'group') == ARGV[2] then
+    return redis.call('HGETALL', k)
+  end
+end
+return {}
+"""
+
+# KEYS: 1 P:agent:AGENT:pending.  ARGV: 1 prefix.
+# Returns {HGETALL...} oldest first; drops index entries whose hash is gone.
+LIST_PENDING: Final = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = redis.call('HGETALL', ARGV[1] .. ':cmd:' .. id)
+  if #h == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    table.insert(out, h)
+  end
+end
+return out
+"""
+
+# KEYS: 1 P:deadlines.  ARGV: 1 prefix, 2 now, 3 limit.
+# Returns {HGETALL...} of overdue commands not COMPLETE; cleans stale entries.
+OVERDUE: Final = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])) do
+  local k = ARGV[1] .. ':cmd:' .. id
+  local st = redis.call('HGET', k, 'status')
+  if (not st) or st == 'COMPLETE' then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    table.insert(out, redis.call('HGETALL', k))
+  end
+end
+return out
+"""
+
+# KEYS: 1 P:agent:ID, 2 P:agents.  ARGV: 1 id, 2 hub, 3 session, 4 connected, 5 last_seen, 6 meta
+# Returns the HGETALL of the record it replaces ({} if none).
+REGISTER_AGENT: Final = """
+local old = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'hub', ARGV[2], 'session', ARGV[3],
+           'connected', ARGV[4], 'last_seen', ARGV[5], 'meta', ARGV[6])
+redis.call('SADD', KEYS[2], ARGV[1])
+return old
+"""
+
+# KEYS: 1 P:agent:ID, 2 P:agents.  ARGV: 1 id, 2 session.  Returns 1 if removed.
+UNREGISTER_AGENT: Final = """
+if redis.call('HGET', KEYS[1], 'session') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: 1 P:agent:ID.  ARGV: 1 session, 2 last_seen.
+TOUCH_AGENT: Final = """
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: 1 P:agents.  ARGV: 1 prefix.  Returns {HGETALL...}; forgets ids whose hash is gone.
+LIST_AGENTS: Final = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local h = redis.call('HGETALL', ARGV[1] .. ':agent:' .. id)
+  if #h == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    table.insert(out, h)
+  end
+end
+return out
+"""
+
+SCRIPTS: Final = {
+    "create": CREATE,
+    "mark_active": MARK_ACTIVE,
+    "complete": COMPLETE,
+    "complete_group": COMPLETE_GROUP,
+    "next_in_group": NEXT_IN_GROUP,
+    "list_pending": LIST_PENDING,
+    "overdue": OVERDUE,
+    "register_agent": REGISTER_AGENT,
+    "unregister_agent": UNREGISTER_AGENT,
+    "touch_agent": TOUCH_AGENT,
+    "list_agents": LIST_AGENTS,
+}

@@ -1,0 +1,215 @@
+"""The store contract: the same test functions against the memory and the Redis engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dispatcher.errors import TooManyCommands, UnknownCommand
+from dispatcher.models import AgentInfo, CommandInfo
+from dispatcher.store.base import Store
+from dispatcher.store.memory import MemoryStore
+from dispatcher.store.redis import RedisStore
+
+from ...support import wait_for
+
+NOW = int(time.time() * 1000)  # the stores expire COMPLETE commands by wall clock
+
+
+@pytest.fixture
+async def store(request: pytest.FixtureRequest, engine: str, prefix: str) -> AsyncIterator[Store]:
+    retention = getattr(request, "param", 3600.0)
+    s: Store
+    if engine == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=prefix, retention=retention)
+    else:
+        s = MemoryStore(retention=retention)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def cmd(cmd_id: str, agent: str = "a1", key: str = "k", ts: int = NOW, **kw: Any) -> CommandInfo:
+    kw.setdefault("deadline", ts + 60_000)
+    return CommandInfo(id=cmd_id, agent_id=agent, key=key, ts=ts, updated=ts, origin="hub-x", **kw)
+
+
+async def test_create_then_read(store: Store) -> None:
+    payload = {"bin": b"\x00\xff", "nested": [1, 2.5, None, {"x": True}]}
+    res = await store.create_command(cmd("c1", payload=payload, group="g"))
+    assert res.created and not res.coalesced and res.dropped == []
+    got = await store.get_command("c1")
+    assert got is not None
+    assert (got.id, got.agent_id, got.key, got.status, got.outcome) == ("c1", "a1", "k", "PENDING", None)
+    assert (got.group, got.ts, got.deadline, got.origin) == ("g", NOW, NOW + 60_000, "hub-x")
+    assert got.payload == payload
+    assert await store.get_command("nope") is None
+
+
+async def test_pending_oldest_first_and_count(store: Store) -> None:
+    for i, ts in enumerate([NOW + 3, NOW + 1, NOW + 2]):
+        await store.create_command(cmd(f"c{i}", ts=ts))
+    await store.create_command(cmd("other", agent="a2"))
+    assert [c.id for c in await store.list_pending("a1")] == ["c1", "c2", "c0"]
+    assert await store.count_pending("a1") == 3
+    assert await store.count_pending("nobody") == 0
+
+
+async def test_idempotent_create_changes_nothing(store: Store) -> None:
+    await store.create_command(cmd("c1", payload=1))
+    again = await store.create_command(cmd("c1", payload=2, key="other"))
+    assert not again.created
+    assert again.command.payload == 1 and again.command.key == "k"
+    assert await store.count_pending("a1") == 1
+
+
+async def test_max_pending_refuses_without_change(store: Store) -> None:
+    await store.create_command(cmd("c1"), max_pending=1)
+    with pytest.raises(TooManyCommands):
+        await store.create_command(cmd("c2"), max_pending=1)
+    assert await store.get_command("c2") is None
+
+
+async def test_ack_rules(store: Store) -> None:
+    await store.create_command(cmd("c1"))
+    with pytest.raises(UnknownCommand):
+        await store.mark_active("c1", "intruder", NOW)
+    with pytest.raises(UnknownCommand):
+        await store.mark_active("missing", "a1", NOW)
+    await store.mark_active("c1", "a1", NOW + 5)
+    await store.mark_active("c1", "a1", NOW + 6)  # redelivered and acked again
+    got = await store.get_command("c1")
+    assert got is not None and got.status == "ACTIVE" and got.updated == NOW + 6
+    await store.complete("c1", "ok", now=NOW + 7, result=1)
+    with pytest.raises(UnknownCommand):
+        await store.mark_active("c1", "a1", NOW + 8)
+
+
+async def test_first_answer_wins(store: Store) -> None:
+    await store.create_command(cmd("c1"))
+    done = await store.complete("c1", "ok", now=NOW + 10, result={"v": 1}, agent_id="a1")
+    assert (done.status, done.outcome, done.result, done.agent_id) == ("COMPLETE", "ok", {"v": 1}, "a1")
+    with pytest.raises(UnknownCommand):
+        await store.complete("c1", "error", now=NOW + 11, error={"code": "x", "message": ""})
+    got = await store.get_command("c1")
+    assert got is not None and got.outcome == "ok" and got.result == {"v": 1} and got.error is None
+    assert got.updated == NOW + 10
+    assert await store.list_pending("a1") == []
+    assert await store.overdue(NOW + 10**9) == []
+
+
+async def test_complete_checks_agent(store: Store) -> None:
+    await store.create_command(cmd("c1"))
+    with pytest.raises(UnknownCommand):
+        await store.complete("c1", "ok", now=NOW, result=1, agent_id="a2")
+    with pytest.raises(UnknownCommand):
+        await store.complete("zzz", "ok", now=NOW, result=1)
+    got = await store.get_command("c1")
+    assert got is not None and got.status == "PENDING"
+
+
+async def test_error_outcome_keeps_error_map(store: Store) -> None:
+    await store.create_command(cmd("c1"))
+    err = {"code": "disk_full", "message": "no space", "data": {"free": 3}}
+    await store.complete("c1", "error", now=NOW, error=err)
+    got = await store.get_command("c1")
+    assert got is not None and got.outcome == "error" and got.error == err and got.result is None
+
+
+@pytest.mark.parametrize("store", [0.2], indirect=True)
+async def test_complete_commands_expire_after_retention(store: Store) -> None:
+    await store.create_command(cmd("c1"))
+    await store.complete("c1", "ok", now=int(time.time() * 1000), result=1)
+    assert await store.get_command("c1") is not None
+
+    async def expired() -> bool:
+        return await store.get_command("c1") is None
+
+    await wait_for(expired, what="c1 to expire")
+
+
+async def test_drop_all_pending_other_groups(store: Store) -> None:
+    await store.create_command(cmd("p1", ts=NOW + 1))
+    await store.create_command(cmd("p2", ts=NOW + 2, group="g"))
+    await store.create_command(cmd("act", ts=NOW + 3))
+    await store.mark_active("act", "a1", NOW + 4)
+    res = await store.create_command(cmd("new", ts=NOW + 5, group="g"), drop=True)
+    assert [d.id for d in res.dropped] == ["p1"]
+    assert res.dropped[0].outcome == "dropped" and res.dropped[0].result == {"dropped": True}
+    assert res.coalesced  # p2 shares the group and is not COMPLETE
+    p1 = await store.get_command("p1")
+    assert p1 is not None and (p1.status, p1.outcome, p1.result) == ("COMPLETE", "dropped", {"dropped": True})
+    assert [c.id for c in await store.list_pending("a1")] == ["p2", "act", "new"]
+
+
+async def test_drop_by_command_key(store: Store) -> None:
+    await store.create_command(cmd("x1", key="x", ts=NOW + 1))
+    await store.create_command(cmd("y1", key="y", ts=NOW + 2))
+    res = await store.create_command(cmd("x2", key="z", ts=NOW + 3), drop="x")
+    assert [d.id for d in res.dropped] == ["x1"]
+    assert [c.id for c in await store.list_pending("a1")] == ["y1", "x2"]
+
+
+async def test_group_completion_and_next(store: Store) -> None:
+    await store.create_command(cmd("g1", ts=NOW + 1, group="g"))
+    res = await store.create_command(cmd("g2", ts=NOW + 2, group="g"))
+    assert res.coalesced
+    await store.create_command(cmd("g3", ts=NOW + 3, group="g"))
+    await store.create_command(cmd("h1", ts=NOW + 4, group="h"))
+    nxt = await store.next_in_group("a1", "g")
+    assert nxt is not None and nxt.id == "g1"
+    await store.mark_active("g1", "a1", NOW)
+    await store.complete("g1", "ok", now=NOW + 9, result="same")
+    done = await store.complete_group("a1", "g", "ok", now=NOW + 9, result="same")
+    assert sorted(d.id for d in done) == ["g2", "g3"]
+    for cid in ("g2", "g3"):
+        got = await store.get_command(cid)
+        assert got is not None and got.outcome == "ok" and got.result == "same"
+    assert await store.next_in_group("a1", "g") is None
+    assert [c.id for c in await store.list_pending("a1")] == ["h1"]
+
+
+async def test_overdue(store: Store) -> None:
+    await store.create_command(cmd("soon", deadline=NOW + 10))
+    await store.create_command(cmd("later", deadline=NOW + 1000))
+    await store.create_command(cmd("done", deadline=NOW + 5))
+    await store.complete("done", "ok", now=NOW, result=1)
+    assert [c.id for c in await store.overdue(NOW + 100)] == ["soon"]
+    assert [c.id for c in await store.overdue(NOW + 100)] == ["soon"]  # until completed
+    await store.complete("soon", "timeout", now=NOW + 100, error={"code": "timeout", "message": ""})
+    assert await store.overdue(NOW + 100) == []
+    assert [c.id for c in await store.overdue(NOW + 5000)] == ["later"]
+
+
+def agent(agent_id: str, session: str, hub: str = "hub-1") -> AgentInfo:
+    return AgentInfo(id=agent_id, hub_id=hub, session=session, connected_at=NOW, last_seen=NOW,
+                     meta={"v": "1.0", "tags": ["a"]})
+
+
+async def test_agent_registry(store: Store) -> None:
+    assert await store.register_agent(agent("a1", "s1")) is None
+    previous = await store.register_agent(agent("a1", "s2", hub="hub-2"))
+    assert previous is not None and previous.session == "s1" and previous.hub_id == "hub-1"
+    await store.register_agent(agent("a2", "s3"))
+    assert not await store.unregister_agent("a1", "s1")  # stale session: no-op
+    await store.touch_agent("a1", "s2", NOW + 50)
+    await store.touch_agent("a1", "s1", NOW + 99)  # stale: ignored
+    got = await store.get_agent("a1")
+    assert got is not None and (got.session, got.hub_id, got.last_seen) == ("s2", "hub-2", NOW + 50)
+    assert got.meta == {"v": "1.0", "tags": ["a"]}
+    assert sorted(a.id for a in await store.list_agents()) == ["a1", "a2"]
+    assert await store.unregister_agent("a1", "s2")
+    assert await store.get_agent("a1") is None
+    assert [a.id for a in await store.list_agents()] == ["a2"]
+
+
+async def test_returned_records_are_copies(store: Store) -> None:
+    await store.create_command(cmd("c1", payload={"x": 1}))
+    got = await store.get_command("c1")
+    assert got is not None
+    got.status = "COMPLETE"
+    again = await store.get_command("c1")
+    assert again is not None and again.status == "PENDING"

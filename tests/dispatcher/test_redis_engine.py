@@ -1,0 +1,184 @@
+"""The Redis engine end to end: restart recovery, store deadlines, outages, round trips."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+from dispatcher.store.redis import RedisStore
+
+from ..support import RawAgent, RedisProcess, external_redis_url, wait_for
+
+
+def url(hub: Dispatcher) -> str:
+    return f"ws://127.0.0.1:{hub.port}/ws"
+
+
+@pytest.fixture
+async def hubs(redis_url: str, prefix: str) -> AsyncIterator[list[Dispatcher]]:
+    """Hubs started by ``start_hub``; closed at the end."""
+    started: list[Dispatcher] = []
+    yield started
+    for hub in started:
+        await hub.close()
+
+
+async def start_hub(hubs: list[Dispatcher], redis_url: str, prefix: str, **kw: object) -> Dispatcher:
+    options: dict[str, object] = {"port": 0, "admin_port": 0, "redis_url": redis_url,
+                                  "prefix": prefix, "heartbeat": 5.0}
+    options.update(kw)
+    hub = Dispatcher(HubConfig(**options))  # type: ignore[arg-type]
+    await hub.listen()
+    hubs.append(hub)
+    return hub
+
+
+async def test_restarted_hub_delivers_and_records(hubs: list[Dispatcher], redis_url: str,
+                                                  prefix: str) -> None:
+    first = await start_hub(hubs, redis_url, prefix)
+    handle = first.execute_on_agent("late", "echo", {"n": 1}, timeout=30)
+    await handle.submitted()  # stored before anything is sent
+    await first.close()
+    with pytest.raises(Exception) as info:
+        await handle
+    assert type(info.value).__name__ == "HubClosed"
+
+    second = await start_hub(hubs, redis_url, prefix)
+    pending = await second.list_pending_commands("late")
+    assert [c.id for c in pending] == [handle.id] and pending[0].payload == {"n": 1}
+    agent, _ = await RawAgent.hello(url(second), "late")
+    frame = await agent.recv_type("cmd")
+    assert frame["id"] == handle.id and frame["payload"] == {"n": 1}
+    await agent.send({"t": "result", "id": handle.id, "data": {"echo": 1}})
+
+    async def stored() -> bool:
+        info = await second.get_command(handle.id)
+        return info is not None and info.status == "COMPLETE"
+
+    await wait_for(stored, what="the result to be stored")
+    await agent.close()
+    # Readable by anyone on the same Redis, the submitting hub long gone.
+    reader = RedisStore(redis_url, prefix=prefix)
+    await reader.start()
+    try:
+        info = await reader.get_command(handle.id)
+        assert info is not None and info.outcome == "ok" and info.result == {"echo": 1}
+        assert info.origin == first.hub_id
+    finally:
+        await reader.close()
+
+
+async def test_sweeper_times_out_commands_of_a_dead_hub(hubs: list[Dispatcher], redis_url: str,
+                                                        prefix: str) -> None:
+    dead = await start_hub(hubs, redis_url, prefix)
+    handle = dead.execute_on_agent("w1", "sleep", {"seconds": 60}, timeout=0.3)
+    await handle.submitted()
+    await dead.close()  # its local timer is gone with it
+
+    survivor = await start_hub(hubs, redis_url, prefix, sweep_interval=0.1)
+    agent, _ = await RawAgent.hello(url(survivor), "w1")
+    assert (await agent.recv_type("cmd"))["id"] == handle.id
+    cancel = await agent.recv_type("cancel", timeout=5)  # the sweeper timed it out
+    assert cancel["id"] == handle.id
+    info = await survivor.get_command(handle.id)
+    assert info is not None and info.outcome == "timeout"
+    await agent.close()
+
+
+async def test_round_trips_per_command_are_few_and_batched(hubs: list[Dispatcher],
+                                                           redis_url: str, prefix: str) -> None:
+    hub = await start_hub(hubs, redis_url, prefix, sweep_interval=3600)  # no sweeps mid-count
+    ready = asyncio.Event()
+    hub.on("agent-connected", lambda info: ready.set())
+    agent, _ = await RawAgent.hello(url(hub), "rt")
+    await asyncio.wait_for(ready.wait(), 5)  # the catch-up after welcome is done
+    n = 50
+
+    async def answer() -> None:
+        for _ in range(n):
+            frame = await agent.recv_type("cmd")
+            await agent.send({"t": "result", "id": frame["id"], "data": frame["payload"]})
+
+    responder = asyncio.ensure_future(answer())
+    store = hub.store
+    assert isinstance(store, RedisStore)
+    client = aioredis.from_url(redis_url)
+    try:
+        before_ops, before_trips = store.operations, store.round_trips
+        before_stats = await client.info("commandstats")
+        handles = [hub.execute_on_agent("rt", "echo", i) for i in range(n)]
+        assert [await h for h in handles] == list(range(n))
+        await responder
+        ops = store.operations - before_ops
+        trips = store.round_trips - before_trips
+        after_stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+        await agent.close()
+    # create + complete per command, as the scripts count them; nothing else.
+    assert ops == 2 * n, ops
+    # Concurrent commands share pipelined writes: far fewer round trips than ops.
+    assert trips <= n, trips
+    evalsha = after_stats["cmdstat_evalsha"]["calls"] - before_stats.get(
+        "cmdstat_evalsha", {"calls": 0})["calls"]
+    assert evalsha >= 2 * n  # Redis saw them (other tests' hubs may add a few)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    if external_redis_url():
+        pytest.skip("outage tests stop and start their own redis-server")
+    proc = RedisProcess()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+async def test_outage_fails_fast_reports_once_and_recovers(hubs: list[Dispatcher],
+                                                          private_redis: RedisProcess,
+                                                          prefix: str) -> None:
+    hub = await start_hub(hubs, private_redis.url, prefix)
+    outages: list[BaseException] = []
+    hub.on("internal.db.error", outages.append)
+    agent, _ = await RawAgent.hello(url(hub), "steady")
+    health = f"http://127.0.0.1:{hub.admin_port}/healthz"
+
+    private_redis.stop()
+    for _ in range(5):
+        handle = hub.execute_on_agent("steady", "echo", 1)
+        async with asyncio.timeout(2):  # at once, no hang
+            with pytest.raises(StoreUnavailable):
+                await handle
+    assert len(outages) == 1  # once per outage, not once per call
+    assert hub.session_of("steady") is not None  # agents stay connected
+    async with aiohttp.ClientSession() as http, http.get(health) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["status"] == "store_unavailable"
+
+    private_redis.start()
+    await wait_for(lambda: hub.store.healthy, timeout=10, what="store reconnect")
+    async with aiohttp.ClientSession() as http, http.get(health) as resp:
+        assert resp.status == 200
+    handle = hub.execute_on_agent("steady", "echo", 2)
+    frame = await agent.recv_type("cmd")
+    await agent.send({"t": "result", "id": frame["id"], "data": 2})
+    assert await handle == 2
+    # Redis came back empty: the hub put its agent back in the registry.
+
+    async def registered() -> bool:
+        return "steady" in [a.id for a in await hub.list_connected_agents()]
+
+    await wait_for(registered, what="the agent to be registered again")
+
+    private_redis.stop()  # a second outage is reported again
+    with pytest.raises(StoreUnavailable):
+        await hub.execute_on_agent("steady", "echo", 3)
+    assert len(outages) == 2
+    await agent.close()

@@ -5,7 +5,7 @@ Never imports ``dispatcher`` and never needs Redis (ARCHITECTURE.md, Layers).
 
 from __future__ import annotations
 
-from .client import Agent, CommandContext, CommandHandler
+from .client import Agent, CommandContext, CommandHandler, EventContext, EventHandler
 from .errors import (
     AgentOffline,
     AgentReplaced,
@@ -29,6 +29,8 @@ __all__ = [
     "CommandHandler",
     "CommandTimeout",
     "DispatcherError",
+    "EventContext",
+    "EventHandler",
     "HelloRefused",
     "NotConnected",
 ]

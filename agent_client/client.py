@@ -27,13 +27,24 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import protocol as P
 from .backoff import backoff
-from .errors import AgentReplaced, CommandError, HelloRefused, NotConnected
+from .errors import (
+    AgentOffline,
+    AgentReplaced,
+    CommandCancelled,
+    CommandError,
+    CommandFailed,
+    CommandTimeout,
+    DispatcherError,
+    HelloRefused,
+    NotConnected,
+)
 
-__all__ = ["Agent", "CommandContext", "CommandHandler"]
+__all__ = ["Agent", "CommandContext", "CommandHandler", "EventContext", "EventHandler"]
 
 log = structlog.get_logger(__name__)
 
 CommandHandler = Callable[[Any, "CommandContext"], Awaitable[Any] | Any]
+EventHandler = Callable[[Any, "EventContext"], Awaitable[None] | None]
 Hook = Callable[[], Awaitable[None] | None]
 
 # Close codes after which reconnecting would be wrong (PROTOCOL.md, Close codes).
@@ -61,6 +72,17 @@ class CommandContext:
     async def progress(self, data: Any) -> None:
         """Send a progress update; dropped (not queued) while disconnected."""
         await self._agent._send_soft(P.encode(P.ProgressFrame(self.id, data)))
+
+
+class EventContext:
+    """What an event handler knows about its event."""
+
+    __slots__ = ("id", "key", "sender")
+
+    def __init__(self, frame: P.EventFrame) -> None:
+        self.key = frame.key
+        self.sender = frame.sender  # the emitting agent, None for the hub's own events
+        self.id = frame.id
 
 
 class Agent:
@@ -101,6 +123,10 @@ class Agent:
         backoff(backoff_initial, backoff_max)  # refuse bad settings now, not at a reconnect
         self._backoff = (backoff_initial, backoff_max)
         self._handlers: dict[str, CommandHandler] = {}
+        self._event_handlers: list[tuple[str, EventHandler]] = []
+        self._subs: set[str] = set()
+        self._calls: dict[str, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count(1)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[str, tuple[asyncio.Task[None], CommandContext]] = {}
         # id -> stored terminal frame (None: ended without one, e.g. cancelled)
@@ -129,6 +155,61 @@ class Agent:
 
     def add_command(self, key: str, fn: CommandHandler) -> None:
         self._handlers[key] = fn
+
+    def on(self, key: str) -> Callable[[EventHandler], EventHandler]:
+        """Decorator: ``@agent.on("config.*")`` on ``async def f(data, ctx)``; subscribes.
+
+        The subscription is sent now if connected, and with every (re)connect.
+        """
+
+        def register(fn: EventHandler) -> EventHandler:
+            self._event_handlers.append((key, fn))
+            if key not in self._subs:
+                self._subs.add(key)
+                if self._ws is not None:
+                    self._send_now(P.encode(P.SubFrame((key,))))
+            return fn
+
+        return register
+
+    # -- events and calls ------------------------------------------------------
+    async def emit(self, key: str, data: Any = None, to: Sequence[str] | None = None) -> None:
+        """Emit an event: to the agents subscribed to ``key``, or to the ``to`` list."""
+        await self.send_frame(P.EmitFrame(key, data, tuple(to) if to is not None else None))
+
+    async def subscribe(self, *keys: str) -> None:
+        """Receive events with these keys (``prefix*`` matches a prefix); kept across reconnects."""
+        new = tuple(k for k in keys if k not in self._subs)
+        self._subs.update(new)
+        if new and self._ws is not None:
+            await self._send_soft(P.encode(P.SubFrame(new)))
+
+    async def unsubscribe(self, *keys: str) -> None:
+        gone = tuple(k for k in keys if k in self._subs)
+        self._subs.difference_update(gone)
+        if gone and self._ws is not None:
+            await self._send_soft(P.encode(P.UnsubFrame(gone)))
+
+    async def call(self, target_agent: str, key: str, payload: Any = None,
+                   timeout: float | None = None) -> Any:
+        """Run a command on another agent through the hub; its result, or the hub's errors
+        (``CommandFailed``, ``CommandTimeout``, ``AgentOffline``, ``CommandCancelled``).
+
+        The hub enforces ``timeout``; a reply that arrives while this agent is
+        reconnecting is queued by the hub and still resolves the call.
+        """
+        call_id = f"c{next(self._call_ids)}"
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = fut
+        try:
+            await self.send_frame(P.CallFrame(call_id, target_agent, key, payload, timeout))
+            # The hub answers timeout itself; this bound only guards against a
+            # hub that vanished for good.
+            limit = None if timeout is None else timeout + 30.0
+            async with asyncio.timeout(limit):
+                return await fut
+        finally:
+            self._calls.pop(call_id, None)
 
     # -- lifecycle ------------------------------------------------------------
     @property
@@ -216,7 +297,7 @@ class Agent:
     async def _serve(self, ws: ClientConnection) -> bool:
         """Handshake, then read frames until the connection ends. True if welcomed."""
         hello = P.HelloFrame(v=P.PROTOCOL_VERSION, agent=self.agent_id, token=self.token,
-                             meta=self.meta or None)
+                             meta=self.meta or None, subs=tuple(sorted(self._subs)))
         await ws.send(P.encode(hello))
         async with asyncio.timeout(self.open_timeout):
             first = P.decode(await ws.recv())
@@ -274,7 +355,39 @@ class Agent:
             self._on_other_frame(frame)
 
     def _on_other_frame(self, frame: P.Frame) -> None:
-        log.debug("frame_ignored", agent_id=self.agent_id, type=frame.TYPE)
+        if isinstance(frame, P.EventFrame):
+            self._on_event(frame)
+        elif isinstance(frame, P.ReplyFrame):
+            fut = self._calls.get(frame.id)
+            if fut is not None and not fut.done():
+                if frame.ok:
+                    fut.set_result(frame.data)
+                else:
+                    fut.set_exception(_call_error(frame.error or {}))
+        else:
+            log.debug("frame_ignored", agent_id=self.agent_id, type=frame.TYPE)
+
+    def _on_event(self, frame: P.EventFrame) -> None:
+        if frame.id is not None:
+            # The receipt is the library's job, sent on arrival (PROTOCOL.md, Events).
+            self._send_now(P.encode(P.ReceivedFrame(frame.id)))
+        ctx = EventContext(frame)
+        for pattern, handler in self._event_handlers:
+            if P.key_matches(pattern, frame.key):
+                task = asyncio.get_running_loop().create_task(
+                    self._run_event_handler(handler, frame.data, ctx))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run_event_handler(self, handler: EventHandler, data: Any,
+                                 ctx: EventContext) -> None:
+        async with self._slots:
+            try:
+                out = handler(data, ctx)
+                if inspect.isawaitable(out):
+                    await out
+            except Exception:
+                log.exception("event_handler_failed", agent_id=self.agent_id, key=ctx.key)
 
     def _on_cmd(self, frame: P.CmdFrame) -> None:
         running = self._running.get(frame.id)
@@ -375,3 +488,16 @@ class Agent:
             await ws.send(P.encode(frame))
         except ConnectionClosed as exc:
             raise NotConnected("the connection closed while sending") from exc
+
+
+def _call_error(error: dict[str, Any]) -> DispatcherError:
+    """The exception a failed routed call raises: the hub's own types (API.md)."""
+    code = str(error.get("code", "error"))
+    message = str(error.get("message", ""))
+    if code == P.ErrorCode.TIMEOUT:
+        return CommandTimeout(message)
+    if code == P.ErrorCode.AGENT_OFFLINE:
+        return AgentOffline(message)
+    if code == P.ErrorCode.CANCELLED:
+        return CommandCancelled(message)
+    return CommandFailed(code, message, error.get("data"))

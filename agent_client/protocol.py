@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeGuard
 
 import msgpack
 
@@ -118,7 +118,7 @@ class ProtocolError(Exception):
         return ErrorFrame(code=self.code, message=self.message, ref=self.ref)
 
 
-def is_valid_agent_id(value: object) -> bool:
+def is_valid_agent_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 

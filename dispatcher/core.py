@@ -9,7 +9,6 @@ public :class:`~dispatcher.Dispatcher` adds the servers around it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -17,6 +16,8 @@ import structlog
 
 from agent_client import protocol as P
 
+from .calls import Calls
+from .clock import now_ms
 from .config import HubConfig
 from .emitter import EventEmitter
 from .errors import (
@@ -26,6 +27,7 @@ from .errors import (
     StoreUnavailable,
     UnknownCommand,
 )
+from .events import Events
 from .handle import CommandHandle
 from .ids import IdFactory, new_hub_id
 from .models import AgentInfo, CommandInfo, Outcome
@@ -34,10 +36,6 @@ from .store.base import DropSpec, Store
 __all__ = ["HubCore", "Session", "now_ms"]
 
 log = structlog.get_logger(__name__)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Session(Protocol):
@@ -65,7 +63,7 @@ class _Delivery:
 
     def __init__(self) -> None:
         self.ready = False
-        self.backlog: list[CommandInfo] = []
+        self.backlog: list[tuple[str | None, bytes]] = []  # (command id or None, frame)
 
 
 class HubCore(EventEmitter):
@@ -85,6 +83,8 @@ class HubCore(EventEmitter):
         self._closing = False
         self._timeout_ms = int(config.command_timeout * 1000)
         store.set_health_listener(self._on_store_health)
+        self.events = Events(self)
+        self.calls = Calls(self)
 
     # -- small helpers -------------------------------------------------------
     @property
@@ -233,15 +233,28 @@ class HubCore(EventEmitter):
         return await self.store.get_agent(agent_id) is not None
 
     def _deliver(self, cmd: CommandInfo) -> None:
-        """Send a stored command to its agent if it is connected here."""
-        session = self._sessions.get(cmd.agent_id)
+        """Send a stored command to its agent if it is connected here; otherwise it
+        stays PENDING until the agent connects (PROTOCOL.md, Handshake, step 4)."""
+        self.send_to_agent(cmd.agent_id, _cmd_bytes(cmd), cmd.id)
+
+    def send_to_agent(self, agent_id: str, data: bytes, cmd_id: str | None = None) -> bool:
+        """Send a frame to an agent connected here; False if it is not.
+
+        During the catch-up after ``welcome`` the frame waits in the session's
+        backlog, so nothing overtakes the redelivered commands.
+        """
+        session = self._sessions.get(agent_id)
         if session is None:
-            return  # PENDING until the agent connects (PROTOCOL.md, Handshake, step 4)
-        delivery = self._delivery[cmd.agent_id]
+            return False
+        delivery = self._delivery[agent_id]
         if not delivery.ready:
-            delivery.backlog.append(cmd)
-            return
-        session.send(_cmd_bytes(cmd))
+            delivery.backlog.append((cmd_id, data))
+            return True
+        return session.send(data)
+
+    def connected_ids(self) -> list[str]:
+        """Agents connected to this hub."""
+        return list(self._sessions)
 
     # -- commands: complete ------------------------------------------------------
     def _completed(self, info: CommandInfo, *, tell_agent: bool) -> None:
@@ -361,6 +374,21 @@ class HubCore(EventEmitter):
             raise UnknownCommand(f"command {cmd_id!r} is not addressed to agent {agent_id!r}")
         return True
 
+    # -- events -----------------------------------------------------------------
+    async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
+                      timeout: float | None = None) -> None:
+        """Send an event; resolves when every target answered ``received``.
+
+        Agents that are away get it from their queue when they connect.
+        Raises ``DeliveryTimeout`` (``.pending``: who did not receive) after
+        ``timeout`` seconds (default: ``command_timeout``).
+        """
+        await self.events.emit_to(agent_id, key, data, timeout)
+
+    async def broadcast(self, key: str, data: Any = None) -> int:
+        """Send an event to every connected agent, without receipts; returns how many."""
+        return self.events.broadcast(key, data)
+
     # -- queries ---------------------------------------------------------------
     async def list_pending_commands(self, agent_id: str) -> list[CommandInfo]:
         return await self.store.list_pending(agent_id)
@@ -375,16 +403,17 @@ class HubCore(EventEmitter):
         return await self.store.get_agent(agent_id)
 
     # -- sessions (called by the transport) ------------------------------------
-    async def attach(self, session: Session) -> None:
+    async def attach(self, session: Session, subs: tuple[str, ...] = ()) -> None:
         """A new authenticated connection: replace, register, welcome, catch up.
 
         Raises ``StoreUnavailable`` when the agent cannot be registered; the
         transport then refuses the connection.
         """
         agent_id = session.agent_id
+        carried: list[bytes] = []
         old = self._sessions.get(agent_id)
         if old is not None:
-            self._replace(old)
+            carried = self._replace(old)
         self._sessions[agent_id] = session
         delivery = self._delivery[agent_id] = _Delivery()
         try:
@@ -394,18 +423,26 @@ class HubCore(EventEmitter):
                 heartbeat=self.config.heartbeat,
             )))
             pending = await self.store.list_pending(agent_id)
+            queued = await self.events.take_queued(agent_id)
         except BaseException:
             if self._sessions.get(agent_id) is session:
                 del self._sessions[agent_id]
                 del self._delivery[agent_id]
+            await self.events.requeue(agent_id, carried)
             raise
         if self._sessions.get(agent_id) is not session:
+            await self.events.requeue(agent_id, carried + queued)
             return  # replaced while we waited on the store
+        if subs:
+            try:
+                self.events.subscribe(agent_id, subs)
+            except P.ProtocolError as exc:
+                session.send(P.encode(exc.to_frame()))
+        # PROTOCOL.md, Handshake, step 4: commands not COMPLETE, then queued
+        # events, oldest first; then what arrived for it meanwhile.
         sent: set[str] = set()
         leaders: set[str] = set()
-        for cmd in pending + delivery.backlog:
-            if cmd.id in sent:
-                continue
+        for cmd in pending:
             if cmd.group is not None:
                 # One command per group is in flight; the rest take its answer.
                 if cmd.group in leaders:
@@ -413,14 +450,23 @@ class HubCore(EventEmitter):
                 leaders.add(cmd.group)
             sent.add(cmd.id)
             session.send(_cmd_bytes(cmd))
+        for data in carried + queued:
+            session.send(data)
+            self.events.sent(agent_id, data)
+        for cmd_id, data in delivery.backlog:
+            if cmd_id is None or cmd_id not in sent:
+                session.send(data)
         delivery.ready = True
         delivery.backlog = []
         log.info("agent_connected", agent_id=agent_id, session=session.session_id,
-                 redelivered=len(sent))
+                 redelivered=len(sent), queued=len(carried) + len(queued))
         self._emit("agent-connected", session.info.copy())
 
-    def _replace(self, old: Session) -> None:
-        """One live connection per agent id (PROTOCOL.md, Handshake, step 3)."""
+    def _replace(self, old: Session) -> list[bytes]:
+        """One live connection per agent id (PROTOCOL.md, Handshake, step 3).
+
+        Returns the events the old connection had not acknowledged, for the new one.
+        """
         old.send(P.encode(P.ErrorFrame(
             P.ErrorCode.REPLACED, "replaced by a newer connection of the same agent"
         )))
@@ -429,6 +475,7 @@ class HubCore(EventEmitter):
         self._delivery.pop(old.agent_id, None)
         log.info("agent_replaced", agent_id=old.agent_id, session=old.session_id)
         self._emit("agent-disconnected", old.info.copy(), "replaced")
+        return self.events.connection_gone(old.agent_id)
 
     async def detach(self, session: Session, reason: str) -> None:
         """The connection ended. Its commands stay in the store for the next one."""
@@ -436,6 +483,8 @@ class HubCore(EventEmitter):
             return  # already replaced (and reported) or never attached
         del self._sessions[session.agent_id]
         del self._delivery[session.agent_id]
+        await self.events.requeue(session.agent_id,
+                                  self.events.connection_gone(session.agent_id))
         try:
             await self.store.unregister_agent(session.agent_id, session.session_id)
         except StoreUnavailable as exc:
@@ -478,6 +527,20 @@ class HubCore(EventEmitter):
             )))
 
     async def _on_other_frame(self, session: Session, frame: P.Frame) -> None:
+        if isinstance(frame, P.ReceivedFrame):
+            self.events.on_received(session, frame.id)
+        elif isinstance(frame, P.EmitFrame):
+            await self.events.on_emit(session, frame)
+        elif isinstance(frame, P.CallFrame):
+            await self.calls.on_call(session, frame)
+        elif isinstance(frame, P.SubFrame):
+            self.events.subscribe(session.agent_id, frame.keys)
+        elif isinstance(frame, P.UnsubFrame):
+            self.events.unsubscribe(session.agent_id, frame.keys)
+        else:
+            self._refuse_frame(frame)
+
+    def _refuse_frame(self, frame: P.Frame) -> None:
         if isinstance(frame, P.HelloFrame):
             raise P.ProtocolError(P.ErrorCode.BAD_FRAME, "'hello' is only valid as the first frame")
         if isinstance(frame, P.WelcomeFrame | P.CmdFrame | P.CancelFrame | P.EventFrame
@@ -486,11 +549,7 @@ class HubCore(EventEmitter):
                 P.ErrorCode.BAD_FRAME, f"{frame.TYPE!r} frames are sent by the hub, not by agents",
                 getattr(frame, "id", None),
             )
-        # emit / received / sub / unsub / call: events and routed calls.
-        raise P.ProtocolError(
-            P.ErrorCode.UNKNOWN_TYPE, f"{frame.TYPE!r} frames are not supported by this hub yet",
-            getattr(frame, "id", None),
-        )
+        raise P.ProtocolError(P.ErrorCode.UNKNOWN_TYPE, f"unexpected {frame.TYPE!r} frame")
 
     # -- store health --------------------------------------------------------------
     def _store_failed(self, exc: StoreUnavailable) -> None:
@@ -558,6 +617,7 @@ class HubCore(EventEmitter):
         self._handles.clear()
         for handle in handles:
             handle._fail(HubClosed("the hub closed; the command stays stored"))
+        self.events.close()
         await self._cancel_tasks()
         await self._close_emitter()
 

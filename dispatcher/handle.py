@@ -82,6 +82,10 @@ class CommandHandle:
     def done(self) -> bool:
         return self._result.done()
 
+    def add_done_callback(self, fn: Callable[[asyncio.Future[Any]], None]) -> None:
+        """Call ``fn(future)`` once the command completes (the future holds the outcome)."""
+        self._result.add_done_callback(fn)
+
     async def result(self, timeout: float | None = None) -> Any:
         """The result, waiting at most ``timeout`` seconds (the command keeps running)."""
         return await asyncio.wait_for(asyncio.shield(self._result), timeout)

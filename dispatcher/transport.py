@@ -238,7 +238,7 @@ class AgentServer:
                          connected_at=now, last_seen=now, meta=frame.meta or {})
         session = WsSession(self, ws, info)
         try:
-            await self.core.attach(session)
+            await self.core.attach(session, frame.subs)
         except StoreUnavailable:
             await self._refuse(ws, P.ErrorCode.INTERNAL,
                                "the hub's store is unavailable; try again later", 1013)

@@ -164,3 +164,23 @@ class Store(ABC):
 
     @abstractmethod
     async def list_agents(self) -> list[AgentInfo]: ...
+
+    # -- frames queued for agents that are away ---------------------------------
+    @abstractmethod
+    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                          ttl_ms: int) -> bool:
+        """Append a frame (an event, a call's reply) to the agent's queue.
+
+        Returns False, changing nothing, when the queue already holds
+        ``max_len`` frames; the caller reports the refusal. Frames older than
+        ``ttl_ms`` are not delivered (``take_frames`` drops them).
+        """
+
+    @abstractmethod
+    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
+        """Remove and return the agent's queued frames, oldest first, and how
+        many were dropped for being older than ``ttl_ms``."""
+
+    @abstractmethod
+    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int) -> None:
+        """Put frames back at the head of the queue, in order (sent but not received)."""

@@ -34,6 +34,7 @@ class MemoryStore(Store):
         # (expires, id) of COMPLETE commands; retention is constant, so FIFO
         self._expiry: deque[tuple[int, str]] = deque()
         self._agents: dict[str, AgentInfo] = {}
+        self._frames: dict[str, deque[tuple[int, bytes]]] = {}
 
     async def ping(self) -> None:
         return None
@@ -206,6 +207,28 @@ class MemoryStore(Store):
 
     async def list_agents(self) -> list[AgentInfo]:
         return [a.copy() for a in self._agents.values()]
+
+    # -- queued frames ---------------------------------------------------------
+    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                          ttl_ms: int) -> bool:
+        queue = self._frames.setdefault(agent_id, deque())
+        while queue and queue[0][0] + ttl_ms <= now:
+            queue.popleft()  # expired: make room before refusing
+        if len(queue) >= max_len:
+            return False
+        queue.append((now, frame))
+        return True
+
+    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
+        queue = self._frames.pop(agent_id, None)
+        if not queue:
+            return [], 0
+        fresh = [f for ts, f in queue if ts + ttl_ms > now]
+        return fresh, len(queue) - len(fresh)
+
+    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int) -> None:
+        queue = self._frames.setdefault(agent_id, deque())
+        queue.extendleft((now, f) for f in reversed(frames))
 
 
 def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:

@@ -402,6 +402,30 @@ class RedisStore(Store):
         res = await self._call("list_agents", (1, self._k_agents, self.prefix))
         return [_agent_from_hash(h) for h in res]
 
+    # -- queued frames ----------------------------------------------------------------
+    def _k_frames(self, agent_id: str) -> str:
+        return f"{self.prefix}:agent:{agent_id}:events"
+
+    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                          ttl_ms: int) -> bool:
+        res = await self._call("queue_frame", (1, self._k_frames(agent_id), pack([now, frame]),
+                                               max_len, ttl_ms))
+        return bool(res)
+
+    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
+        entries = await self._call("take_frames", (1, self._k_frames(agent_id)))
+        fresh: list[bytes] = []
+        for raw in entries:
+            ts, frame = unpack(raw)
+            if ts + ttl_ms > now:
+                fresh.append(frame)
+        return fresh, len(entries) - len(fresh)
+
+    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int) -> None:
+        if frames:
+            await self._call(None, ("LPUSH", self._k_frames(agent_id),
+                                    *(pack([now, f]) for f in reversed(frames))))
+
 
 # -- decoding ---------------------------------------------------------------------
 

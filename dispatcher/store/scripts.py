@@ -209,7 +209,26 @@ end
 return out
 """
 
+# KEYS: 1 P:agent:ID:events.  ARGV: 1 entry (msgpack [ts, frame]), 2 max length, 3 ttl ms.
+# Returns 1 queued, 0 full. The list's own TTL is refreshed so an agent that
+# never returns does not leave its queue behind forever.
+QUEUE_FRAME: Final = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: 1 P:agent:ID:events.  Returns every entry, oldest first, and empties the list.
+TAKE_FRAMES: Final = """
+local all = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return all
+"""
+
 SCRIPTS: Final = {
+    "queue_frame": QUEUE_FRAME,
+    "take_frames": TAKE_FRAMES,
     "create": CREATE,
     "mark_active": MARK_ACTIVE,
     "complete": COMPLETE,

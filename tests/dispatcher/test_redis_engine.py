@@ -147,7 +147,10 @@ async def test_outage_fails_fast_reports_once_and_recovers(hubs: list[Dispatcher
     hub = await start_hub(hubs, private_redis.url, prefix)
     outages: list[BaseException] = []
     hub.on("internal.db.error", outages.append)
+    ready = asyncio.Event()
+    hub.on("agent-connected", lambda info: ready.set())
     agent, _ = await RawAgent.hello(url(hub), "steady")
+    await asyncio.wait_for(ready.wait(), 5)  # attached, catch-up done
     health = f"http://127.0.0.1:{hub.admin_port}/healthz"
 
     private_redis.stop()

@@ -1,0 +1,102 @@
+"""Routed calls: an agent's ``call`` runs as a real command on the target agent.
+
+PROTOCOL.md, Routed calls. The command has the full lifecycle, store and
+guarantees of any other (it shows in ``list_pending_commands``); its outcome
+goes back to the caller as a ``reply`` frame, queued like an event if the
+caller is away at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent_client import protocol as P
+from agent_client.errors import (
+    AgentOffline,
+    CommandCancelled,
+    CommandFailed,
+    CommandTimeout,
+)
+
+from .clock import now_ms
+
+if TYPE_CHECKING:
+    from .core import HubCore, Session
+
+__all__ = ["MAX_CALLS_IN_FLIGHT", "Calls", "reply_error"]
+
+log = structlog.get_logger(__name__)
+
+# Calls one agent may have waiting at once; more are refused with rate_limited.
+MAX_CALLS_IN_FLIGHT = 1000
+
+
+def reply_error(exc: BaseException) -> dict[str, Any]:
+    """The ``error`` map of a failed call's ``reply`` (codes of PROTOCOL.md)."""
+    if isinstance(exc, CommandFailed):
+        return P.error_info(exc.code, exc.message, exc.data)
+    if isinstance(exc, CommandTimeout):
+        return P.error_info(P.ErrorCode.TIMEOUT, str(exc) or "the call timed out")
+    if isinstance(exc, AgentOffline):
+        return P.error_info(P.ErrorCode.AGENT_OFFLINE, str(exc))
+    if isinstance(exc, CommandCancelled):
+        return P.error_info(P.ErrorCode.CANCELLED, str(exc) or "the call was cancelled")
+    return P.error_info(P.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+class Calls:
+    """Runs agents' calls as commands and answers them."""
+
+    def __init__(self, core: HubCore) -> None:
+        self.core = core
+        self._in_flight: dict[str, int] = {}
+
+    async def on_call(self, session: Session, frame: P.CallFrame) -> None:
+        caller = session.agent_id
+        if frame.agent == caller:
+            self._reply_now(session, frame.id, P.error_info(
+                P.ErrorCode.BAD_REQUEST, "an agent cannot call itself"))
+            return
+        if self._in_flight.get(caller, 0) >= MAX_CALLS_IN_FLIGHT:
+            self._reply_now(session, frame.id, P.error_info(
+                P.ErrorCode.RATE_LIMITED, f"at most {MAX_CALLS_IN_FLIGHT} calls in flight"))
+            return
+        try:
+            handle = self.core.execute_on_agent(frame.agent, frame.key, frame.payload,
+                                                timeout=frame.timeout, require_online=True)
+        except (ValueError, TypeError) as exc:
+            self._reply_now(session, frame.id, P.error_info(P.ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        self._in_flight[caller] = self._in_flight.get(caller, 0) + 1
+        handle.add_done_callback(lambda fut: self._done(caller, frame.id, fut))
+
+    def _reply_now(self, session: Session, call_id: str, error: dict[str, Any]) -> None:
+        session.send(P.encode(P.ReplyFrame(call_id, ok=False, error=error)))
+
+    def _done(self, caller: str, call_id: str, fut: asyncio.Future[Any]) -> None:
+        left = self._in_flight.get(caller, 1) - 1
+        if left:
+            self._in_flight[caller] = left
+        else:
+            self._in_flight.pop(caller, None)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            reply = P.ReplyFrame(call_id, ok=True, data=fut.result())
+        else:
+            reply = P.ReplyFrame(call_id, ok=False, error=reply_error(exc))
+        data = P.encode(reply)
+        if not self.core.send_to_agent(caller, data):
+            # The caller is away: its reply waits in its queue like an event.
+            self.core._spawn(self._queue_reply(caller, data), name=f"reply:{call_id}")
+
+    async def _queue_reply(self, caller: str, data: bytes) -> None:
+        config = self.core.config
+        if not await self.core.store.queue_frame(caller, data, now=now_ms(),
+                                                 max_len=config.max_event_queue,
+                                                 ttl_ms=int(config.event_queue_ttl * 1000)):
+            log.warning("reply_dropped_queue_full", agent_id=caller)

@@ -21,8 +21,6 @@ from agent_client.errors import (
     CommandTimeout,
 )
 
-from .clock import now_ms
-
 if TYPE_CHECKING:
     from .core import HubCore, Session
 
@@ -91,12 +89,9 @@ class Calls:
             reply = P.ReplyFrame(call_id, ok=False, error=reply_error(exc))
         data = P.encode(reply)
         if not self.core.send_to_agent(caller, data):
-            # The caller is away: its reply waits in its queue like an event.
-            self.core._spawn(self._queue_reply(caller, data), name=f"reply:{call_id}")
+            # The caller moved to another hub or is away: route or queue it like an event.
+            self.core._spawn(self._route_reply(caller, data), name=f"reply:{call_id}")
 
-    async def _queue_reply(self, caller: str, data: bytes) -> None:
-        config = self.core.config
-        if not await self.core.store.queue_frame(caller, data, now=now_ms(),
-                                                 max_len=config.max_event_queue,
-                                                 ttl_ms=int(config.event_queue_ttl * 1000)):
+    async def _route_reply(self, caller: str, data: bytes) -> None:
+        if not await self.core.events.deliver(caller, data):
             log.warning("reply_dropped_queue_full", agent_id=caller)

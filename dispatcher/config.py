@@ -48,6 +48,7 @@ class HubConfig:
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
     # Operations
     sweep_interval: float = 1.0  # how often overdue commands are looked for in the store
+    hub_ttl: float = 5.0  # a hub whose alive key is this old is dead (shared stores)
     drain_timeout: float = 10.0  # bounded graceful shutdown
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -18,6 +18,7 @@ from agent_client import protocol as P
 
 from .calls import Calls
 from .clock import now_ms
+from .cluster import Cluster
 from .config import HubConfig
 from .emitter import EventEmitter
 from .errors import (
@@ -30,6 +31,7 @@ from .errors import (
 from .events import Events
 from .handle import CommandHandle
 from .ids import IdFactory, new_hub_id
+from .metrics import Metrics
 from .models import AgentInfo, CommandInfo, Outcome
 from .store.base import DropSpec, Store
 
@@ -85,6 +87,8 @@ class HubCore(EventEmitter):
         store.set_health_listener(self._on_store_health)
         self.events = Events(self)
         self.calls = Calls(self)
+        self.cluster = Cluster(self)
+        self.metrics = Metrics(self)
 
     # -- small helpers -------------------------------------------------------
     @property
@@ -201,6 +205,7 @@ class HubCore(EventEmitter):
         handle._set_submitted()
         heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
+            self.metrics.command_completed(dropped)
             self._completed(dropped, tell_agent=True)
             head = heads.get(dropped.group or "")
             if dropped.group is not None and (head is None or _older(dropped, head)):
@@ -224,18 +229,34 @@ class HubCore(EventEmitter):
                 delay = max(0.0, (stored.deadline - now_ms()) / 1000)
                 handle._timer = self.loop.call_later(delay, self._on_deadline, cmd.id)
             return
+        self.metrics.command_submitted()
         if not res.coalesced:
-            self._deliver(stored)
+            self._deliver(stored, res.location)
 
     async def _is_online(self, agent_id: str) -> bool:
         if agent_id in self._sessions:
             return True
         return await self.store.get_agent(agent_id) is not None
 
-    def _deliver(self, cmd: CommandInfo) -> None:
-        """Send a stored command to its agent if it is connected here; otherwise it
-        stays PENDING until the agent connects (PROTOCOL.md, Handshake, step 4)."""
-        self.send_to_agent(cmd.agent_id, _cmd_bytes(cmd), cmd.id)
+    def _deliver(self, cmd: CommandInfo, location: str | bool | None = True) -> None:
+        """Send a stored command to its agent, here or on the hub it is connected to;
+        otherwise it stays PENDING until the agent connects (PROTOCOL.md, Handshake,
+        step 4). ``location``: the agent's hub if known, None if it is nowhere,
+        True to look it up."""
+        frame = _cmd_bytes(cmd)
+        if self.send_to_agent(cmd.agent_id, frame, cmd.id) or not self.cluster.enabled:
+            return
+        if location is True:
+            self._spawn(self.cluster.route_cmd(cmd, frame), name=f"route:{cmd.id}")
+        elif isinstance(location, str) and location != self.hub_id:
+            self.cluster.send_cmd(location, cmd, frame)
+
+    def cmd_frame(self, cmd: CommandInfo) -> bytes:
+        return _cmd_bytes(cmd)
+
+    def waiting_ids(self) -> list[str]:
+        """Commands whose handles wait on this hub."""
+        return list(self._handles)
 
     def send_to_agent(self, agent_id: str, data: bytes, cmd_id: str | None = None) -> bool:
         """Send a frame to an agent connected here; False if it is not.
@@ -262,10 +283,14 @@ class HubCore(EventEmitter):
         handle = self._handles.pop(info.id, None)
         if handle is not None:
             handle._resolve(info)
+        elif self.cluster.enabled:
+            self.cluster.notify_done(info)  # its handle waits on the submitting hub
         if tell_agent:
             session = self._sessions.get(info.agent_id)
             if session is not None:
                 session.send(P.encode(P.CancelFrame(info.id)))
+            elif self.cluster.enabled and not self._closing:
+                self._spawn(self.cluster.route_cancel(info.agent_id, info.id))
         if info.outcome not in ("ok", "error"):
             log.info(
                 "command_ended", command_id=info.id, agent_id=info.agent_id,
@@ -287,6 +312,7 @@ class HubCore(EventEmitter):
         info = await self.store.complete(
             cmd_id, outcome, now=now, result=result, error=error, agent_id=agent_id
         )
+        self.metrics.command_completed(info)  # here, where the store completed it: once
         self._completed(info, tell_agent=tell_agent)
         if info.group is not None:
             if outcome in ("ok", "error"):
@@ -294,6 +320,7 @@ class HubCore(EventEmitter):
                 for other in await self.store.complete_group(
                     info.agent_id, info.group, outcome, now=now, result=result, error=error
                 ):
+                    self.metrics.command_completed(other)
                     # Only a group's oldest member is ever sent to the agent, so the
                     # ones younger than the answered command never were: no cancel.
                     self._completed(other, tell_agent=_older(other, info))
@@ -367,12 +394,23 @@ class HubCore(EventEmitter):
         if handle is not None and (agent_id is None or handle.agent_id == agent_id):
             handle._push_progress(data)
             return True
-        info = await self.store.get_command(cmd_id)
-        if info is None or info.status == "COMPLETE":
-            raise UnknownCommand(f"no command {cmd_id!r} that is not COMPLETE")
-        if agent_id is not None and info.agent_id != agent_id:
-            raise UnknownCommand(f"command {cmd_id!r} is not addressed to agent {agent_id!r}")
+        origin = await self.store.progress_origin(cmd_id, agent_id)
+        if self.cluster.enabled:
+            self.cluster.notify_progress(origin, cmd_id, data)
         return True
+
+    def push_progress(self, cmd_id: str, data: Any) -> None:
+        """Progress relayed by another hub for a command submitted here."""
+        handle = self._handles.get(cmd_id)
+        if handle is not None:
+            handle._push_progress(data)
+
+    def kick_local(self, agent_id: str, session_id: str) -> None:
+        """Another hub took this agent's new connection: close the old one here (4409)."""
+        session = self._sessions.get(agent_id)
+        if session is not None and session.session_id == session_id:
+            carried = self._replace(session)
+            self._spawn(self.events.requeue(agent_id, carried))
 
     # -- events -----------------------------------------------------------------
     async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
@@ -417,7 +455,9 @@ class HubCore(EventEmitter):
         self._sessions[agent_id] = session
         delivery = self._delivery[agent_id] = _Delivery()
         try:
-            await self.store.register_agent(session.info)
+            previous = await self.store.register_agent(session.info)
+            if previous is not None and previous.hub_id != self.hub_id and self.cluster.enabled:
+                self.cluster.kick(previous.hub_id, agent_id, previous.session)
             session.send(P.encode(P.WelcomeFrame(
                 v=P.PROTOCOL_VERSION, hub=self.hub_id, session=session.session_id,
                 heartbeat=self.config.heartbeat,
@@ -458,6 +498,7 @@ class HubCore(EventEmitter):
                 session.send(data)
         delivery.ready = True
         delivery.backlog = []
+        self.metrics.connection_opened()
         log.info("agent_connected", agent_id=agent_id, session=session.session_id,
                  redelivered=len(sent), queued=len(carried) + len(queued))
         self._emit("agent-connected", session.info.copy())
@@ -473,6 +514,7 @@ class HubCore(EventEmitter):
         old.close(P.CloseCode.REPLACED, "replaced")
         self._sessions.pop(old.agent_id, None)
         self._delivery.pop(old.agent_id, None)
+        self.metrics.connection_closed("replaced")
         log.info("agent_replaced", agent_id=old.agent_id, session=old.session_id)
         self._emit("agent-disconnected", old.info.copy(), "replaced")
         return self.events.connection_gone(old.agent_id)
@@ -489,6 +531,7 @@ class HubCore(EventEmitter):
             await self.store.unregister_agent(session.agent_id, session.session_id)
         except StoreUnavailable as exc:
             self._store_failed(exc)
+        self.metrics.connection_closed(reason)
         log.info("agent_disconnected", agent_id=session.agent_id, session=session.session_id,
                  reason=reason)
         self._emit("agent-disconnected", session.info.copy(), reason)

@@ -112,9 +112,15 @@ class Events:
             self._unacked.setdefault(agent_id, {})[event_id] = data
         return True
 
-    async def _deliver(self, agent_id: str, data: bytes, event_id: str | None) -> bool:
-        """Send now or queue for later; False when the agent's queue is full."""
+    async def deliver(self, agent_id: str, data: bytes, event_id: str | None = None, *,
+                      route: bool = True) -> bool:
+        """Send now (here or through the agent's hub) or queue for later;
+        False when the agent's queue is full."""
         if self._send_or_none(agent_id, data, event_id):
+            return True
+        if route and self.core.cluster.enabled and await self.core.cluster.route_frame(
+            agent_id, data, event_id
+        ):
             return True
         config = self.core.config
         queued = await self.core.store.queue_frame(
@@ -145,7 +151,7 @@ class Events:
                 ids.append(event_id)
                 self._waiting[event_id] = (waiter, agent_id)
                 frame = P.encode(P.EventFrame(key, data, id=event_id))
-                await self._deliver(agent_id, frame, event_id)
+                await self.deliver(agent_id, frame, event_id)
             limit = self.core.config.command_timeout if timeout is None else timeout
             try:
                 async with asyncio.timeout(limit):
@@ -157,12 +163,20 @@ class Events:
                 self._waiting.pop(event_id, None)
 
     def broadcast(self, key: str, data: Any) -> int:
-        """Send to every agent connected here, without receipts; returns how many."""
+        """Send to every connected agent (every hub), without receipts; returns how
+        many were sent from this hub."""
         _check_key(key)
         frame = P.encode(P.EventFrame(key, data))
+        self.core.cluster.publish_emit(None, key, frame)
+        return self.fan_out_local(None, key, frame)
+
+    def fan_out_local(self, sender: str | None, key: str, frame: bytes) -> int:
+        """An event for this hub's agents: subscribers of ``key`` other than the
+        sender, or everyone when there is no sender (broadcast)."""
+        targets = self.core.connected_ids() if sender is None else self.subscribers(key)
         sent = 0
-        for agent_id in self.core.connected_ids():
-            if self._send_or_none(agent_id, frame, None):
+        for agent_id in targets:
+            if agent_id != sender and self._send_or_none(agent_id, frame, None):
                 sent += 1
         return sent
 
@@ -176,28 +190,34 @@ class Events:
         data = P.encode(P.EventFrame(frame.key, frame.data, sender=sender))
         if frame.to is not None:
             full = [a for a in dict.fromkeys(frame.to)
-                    if a != sender and not await self._deliver(a, data, None)]
+                    if a != sender and not await self.deliver(a, data, None)]
             if full:
                 raise P.ProtocolError(
                     "queue_full", f"queue full for agent(s) {', '.join(full[:10])}; "
                     "event not delivered to them")
             return
-        for agent_id in self.subscribers(frame.key):
-            if agent_id != sender:
-                self._send_or_none(agent_id, data, None)
+        self.core.cluster.publish_emit(sender, frame.key, data)
+        self.fan_out_local(sender, frame.key, data)
 
     def on_received(self, session: Session, event_id: str) -> None:
         unacked = self._unacked.get(session.agent_id)
         if unacked is not None:
             unacked.pop(event_id, None)
+        if event_id in self._waiting:
+            self.receipt(event_id, session.agent_id)
+        elif self.core.cluster.enabled:
+            self.core.cluster.notify_received(event_id, session.agent_id)
+
+    def receipt(self, event_id: str, agent_id: str) -> None:
+        """``agent_id`` received event ``event_id`` (here or on another hub)."""
         entry = self._waiting.get(event_id)
         if entry is None:
-            return  # a receipt nobody here waits for (late, or for another hub)
-        waiter, agent_id = entry
-        if agent_id != session.agent_id:
+            return  # late, or a receipt nobody waits for
+        waiter, target = entry
+        if target != agent_id:
             return
         del self._waiting[event_id]
-        waiter.remaining.discard(agent_id)
+        waiter.remaining.discard(target)
         if not waiter.remaining and not waiter.future.done():
             waiter.future.set_result(None)
 

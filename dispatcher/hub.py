@@ -72,6 +72,7 @@ class Dispatcher(HubCore):
             await self.close()
             raise
         self._listening = True
+        await self.cluster.start()
         self.start_sweeper()
         log.info(
             "hub_listening", hub_id=self.hub_id, engine=self.engine, port=self.port,
@@ -87,6 +88,7 @@ class Dispatcher(HubCore):
         await self._agents_server.close()
         if self._admin_server is not None:
             await self._admin_server.close()
+        await self.cluster.close()
         await self._close_core()
         await self.store.close()
         log.info("hub_closed", hub_id=self.hub_id)

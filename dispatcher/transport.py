@@ -59,12 +59,58 @@ def close_reason(code: int | None, reason: str | None) -> str:
     }.get(code, f"close_{code}")
 
 
+class AgentConnection(ServerConnection):
+    """websockets' server connection plus the hub's liveness watch.
+
+    PROTOCOL.md, Transport: a connection whose Pong is ``heartbeat`` seconds
+    late counts as gone *at that moment*, without waiting for a closing
+    handshake a dead peer will never answer. websockets sends the Pings
+    (``ping_interval``); this class notes when bytes last arrived and one
+    timer per connection aborts it when nothing came for two heartbeats
+    (a Ping went out, and its Pong is a heartbeat late).
+    """
+
+    last_rx: float = 0.0
+    lost_reason: str | None = None
+    _liveness: asyncio.TimerHandle | None = None
+    _heartbeat: float = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.loop.time()
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
+        super().connection_lost(exc)
+
+    def watch_liveness(self, heartbeat: float) -> None:
+        self._heartbeat = heartbeat
+        self.last_rx = self.loop.time()
+        self._liveness = self.loop.call_at(self.last_rx + 2 * heartbeat, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        deadline = self.last_rx + 2 * self._heartbeat
+        if self.loop.time() >= deadline:
+            self._liveness = None
+            self.abort("heartbeat_timeout")
+        else:
+            self._liveness = self.loop.call_at(deadline, self._check_liveness)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, without a closing handshake."""
+        if self.lost_reason is None:
+            self.lost_reason = reason
+        self.transport.abort()
+
+
 class WsSession:
     """One authenticated agent connection (implements ``core.Session``)."""
 
     __slots__ = ("_server", "agent_id", "info", "session_id", "ws")
 
-    def __init__(self, server: AgentServer, ws: ServerConnection, info: AgentInfo) -> None:
+    def __init__(self, server: AgentServer, ws: AgentConnection, info: AgentInfo) -> None:
         self._server = server
         self.ws = ws
         self.info = info
@@ -79,16 +125,21 @@ class WsSession:
         # hub never waits on one slow agent. The buffer bound below replaces
         # the backpressure a drain would give.
         broadcast((ws,), data)
+        self._server.metrics.frame_out(data)
         transport = ws.transport
         if transport.get_write_buffer_size() > self._server.max_send_buffer:
             log.warning("send_buffer_overflow", agent_id=self.agent_id,
                         buffered=transport.get_write_buffer_size())
-            transport.abort()
+            ws.abort("send_buffer_overflow")
             return False
         return True
 
     def close(self, code: int, reason: str) -> None:
         self._server.close_soon(self.ws, code, reason)
+
+    def buffered(self) -> int:
+        """Bytes written to this connection and not yet sent (for ``/metrics``)."""
+        return self.ws.transport.get_write_buffer_size()
 
 
 class AgentServer:
@@ -99,6 +150,7 @@ class AgentServer:
         config = core.config
         self.config = config
         self.max_send_buffer = config.max_send_buffer
+        self.metrics = core.metrics
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
@@ -116,12 +168,12 @@ class AgentServer:
             config.port,
             process_request=self._process_request,
             max_size=config.max_frame,
-            # Liveness (PROTOCOL.md, Transport): a Ping every heartbeat, and a
-            # connection whose Pong is `heartbeat` late is closed. A dead peer
-            # never answers the close, so do not wait long for it.
+            # Liveness (PROTOCOL.md, Transport): websockets pings every
+            # heartbeat; AgentConnection drops a peer whose Pong is late.
             ping_interval=config.heartbeat,
-            ping_timeout=config.heartbeat,
-            close_timeout=min(config.heartbeat / 2, 5.0),
+            ping_timeout=None,
+            close_timeout=5.0,
+            create_connection=AgentConnection,
             # Compression triples the memory of an idle connection (PERFORMANCE.md).
             compression=None,
             max_queue=64,
@@ -163,16 +215,21 @@ class AgentServer:
 
     # -- one connection ----------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, AgentConnection)
+        ws.watch_liveness(self.config.heartbeat)
         session = await self._handshake(ws)
         if session is None:
             return
         core = self.core
         # With a networked store, frames are applied concurrently so that one
         # agent's answers share pipelined writes instead of waiting one Redis
-        # round trip each; the batcher keeps their order. Bounded per connection.
+        # round trip each. The batcher applies their store writes in arrival
+        # order; error replies may come back out of order (they carry ``ref``).
+        # Bounded per connection.
         inline = not core.store.shared
         inflight: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
+        frame_in = self.metrics.frame_in
         try:
             while True:
                 try:
@@ -182,8 +239,10 @@ class AgentServer:
                 try:
                     frame = P.decode(message)
                 except P.ProtocolError as exc:
+                    frame_in("invalid")
                     session.send(P.encode(exc.to_frame()))
                     continue
+                frame_in(frame.TYPE)
                 if inline:
                     await core.on_frame(session, frame)
                     continue
@@ -195,9 +254,10 @@ class AgentServer:
         finally:
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
-            await core.detach(session, close_reason(_close_code(ws), _close_text(ws)))
+            await core.detach(session, ws.lost_reason
+                              or close_reason(_close_code(ws), _close_text(ws)))
 
-    async def _handshake(self, ws: ServerConnection) -> WsSession | None:
+    async def _handshake(self, ws: AgentConnection) -> WsSession | None:
         """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
         config = self.config
         try:
@@ -262,6 +322,7 @@ class AgentServer:
         return ok
 
     async def _refuse(self, ws: ServerConnection, code: str, message: str, close: int) -> None:
+        self.metrics.connection_refused(code)
         try:
             await ws.send(P.encode(P.ErrorFrame(code, message)))
             await ws.close(close, message[:120])

@@ -13,11 +13,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+from ..errors import UnknownCommand
 from ..models import AgentInfo, CommandInfo, Outcome
 
-__all__ = ["CreateResult", "DropSpec", "Store"]
+__all__ = ["Bus", "CreateResult", "DropSpec", "Store"]
+
+class Bus(Protocol):
+    """Messages between hubs (see ``redis_bus.py``)."""
+
+    deaf: bool
+    reconnects: int
+    messages: int
+
+    async def start(self, on_message: Callable[[str, Any], None],
+                    on_subscribed: Callable[[bool], None]) -> None: ...
+
+    async def close(self) -> None: ...
+
 
 # ``drop_all_pending`` of ``execute_on_agent``: True drops every PENDING
 # command of the agent in another group; a string drops those with that key.
@@ -41,6 +55,7 @@ class CreateResult:
     created: bool
     dropped: list[CommandInfo] = field(default_factory=list)
     coalesced: bool = False
+    location: str | None = None  # hub the agent is connected to (shared stores), if any
 
 
 class Store(ABC):
@@ -164,6 +179,42 @@ class Store(ABC):
 
     @abstractmethod
     async def list_agents(self) -> list[AgentInfo]: ...
+
+    # -- routing between hubs (shared stores only) -----------------------------
+    # The in-memory engine serves one hub: these are no-ops there.
+    def make_bus(self, hub_id: str) -> Bus | None:
+        """The message bus between hubs, subscribed to ``hub_id``'s channels."""
+        return None
+
+    def hub_channel(self, hub_id: str) -> str:
+        return f"hub:{hub_id}"
+
+    @property
+    def events_channel(self) -> str:
+        return "events"
+
+    def publish(self, channel: str, data: bytes) -> Any:  # noqa: B027
+        """Send a message to a channel without waiting (fire and forget)."""
+
+    async def hub_alive(self, hub_id: str, ttl_ms: int) -> None:  # noqa: B027
+        """Refresh this hub's alive key."""
+
+    async def hub_gone(self, hub_id: str) -> None:  # noqa: B027
+        """This hub leaves the cluster cleanly."""
+
+    async def reap_dead_hubs(self, me: str) -> list[AgentInfo]:
+        """Forget the agents of hubs whose alive key expired; returns them."""
+        return []
+
+    async def progress_origin(self, cmd_id: str, agent_id: str | None) -> str:
+        """The origin hub of a command not COMPLETE (addressed to ``agent_id`` if given);
+        raises ``UnknownCommand`` otherwise."""
+        info = await self.get_command(cmd_id)
+        if info is None or info.status == "COMPLETE" or (
+            agent_id is not None and info.agent_id != agent_id
+        ):
+            raise UnknownCommand(f"no command {cmd_id!r} for this agent that is not COMPLETE")
+        return info.origin
 
     # -- frames queued for agents that are away ---------------------------------
     @abstractmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -42,6 +43,7 @@ from agent_client.protocol import pack, unpack
 from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
+from .redis_bus import RedisBus
 from .scripts import SCRIPTS
 
 __all__ = ["RedisStore"]
@@ -106,9 +108,14 @@ class RedisStore(Store):
         self._healthy = True
         self._listener: HealthListener | None = None
         self._closed = False
-        # Counters for tests and metrics: pipelined writes and operations sent.
+        # Counters for tests and metrics: pipelined writes and operations sent,
+        # operations failed (StoreUnavailable), outages begun.
         self.round_trips = 0
         self.operations = 0
+        self.errors = 0
+        self.outages = 0
+        # Called with the seconds of each round trip (the hub's latency histogram).
+        self.on_round_trip: Callable[[float], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -153,6 +160,7 @@ class RedisStore(Store):
         if self._closed:
             fut.set_exception(StoreUnavailable("the store is closed"))
         elif not self._healthy:
+            self.errors += 1
             fut.set_exception(StoreUnavailable("Redis is unreachable (reconnecting)"))
         else:
             self._queue.append(_Op(script, args, fut))
@@ -188,6 +196,7 @@ class RedisStore(Store):
         except _UNAVAILABLE as exc:
             await self._drop_connection()
             self._mark_unhealthy(exc)
+            self.errors += len(batch)
             err = StoreUnavailable(f"Redis is unreachable: {exc}")
             for op in batch:
                 if not op.future.done():
@@ -197,6 +206,7 @@ class RedisStore(Store):
             if op.future.done():
                 continue
             if isinstance(res, ResponseError):
+                self.errors += 1
                 op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
                 log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
             else:
@@ -207,6 +217,7 @@ class RedisStore(Store):
         if conn is None:
             conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         commands = [self._command(op) for op in batch]
+        start = time.perf_counter()
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         self.round_trips += 1
         self.operations += len(commands)
@@ -216,6 +227,8 @@ class RedisStore(Store):
                 results.append(await conn.read_response())
             except ResponseError as exc:  # one command's error; the stream is in sync
                 results.append(exc)
+        if self.on_round_trip is not None:
+            self.on_round_trip(time.perf_counter() - start)
         return results
 
     async def _load_scripts(self) -> None:
@@ -236,6 +249,7 @@ class RedisStore(Store):
         if not self._healthy or self._closed:
             return
         self._healthy = False
+        self.outages += 1
         log.error("store_unreachable", url=_safe_url(self.url), error=str(exc))
         if self._listener is not None:
             self._listener(False, exc)
@@ -298,6 +312,7 @@ class RedisStore(Store):
             )
         stored = cmd.copy()
         stored.status, stored.outcome, stored.updated = "PENDING", None, cmd.ts
+        location = _s(res[3]) or None
         dropped = [
             CommandInfo(
                 id=_s(d[0]), agent_id=cmd.agent_id, key=_s(d[1]), status="COMPLETE",
@@ -306,7 +321,8 @@ class RedisStore(Store):
             )
             for d in res[2]
         ]
-        return CreateResult(stored, created=True, dropped=dropped, coalesced=bool(res[1]))
+        return CreateResult(stored, created=True, dropped=dropped, coalesced=bool(res[1]),
+                            location=location)
 
     async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
         res = await self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now))
@@ -381,15 +397,59 @@ class RedisStore(Store):
     # -- agents -------------------------------------------------------------------
     async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
         res = await self._call("register_agent", (
-            2, self._k_agent(info.id), self._k_agents, info.id, info.hub_id, info.session,
-            info.connected_at, info.last_seen, pack(info.meta),
+            3, self._k_agent(info.id), self._k_agents, self._k_hub_agents(info.hub_id),
+            info.id, info.hub_id, info.session, info.connected_at, info.last_seen,
+            pack(info.meta), self.prefix,
         ))
         return _agent_from_hash(res) if res else None
 
     async def unregister_agent(self, agent_id: str, session: str) -> bool:
-        res = await self._call("unregister_agent",
-                               (2, self._k_agent(agent_id), self._k_agents, agent_id, session))
+        res = await self._call("unregister_agent", (
+            2, self._k_agent(agent_id), self._k_agents, agent_id, session, self.prefix))
         return bool(res)
+
+    # -- cluster membership ---------------------------------------------------------
+    def _k_hub_agents(self, hub_id: str) -> str:
+        return f"{self.prefix}:hub:{hub_id}:agents"
+
+    def make_bus(self, hub_id: str) -> RedisBus:
+        return RedisBus(self.url, [self.hub_channel(hub_id), self.events_channel],
+                        self.hub_channel(hub_id), self.publish)
+
+    def hub_channel(self, hub_id: str) -> str:
+        """Pub/sub channel of frames routed to that hub (ARCHITECTURE.md)."""
+        return f"{self.prefix}:hub:{hub_id}"
+
+    @property
+    def events_channel(self) -> str:
+        return f"{self.prefix}:events"
+
+    async def hub_alive(self, hub_id: str, ttl_ms: int) -> None:
+        await self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
+                                       f"{self.prefix}:hubs", hub_id, ttl_ms))
+
+    async def hub_gone(self, hub_id: str) -> None:
+        await self._call("hub_gone", (3, f"{self.prefix}:hub:{hub_id}:alive",
+                                      f"{self.prefix}:hubs", self._k_hub_agents(hub_id), hub_id))
+
+    async def reap_dead_hubs(self, me: str) -> list[AgentInfo]:
+        res = await self._call("reap_dead_hubs", (2, f"{self.prefix}:hubs", self._k_agents,
+                                                  self.prefix, me))
+        return [_agent_from_hash(h) for h in res]
+
+    async def progress_origin(self, cmd_id: str, agent_id: str | None) -> str:
+        """The origin hub of a command that takes progress from ``agent_id``."""
+        res = await self._call("progress_check", (1, self._k_cmd(cmd_id), agent_id or ""))
+        if res[0] != 1:
+            raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
+        return _s(res[1])
+
+    def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
+        """Publish in the next pipelined write (fire and forget is fine: the future
+        holds the outcome and failures are reported by the health listener)."""
+        fut = self._call(None, ("PUBLISH", channel, data))
+        fut.add_done_callback(_consume)
+        return fut
 
     async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
         await self._call("touch_agent", (1, self._k_agent(agent_id), session, last_seen))
@@ -409,7 +469,7 @@ class RedisStore(Store):
     async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
                           ttl_ms: int) -> bool:
         res = await self._call("queue_frame", (1, self._k_frames(agent_id), pack([now, frame]),
-                                               max_len, ttl_ms))
+                                               max_len, ttl_ms, now - ttl_ms))
         return bool(res)
 
     async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
@@ -428,6 +488,11 @@ class RedisStore(Store):
 
 
 # -- decoding ---------------------------------------------------------------------
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
 
 def _s(value: Any) -> str:
     if value is None:

@@ -21,7 +21,8 @@ __all__ = ["SCRIPTS"]
 #       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
 #       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack)
 # Returns {0, HGETALL} when the id exists (idempotent submit), {-1} over the
-# limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}}.
+# limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}, location} with
+# location the hub the agent is connected to ('' if none).
 CREATE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGETALL', KEYS[1])}
@@ -69,7 +70,10 @@ redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
 if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
 end
-return {1, coalesced, dropped}
+-- Where the agent is connected, so the caller can route the command there
+-- in the same turn (ARCHITECTURE.md, per-hub channels).
+local location = redis.call('HGET', ARGV[1] .. ':agent:' .. ARGV[3], 'hub') or ''
+return {1, coalesced, dropped, location}
 """
 
 # KEYS: 1 P:cmd:ID.  ARGV: 1 agent, 2 now.
@@ -167,23 +171,81 @@ end
 return out
 """
 
-# KEYS: 1 P:agent:ID, 2 P:agents.  ARGV: 1 id, 2 hub, 3 session, 4 connected, 5 last_seen, 6 meta
+# KEYS: 1 P:agent:ID, 2 P:agents, 3 P:hub:HUB:agents (this hub's members)
+# ARGV: 1 id, 2 hub, 3 session, 4 connected, 5 last_seen, 6 meta, 7 prefix
 # Returns the HGETALL of the record it replaces ({} if none).
 REGISTER_AGENT: Final = """
 local old = redis.call('HGETALL', KEYS[1])
+local old_hub = redis.call('HGET', KEYS[1], 'hub')
+if old_hub and old_hub ~= ARGV[2] then
+  redis.call('SREM', ARGV[7] .. ':hub:' .. old_hub .. ':agents', ARGV[1])
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'hub', ARGV[2], 'session', ARGV[3],
            'connected', ARGV[4], 'last_seen', ARGV[5], 'meta', ARGV[6])
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 return old
 """
 
-# KEYS: 1 P:agent:ID, 2 P:agents.  ARGV: 1 id, 2 session.  Returns 1 if removed.
+# KEYS: 1 P:agent:ID, 2 P:agents.  ARGV: 1 id, 2 session, 3 prefix.  Returns 1 if removed.
 UNREGISTER_AGENT: Final = """
-if redis.call('HGET', KEYS[1], 'session') ~= ARGV[2] then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'session', 'hub')
+if f[1] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', ARGV[3] .. ':hub:' .. f[2] .. ':agents', ARGV[1])
 return 1
+"""
+
+# A hub says it is alive (ARCHITECTURE.md, P:hub:HUB_ID:alive).
+# KEYS: 1 P:hub:HUB:alive, 2 P:hubs.  ARGV: 1 hub id, 2 ttl ms.
+HUB_ALIVE: Final = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# Forget hubs whose alive key expired and the agents they held.
+# KEYS: 1 P:hubs, 2 P:agents.  ARGV: 1 prefix, 2 this hub's id.
+# Returns {HGETALL...} of the agents removed.
+REAP_DEAD_HUBS: Final = """
+local out = {}
+for _, hub in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if hub ~= ARGV[2] and redis.call('EXISTS', ARGV[1] .. ':hub:' .. hub .. ':alive') == 0 then
+    local members = ARGV[1] .. ':hub:' .. hub .. ':agents'
+    for _, id in ipairs(redis.call('SMEMBERS', members)) do
+      local k = ARGV[1] .. ':agent:' .. id
+      if redis.call('HGET', k, 'hub') == hub then
+        table.insert(out, redis.call('HGETALL', k))
+        redis.call('DEL', k)
+        redis.call('SREM', KEYS[2], id)
+      end
+    end
+    redis.call('DEL', members)
+    redis.call('SREM', KEYS[1], hub)
+  end
+end
+return out
+"""
+
+# A hub leaves the cluster cleanly. KEYS: 1 P:hub:HUB:alive, 2 P:hubs, 3 P:hub:HUB:agents.
+# ARGV: 1 hub id.
+HUB_GONE: Final = """
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('SCARD', KEYS[3]) == 0 then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# Progress for a command: check it is the agent's and not COMPLETE; tell its origin.
+# KEYS: 1 P:cmd:ID.  ARGV: 1 agent ('' = any).  Returns {1, origin} or {0|-1|-2}.
+PROGRESS_CHECK: Final = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'agent', 'origin')
+if not f[1] then return {0} end
+if ARGV[1] ~= '' and f[2] ~= ARGV[1] then return {-1} end
+if f[1] == 'COMPLETE' then return {-2} end
+return {1, f[3]}
 """
 
 # KEYS: 1 P:agent:ID.  ARGV: 1 session, 2 last_seen.
@@ -209,11 +271,29 @@ end
 return out
 """
 
-# KEYS: 1 P:agent:ID:events.  ARGV: 1 entry (msgpack [ts, frame]), 2 max length, 3 ttl ms.
-# Returns 1 queued, 0 full. The list's own TTL is refreshed so an agent that
+# KEYS: 1 P:agent:ID:events.  ARGV: 1 entry (msgpack [ts, frame]), 2 max length, 3 ttl ms,
+# 4 expiry cutoff (now - ttl: entries with ts <= it are expired).
+# Returns 1 queued, 0 full. A full queue first drops its expired head entries,
+# as the memory engine does. The list's own TTL is refreshed so an agent that
 # never returns does not leave its queue behind forever.
 QUEUE_FRAME: Final = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local max = tonumber(ARGV[2])
+if redis.call('LLEN', KEYS[1]) >= max then
+  local cutoff = tonumber(ARGV[4])
+  while true do
+    local head = redis.call('LINDEX', KEYS[1], 0)
+    if not head then break end
+    -- ts: the msgpack uint after the array header (fixint, or 0xcc..0xcf + 1/2/4/8 bytes)
+    local b, ts = string.byte(head, 2), nil
+    if b < 0x80 then ts = b elseif b >= 0xcc and b <= 0xcf then
+      ts = 0
+      for i = 3, 2 + 2 ^ (b - 0xcc) do ts = ts * 256 + string.byte(head, i) end
+    end
+    if ts == nil or ts > cutoff then break end
+    redis.call('LPOP', KEYS[1])
+  end
+  if redis.call('LLEN', KEYS[1]) >= max then return 0 end
+end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -227,6 +307,10 @@ return all
 """
 
 SCRIPTS: Final = {
+    "hub_alive": HUB_ALIVE,
+    "reap_dead_hubs": REAP_DEAD_HUBS,
+    "hub_gone": HUB_GONE,
+    "progress_check": PROGRESS_CHECK,
     "queue_frame": QUEUE_FRAME,
     "take_frames": TAKE_FRAMES,
     "create": CREATE,

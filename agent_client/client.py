@@ -140,6 +140,7 @@ class Agent:
         self._url_cycle = itertools.cycle(self.urls)
         self.session: str | None = None
         self.hub_id: str | None = None
+        self.last_close_code: int | None = None  # of the last connection that ended
         self.on_connect: Hook | None = None
         self.on_disconnect: Hook | None = None
 
@@ -198,6 +199,8 @@ class Agent:
         The hub enforces ``timeout``; a reply that arrives while this agent is
         reconnecting is queued by the hub and still resolves the call.
         """
+        if not P.is_valid_agent_id(target_agent):
+            raise ValueError(f"invalid agent id {target_agent!r}")
         call_id = f"c{next(self._call_ids)}"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
@@ -324,7 +327,7 @@ class Agent:
         finally:
             self._ws = None
             self._connected.clear()
-            code = ws.close_code
+            code = self.last_close_code = ws.close_code
             log.info("agent_disconnected", agent_id=self.agent_id, code=code,
                      reason=ws.close_reason)
             await self._run_hook(self.on_disconnect)
@@ -351,6 +354,11 @@ class Agent:
         elif isinstance(frame, P.ErrorFrame):
             log.warning("hub_error", agent_id=self.agent_id, code=frame.code,
                         message=frame.message, ref=frame.ref)
+            # A refused call frame gets an error, never a reply: fail the call now
+            # instead of leaving it waiting. (unknown_command refs are command ids.)
+            fut = self._calls.get(frame.ref) if isinstance(frame.ref, str) else None
+            if fut is not None and not fut.done() and frame.code != P.ErrorCode.UNKNOWN_COMMAND:
+                fut.set_exception(CommandFailed(frame.code, frame.message))
         else:
             self._on_other_frame(frame)
 

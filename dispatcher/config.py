@@ -49,6 +49,8 @@ class HubConfig:
     # Operations
     sweep_interval: float = 1.0  # how often overdue commands are looked for in the store
     hub_ttl: float = 5.0  # a hub whose alive key is this old is dead (shared stores)
+    bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
+    bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -23,7 +23,9 @@ def make_store(config: HubConfig) -> Store:
     if config.redis_url:
         from .store.redis import RedisStore  # noqa: PLC0415 - optional engine
 
-        return RedisStore(config.redis_url, prefix=config.prefix, retention=config.retention)
+        return RedisStore(config.redis_url, prefix=config.prefix, retention=config.retention,
+                          probe_interval=config.bus_probe_interval,
+                          probe_timeout=config.bus_probe_timeout)
     return MemoryStore(retention=config.retention)
 
 

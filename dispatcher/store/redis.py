@@ -86,17 +86,23 @@ class RedisStore(Store):
         retention: float = 3600.0,
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
-        probe_interval: float = 0.5,
+        reconnect_interval: float = 0.5,
+        probe_interval: float = 2.0,
+        probe_timeout: float = 5.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self._retention_ms = str(int(retention * 1000))
-        self._probe_interval = probe_interval
-        # No retries inside redis-py: a failure must reach the caller at once
-        # (ARCHITECTURE.md, store unreachable); the probe task reconnects.
+        self._probe_interval = reconnect_interval
+        self._bus_probe = (probe_interval, probe_timeout)
+        # A failure must reach the caller at once (ARCHITECTURE.md, store
+        # unreachable); the probe task reconnects. The one retry is redis-py's
+        # health check: a connection idle for a second is PINGed first, and a
+        # stale one (Redis restarted meanwhile) is replaced before our batch is
+        # written, so a restart costs no failed call once Redis is back.
         self._pool = ConnectionPool.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0), max_connections=8,
+            retry=Retry(NoBackoff(), 1), health_check_interval=1, max_connections=8,
             protocol=2,  # the scripts' replies are parsed as RESP2 arrays
         )
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
@@ -218,7 +224,7 @@ class RedisStore(Store):
             conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         commands = [self._command(op) for op in batch]
         start = time.perf_counter()
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=True)
         self.round_trips += 1
         self.operations += len(commands)
         results: list[Any] = []
@@ -414,7 +420,8 @@ class RedisStore(Store):
 
     def make_bus(self, hub_id: str) -> RedisBus:
         return RedisBus(self.url, [self.hub_channel(hub_id), self.events_channel],
-                        self.hub_channel(hub_id), self.publish)
+                        self.hub_channel(hub_id), self.publish,
+                        probe_interval=self._bus_probe[0], probe_timeout=self._bus_probe[1])
 
     def hub_channel(self, hub_id: str) -> str:
         """Pub/sub channel of frames routed to that hub (ARCHITECTURE.md)."""

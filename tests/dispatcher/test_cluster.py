@@ -1,0 +1,335 @@
+"""Several hubs on one Redis: routing, the cluster view, dead hubs, drain, bus resilience.
+
+In-process hubs share the test's event loop but nothing else: they talk only
+through Redis, as hubs on different machines would. The crash and drain tests
+run hubs as real ``dispatcher serve`` processes and kill them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent_client import Agent
+from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+
+from ..support import WAIT, RawAgent, RedisProcess, TcpProxy, external_redis_url, free_port, wait_for
+
+FAST = {"hub_ttl": 1.0, "sweep_interval": 0.2, "bus_probe_interval": 0.2,
+        "bus_probe_timeout": 1.0, "heartbeat": 5.0}
+
+
+def url(hub: Dispatcher) -> str:
+    return f"ws://127.0.0.1:{hub.port}/ws"
+
+
+@pytest.fixture
+async def cluster(redis_url: str, prefix: str) -> AsyncIterator[Any]:
+    """``await cluster(n)`` starts n in-process hubs on one Redis and prefix."""
+    hubs: list[Dispatcher] = []
+
+    async def start(n: int = 1, redis: str | None = None, **overrides: Any) -> list[Dispatcher]:
+        started = []
+        for _ in range(n):
+            options: dict[str, Any] = {"port": 0, "admin_port": 0, "prefix": prefix,
+                                       "redis_url": redis or redis_url, **FAST, **overrides}
+            hub = Dispatcher(HubConfig(**options))
+            await hub.listen()
+            hubs.append(hub)
+            started.append(hub)
+        return started
+
+    yield start
+    for hub in hubs:
+        await hub.close()
+
+
+async def connected(hub: Dispatcher, agent_id: str) -> None:
+    """Wait until the agent is attached on ``hub`` (catch-up done)."""
+    await wait_for(lambda: hub.session_of(agent_id) is not None
+                   and hub._delivery[agent_id].ready, what=f"{agent_id} attached")
+
+
+async def test_command_goes_to_the_agents_hub_and_back(cluster: Any) -> None:
+    h0, h1, h2 = await cluster(3)
+    agent, _ = await RawAgent.hello(url(h2), "far")
+    await connected(h2, "far")
+    handle = h0.execute_on_agent("far", "work", {"n": 1}, timeout=WAIT)
+    cmd = await agent.recv_type("cmd")
+    assert cmd["id"] == handle.id
+    updates: list[Any] = []
+
+    async def follow() -> None:
+        async for update in handle.progress():
+            updates.append(update)
+
+    follower = asyncio.ensure_future(follow())
+    await agent.send({"t": "ack", "id": cmd["id"]})
+    await agent.send({"t": "progress", "id": cmd["id"], "data": 0.5})
+    await agent.send({"t": "result", "id": cmd["id"], "data": {"done": True}})
+    assert await asyncio.wait_for(handle.result(), WAIT) == {"done": True}
+    await asyncio.wait_for(follower, WAIT)
+    assert updates == [0.5]
+    # Only hub 2 got the command; hub 1 saw no traffic for it.
+    assert h1.cluster.received == 0
+    info = await h1.get_command(handle.id)
+    assert info is not None and info.outcome == "ok" and info.origin == h0.hub_id
+    await agent.close()
+
+
+async def test_timeout_on_origin_cancels_on_the_agents_hub(cluster: Any) -> None:
+    h0, h1 = await cluster(2)
+    agent, _ = await RawAgent.hello(url(h1), "slow")
+    await connected(h1, "slow")
+    handle = h0.execute_on_agent("slow", "work", None, timeout=0.3)
+    cmd = await agent.recv_type("cmd")
+    cancel = await agent.recv_type("cancel")
+    assert cancel["id"] == cmd["id"] == handle.id
+    with pytest.raises(Exception, match="timed out"):
+        await handle
+    await agent.close()
+
+
+async def test_cluster_view_and_replacement_across_hubs(cluster: Any) -> None:
+    h0, h1, h2 = await cluster(3)
+    first, _ = await RawAgent.hello(url(h0), "solo", meta={"v": 1})
+    await connected(h0, "solo")
+    gone = asyncio.get_running_loop().create_future()
+    h0.on("agent-disconnected", lambda info, reason: gone.set_result(reason))
+    second, _ = await RawAgent.hello(url(h1), "solo", meta={"v": 2})
+    error = await first.recv_type("error")
+    assert error["code"] == "replaced"
+    assert (await first.closed())[0] == 4409
+    assert await asyncio.wait_for(gone, WAIT) == "replaced"
+    await connected(h1, "solo")
+    agents = await h2.list_connected_agents()
+    assert [(a.id, a.hub_id, a.meta) for a in agents] == [("solo", h1.hub_id, {"v": 2})]
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{h2.admin_port}/agents") as resp:
+        assert resp.status == 200
+        assert [a["id"] for a in await resp.json()] == ["solo"]
+    await second.close()
+
+
+async def test_events_and_calls_cross_hubs(cluster: Any) -> None:
+    h0, h1 = await cluster(2)
+    a, _ = await RawAgent.hello(url(h0), "a", subs=["job.*"])
+    b, _ = await RawAgent.hello(url(h1), "b")
+    await connected(h0, "a")
+    await connected(h1, "b")
+    # An agent's emit reaches a subscriber on another hub, with `from`.
+    await b.send({"t": "emit", "key": "job.done", "data": {"n": 7}})
+    event = await a.recv_type("event")
+    assert (event["key"], event["data"], event["from"]) == ("job.done", {"n": 7}, "b")
+    await b.expect_silence(0.1)  # never back to the sender
+    # emit_to across hubs resolves on the remote agent's receipt.
+    waiting = asyncio.ensure_future(h0.emit_to("b", "cfg", {"x": 1}, timeout=WAIT))
+    event = await b.recv_type("event")
+    assert event["key"] == "cfg" and "id" in event
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await b.send({"t": "received", "id": event["id"]})
+    await asyncio.wait_for(waiting, WAIT)
+    # A routed call from a (hub 0) to b (hub 1) and its reply.
+    await a.send({"t": "call", "id": "c1", "agent": "b", "key": "add", "payload": [1, 2],
+                  "timeout": 5})
+    cmd = await b.recv_type("cmd")
+    assert cmd["key"] == "add" and cmd["payload"] == [1, 2]
+    await b.send({"t": "result", "id": cmd["id"], "data": 3})
+    reply = await a.recv_type("reply")
+    assert reply == {"t": "reply", "id": "c1", "ok": True, "data": 3}
+    # broadcast from hub 1 reaches the agent on hub 0.
+    await h1.broadcast("all", 1)
+    assert (await a.recv_type("event"))["key"] == "all"
+    await a.close()
+    await b.close()
+
+
+async def test_bus_survives_a_redis_restart(cluster: Any, prefix: str) -> None:
+    if external_redis_url():
+        pytest.skip("restarts its own redis-server")
+    redis = RedisProcess()
+    redis.start()
+    try:
+        h0, h1 = await cluster(2, redis=redis.url)
+        agent, _ = await RawAgent.hello(url(h1), "w")
+        await connected(h1, "w")
+
+        async def round_trip(n: int) -> None:
+            handle = h0.execute_on_agent("w", "echo", n, timeout=WAIT)
+            cmd = await agent.recv_type("cmd")
+            await agent.send({"t": "result", "id": cmd["id"], "data": n})
+            assert await asyncio.wait_for(handle.result(), WAIT) == n
+
+        await round_trip(1)
+        redis.stop()
+        await wait_for(lambda: not h0.store.healthy or not h0.cluster.bus.subscribed,  # type: ignore[union-attr]
+                       what="the hubs to notice")
+        redis.start()
+        for hub in (h0, h1):
+            await wait_for(lambda hub=hub: hub.store.healthy and hub.cluster.bus.subscribed,  # type: ignore[misc,union-attr]
+                           timeout=15, what="store and bus back")
+        # Redis came back empty: h1 registered its agent again, so routing works.
+        async def located() -> bool:
+            try:
+                return await h0.get_agent("w") is not None
+            except StoreUnavailable:
+                return False  # a stale connection found after the restart: retried
+
+        await wait_for(located, what="agent registered again")
+        await round_trip(2)
+        await agent.close()
+    finally:
+        redis.cleanup()
+
+
+async def test_deaf_bus_is_noticed_and_rebuilt(cluster: Any) -> None:
+    if external_redis_url():
+        pytest.skip("needs a proxy in front of its own Redis")
+    redis = RedisProcess()
+    redis.start()
+    proxy = await TcpProxy(redis.port).start()
+    try:
+        (hub,) = await cluster(1, redis=f"redis://127.0.0.1:{proxy.port}/0")
+        bus = hub.cluster.bus
+        assert bus is not None and not bus.deaf
+        proxy.pause()  # the subscriber's path goes silent: no error, no bytes
+        await wait_for(lambda: bus.deaf, timeout=5, what="the bus to notice it is deaf")
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{hub.admin_port}/healthz") as resp:
+            body = await resp.json()
+            assert resp.status == 503 and body["bus"] == "deaf"
+        # The rebuilt subscriber (a new connection) hears its probes again.
+        await wait_for(lambda: not bus.deaf, timeout=10, what="the bus to hear again")
+        assert bus.reconnects >= 1
+    finally:
+        proxy.resume()
+        await proxy.close()
+        redis.cleanup()
+
+
+# -- real hub processes -----------------------------------------------------------
+
+class HubProcess:
+    def __init__(self, redis_url: str, prefix: str, hub_id: str) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        env = {**os.environ, "DISPATCHER_HUB_TTL": "1", "DISPATCHER_SWEEP_INTERVAL": "0.2",
+               "DISPATCHER_DRAIN_TIMEOUT": "5"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "serve", "--port", str(self.port),
+             "--admin-port", str(self.admin_port), "--redis", redis_url, "--prefix", prefix,
+             "--hub-id", hub_id, "--log-json"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def ready(self) -> None:
+        async def up() -> bool:
+            try:
+                async with aiohttp.ClientSession() as http, http.get(
+                        f"http://127.0.0.1:{self.admin_port}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                assert self.proc.poll() is None, self.proc.stderr.read()  # type: ignore[union-attr]
+                return False
+
+        await wait_for(up, timeout=15, what="hub process to serve")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def hub_processes() -> Iterator[list[HubProcess]]:
+    procs: list[HubProcess] = []
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+async def test_hub_killed_mid_command_completes_exactly_once(
+        cluster: Any, hub_processes: list[HubProcess], redis_url: str, prefix: str) -> None:
+    h0, h1 = await cluster(2)
+    h2 = HubProcess(redis_url, prefix, "hub-2-proc")
+    hub_processes.append(h2)
+    await h2.ready()
+    runs = 0
+    started = asyncio.Event()
+    release = asyncio.Event()
+    agent = Agent([h2.url, url(h1)], "worker", backoff_initial=0.05, backoff_max=0.2)
+
+    @agent.command("work")
+    async def work(payload: Any, ctx: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await asyncio.wait_for(release.wait(), WAIT * 2)
+        return {"done": payload}
+
+    await agent.start()
+    try:
+        await agent.wait_connected(WAIT)
+        assert agent.hub_id == "hub-2-proc"
+        handle = h0.execute_on_agent("worker", "work", 42, timeout=30)
+        await asyncio.wait_for(started.wait(), WAIT)
+        h2.proc.send_signal(signal.SIGKILL)  # kill -9 while the command runs
+        await wait_for(lambda: agent.connected and agent.hub_id == h1.hub_id, timeout=10,
+                       what="the agent to fail over to hub 1")
+        release.set()
+        assert await asyncio.wait_for(handle.result(), WAIT) == {"done": 42}
+        assert runs == 1  # redelivered to the running agent, never run twice
+        info = await h0.get_command(handle.id)
+        assert info is not None and info.outcome == "ok" and info.status == "COMPLETE"
+
+        # The dead hub's registry entries are reaped by the survivors.
+        async def reaped() -> bool:
+            return all(a.hub_id != "hub-2-proc" for a in await h0.list_connected_agents())
+
+        await wait_for(reaped, timeout=10, what="hub 2's agents to be reaped")
+    finally:
+        await agent.stop()
+
+
+async def test_sigterm_drains_agents_to_another_hub(
+        cluster: Any, hub_processes: list[HubProcess], redis_url: str, prefix: str) -> None:
+    (h1,) = await cluster(1)
+    h2 = HubProcess(redis_url, prefix, "hub-drain")
+    hub_processes.append(h2)
+    await h2.ready()
+    closes: list[int | None] = []
+    agent = Agent([h2.url, url(h1)], "mover", backoff_initial=0.05, backoff_max=0.2)
+
+    @agent.command("echo")
+    async def echo(payload: Any, ctx: Any) -> Any:
+        return payload
+
+    agent.on_disconnect = lambda: closes.append(agent.last_close_code)
+    await agent.start()
+    try:
+        await agent.wait_connected(WAIT)
+        assert agent.hub_id == "hub-drain"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        h2.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(asyncio.to_thread(h2.proc.wait), 10)
+        assert code == 0 and loop.time() - t0 < 6  # bounded drain, clean exit
+        await wait_for(lambda: agent.connected and agent.hub_id == h1.hub_id, timeout=10,
+                       what="the agent to move to hub 1")
+        assert closes and closes[0] == 1001  # told "going away", not dropped
+        assert await asyncio.wait_for(h1.execute_on_agent("mover", "echo", 5).result(), WAIT) == 5
+    finally:
+        await agent.stop()

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import structlog
-from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -44,6 +43,7 @@ from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
 from .redis_bus import RedisBus
+from .redis_url import make_pool
 from .scripts import SCRIPTS
 
 __all__ = ["RedisStore"]
@@ -100,7 +100,7 @@ class RedisStore(Store):
         # health check: a connection idle for a second is PINGed first, and a
         # stale one (Redis restarted meanwhile) is replaced before our batch is
         # written, so a restart costs no failed call once Redis is back.
-        self._pool = ConnectionPool.from_url(
+        self._pool = make_pool(
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1), health_check_interval=1, max_connections=8,
             protocol=2,  # the scripts' replies are parsed as RESP2 arrays

@@ -25,10 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agent_client.protocol import pack, unpack
+
+from .redis_url import make_client
 
 __all__ = ["RedisBus"]
 
@@ -97,8 +98,8 @@ class RedisBus:
     async def _listen_forever(self) -> None:
         delay = 0.1
         while not self._closed:
-            client = Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=2.0,
-                                    protocol=2)
+            client = make_client(self.url, socket_timeout=None, socket_connect_timeout=2.0,
+                                 protocol=2)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*self.channels)

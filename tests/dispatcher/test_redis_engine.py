@@ -185,3 +185,49 @@ async def test_outage_fails_fast_reports_once_and_recovers(hubs: list[Dispatcher
         await hub.execute_on_agent("steady", "echo", 3)
     assert len(outages) == 2
     await agent.close()
+
+
+async def test_sentinel_url_finds_the_primary(hubs: list[Dispatcher], private_redis: RedisProcess,
+                                              prefix: str, tmp_path: object) -> None:
+    """``redis+sentinel://`` asks a real Sentinel for the primary (docs/redis.md)."""
+    import subprocess
+    from pathlib import Path
+
+    from ..support import free_port, redis_server_binary
+
+    port = free_port()
+    conf = Path(str(tmp_path)) / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 "
+                    f"{private_redis.port} 1\n")
+    proc = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async def sentinel_up() -> bool:
+            try:
+                client = aioredis.Redis(port=port)
+                try:
+                    return bool(await client.ping())
+                finally:
+                    await client.aclose()
+            except Exception:  # not listening yet
+                return False
+
+        await wait_for(sentinel_up, timeout=10, what="sentinel to answer")
+        hub = await start_hub(hubs, f"redis+sentinel://127.0.0.1:{port}/main/0", prefix)
+        agent, _ = await RawAgent.hello(url(hub), "via-sentinel")
+        handle = hub.execute_on_agent("via-sentinel", "echo", "hi")
+        frame = await agent.recv_type("cmd")
+        await agent.send({"t": "result", "id": frame["id"], "data": "hi"})
+        assert await handle == "hi"
+        # The command really is in the primary behind the Sentinel.
+        direct = RedisStore(private_redis.url, prefix=prefix)
+        await direct.start()
+        try:
+            info = await direct.get_command(handle.id)
+            assert info is not None and info.result == "hi"
+        finally:
+            await direct.close()
+        await agent.close()
+    finally:
+        proc.kill()
+        proc.wait(10)

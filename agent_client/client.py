@@ -439,7 +439,8 @@ class Agent:
                     out = await out
                 answer = P.encode(P.ResultFrame(frame.id, out))
             except CommandError as exc:
-                code, message = str(exc.code), str(exc.message)
+                # The hub refuses an empty code (bad_frame): never leave it unanswered.
+                code, message = str(exc.code) or "error", str(exc.message)
                 try:
                     answer = P.encode(P.FailFrame(frame.id, P.error_info(code, message,
                                                                           exc.data)))
@@ -449,11 +450,18 @@ class Agent:
             except asyncio.CancelledError:
                 if ctx.cancelled:
                     return  # the hub cancelled it: no answer is wanted
-                # stop() interrupted it: never run it again in this process; a
-                # redelivery after a restart gets this answer (PROTOCOL.md, Redelivery).
-                self._remember(frame.id, P.encode(P.FailFrame(frame.id, P.error_info(
-                    "agent_stopped", "the agent stopped while the command ran"))))
-                raise
+                task = asyncio.current_task()
+                if task is not None and not task.cancelling():
+                    # Not a cancel of this task: the handler's own CancelledError
+                    # (a future it awaited was cancelled) fails like any error.
+                    answer = P.encode(P.FailFrame(frame.id, P.error_info(
+                        "handler_error", "CancelledError raised by the handler")))
+                else:
+                    # stop() interrupted it: never run it again in this process; a
+                    # redelivery after a restart gets this (PROTOCOL.md, Redelivery).
+                    self._remember(frame.id, P.encode(P.FailFrame(frame.id, P.error_info(
+                        "agent_stopped", "the agent stopped while the command ran"))))
+                    raise
             except Exception as exc:
                 log.exception("command_handler_failed", agent_id=self.agent_id,
                               command_id=frame.id, key=frame.key)

@@ -43,7 +43,9 @@ class HubConfig:
     # Limits (API.md, Security): each is answered by a named error or close code.
     max_send_buffer: int = 4 * MiB  # per connection; a reader that does not read is dropped
     max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
-    max_agents: int = 100_000  # connected agents on this hub
+    max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
+    max_handshakes: int = 1000  # connections still in their handshake (more: HTTP 503)
+    max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
     max_event_queue: int = 1000  # events queued per offline agent
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
     # Operations

@@ -74,6 +74,10 @@ class Dispatcher(HubCore):
             await self.close()
             raise
         self._listening = True
+        if not self.auth_required:
+            log.warning("agents_unauthenticated", hub_id=self.hub_id,
+                        note="no agent_secret or agent_tokens: any client may connect as any "
+                             "agent id")
         await self.cluster.start()
         self.start_sweeper()
         log.info(

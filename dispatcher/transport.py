@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 # Frames of one connection being applied at once (networked store only).
 MAX_FRAMES_IN_FLIGHT = 256
+# Seconds a connection may stay over its frame rate before it is closed (1008).
+RATE_LIMIT_GRACE = 5.0
 
 
 def agent_token(secret: str, agent_id: str) -> str:
@@ -211,6 +213,18 @@ class AgentServer:
                                      ("Content-Length", str(len(body)))]), body)
         if path != "/ws":
             return conn.respond(http.HTTPStatus.NOT_FOUND, "agents connect on /ws\n")
+        # Limits (API.md, Security), answered before the upgrade costs anything.
+        config = self.config
+        attached = self.core.connected_count
+        if attached >= config.max_agents:
+            log.warning("agent_refused_hub_full", max_agents=config.max_agents)
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                f"hub full: {config.max_agents} agents (max_agents)\n")
+        if self._server is not None and \
+                len(self._server.connections) - attached > config.max_handshakes:
+            log.warning("agent_refused_handshakes", max_handshakes=config.max_handshakes)
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "too many connections in their handshake; retry\n")
         return None
 
     # -- one connection ----------------------------------------------------------
@@ -230,12 +244,40 @@ class AgentServer:
         inflight: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         frame_in = self.metrics.frame_in
+        # Frames per second (API.md, Security): a token bucket of one second's
+        # worth. Over it, frames are dropped with one `rate_limited` error a
+        # second; a connection still over it after RATE_LIMIT_GRACE is closed.
+        rate = self.config.max_frame_rate
+        tokens, last = rate, loop.time()
+        limited_since: float | None = None
+        warned = 0.0
         try:
             while True:
                 try:
                     message = await ws.recv()
                 except ConnectionClosed:
                     break
+                if rate:
+                    now = loop.time()
+                    tokens = min(rate, tokens + (now - last) * rate)
+                    last = now
+                    if tokens < 1.0:
+                        if limited_since is None:
+                            limited_since = now
+                        elif now - limited_since > RATE_LIMIT_GRACE:
+                            log.warning("rate_limit_close", agent_id=session.agent_id)
+                            self.close_soon(ws, P.CloseCode.POLICY_VIOLATION,
+                                            "frame rate limit exceeded")
+                            break
+                        if now - warned >= 1.0:
+                            warned = now
+                            frame_in("rate_limited")
+                            session.send(P.encode(P.ErrorFrame(
+                                P.ErrorCode.RATE_LIMITED,
+                                f"over {rate:g} frames per second; frames are being dropped")))
+                        continue
+                    tokens -= 1.0
+                    limited_since = None
                 try:
                     frame = P.decode(message)
                 except P.ProtocolError as exc:
@@ -276,6 +318,7 @@ class AgentServer:
             await self._refuse(ws, P.ErrorCode.BAD_HELLO, f"bad hello: {exc.message}",
                                P.CloseCode.BAD_HELLO)
             return None
+        self.metrics.frame_in(frame.TYPE)
         if not isinstance(frame, P.HelloFrame):
             await self._refuse(ws, P.ErrorCode.BAD_HELLO,
                                f"the first frame must be 'hello', not {frame.TYPE!r}",

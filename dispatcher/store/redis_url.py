@@ -57,8 +57,9 @@ def make_pool(url: str, **kwargs: Any) -> ConnectionPool:
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
         return ConnectionPool.from_url(url, **kwargs)
-    manager = Sentinel(sentinel.hosts, socket_connect_timeout=kwargs.get("socket_connect_timeout"))
-    return SentinelConnectionPool(
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel.hosts, socket_connect_timeout=kwargs.get("socket_connect_timeout"))
+    return SentinelConnectionPool(  # type: ignore[no-untyped-call]
         sentinel.service, manager, db=sentinel.db, username=sentinel.username,
         password=sentinel.password, **kwargs,
     )

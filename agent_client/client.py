@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import os
 import ssl as ssl_module
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -127,6 +128,10 @@ class Agent:
         self._subs: set[str] = set()
         self._calls: dict[str, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count(1)
+        # Call ids must not repeat across restarts of this agent: the hub keeps
+        # a call's outcome under (agent id, call id) for its retention period.
+        self._call_prefix = os.urandom(4).hex()
+        self._call_frames: dict[str, bytes] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[str, tuple[asyncio.Task[None], CommandContext]] = {}
         # id -> stored terminal frame (None: ended without one, e.g. cancelled)
@@ -201,11 +206,15 @@ class Agent:
         """
         if not P.is_valid_agent_id(target_agent):
             raise ValueError(f"invalid agent id {target_agent!r}")
-        call_id = f"c{next(self._call_ids)}"
+        call_id = f"c{self._call_prefix}-{next(self._call_ids)}"
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        frame = P.CallFrame(call_id, target_agent, key, payload, timeout)
         self._calls[call_id] = fut
         try:
-            await self.send_frame(P.CallFrame(call_id, target_agent, key, payload, timeout))
+            await self.send_frame(frame)
+            # Sent again after every reconnect until answered: the reply may be
+            # lost with a connection that died silently. The hub runs it once.
+            self._call_frames[call_id] = P.encode(frame)
             # The hub answers timeout itself; this bound only guards against a
             # hub that vanished for good.
             limit = None if timeout is None else timeout + 30.0
@@ -213,6 +222,7 @@ class Agent:
                 return await fut
         finally:
             self._calls.pop(call_id, None)
+            self._call_frames.pop(call_id, None)
 
     # -- lifecycle ------------------------------------------------------------
     @property
@@ -276,7 +286,7 @@ class Agent:
                     open_timeout=self.open_timeout,
                     ping_interval=self.heartbeat,
                     ping_timeout=self.heartbeat,
-                    close_timeout=5,
+                    close_timeout=min(5.0, self.heartbeat),
                     max_size=self.max_frame,
                     compression=None,
                     ssl=self.ssl if url.startswith("wss:") else None,
@@ -313,7 +323,11 @@ class Agent:
         self.hub_id = first.hub
         self._connected.set()
         log.info("agent_connected", agent_id=self.agent_id, hub=first.hub, session=first.session)
-        await self._run_hook(self.on_connect)
+        for data in list(self._call_frames.values()):
+            self._send_now(data)
+        # Hooks run beside the read loop: a hook that awaits a call must not
+        # keep the reply from being read.
+        self._spawn_hook(self.on_connect)
         try:
             async for message in ws:
                 try:
@@ -330,10 +344,16 @@ class Agent:
             code = self.last_close_code = ws.close_code
             log.info("agent_disconnected", agent_id=self.agent_id, code=code,
                      reason=ws.close_reason)
-            await self._run_hook(self.on_disconnect)
+            self._spawn_hook(self.on_disconnect)
         if ws.close_code in _FINAL_CLOSE_CODES:
             raise AgentReplaced(f"agent {self.agent_id!r} was replaced by a newer connection")
         return True
+
+    def _spawn_hook(self, hook: Hook | None) -> None:
+        if hook is not None:
+            task = asyncio.get_running_loop().create_task(self._run_hook(hook))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run_hook(self, hook: Hook | None) -> None:
         if hook is None:

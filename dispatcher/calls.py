@@ -9,6 +9,7 @@ caller is away at that moment.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +22,9 @@ from agent_client.errors import (
     CommandTimeout,
 )
 
+from .handle import outcome_exception
+from .models import CommandInfo
+
 if TYPE_CHECKING:
     from .core import HubCore, Session
 
@@ -30,6 +34,21 @@ log = structlog.get_logger(__name__)
 
 # Calls one agent may have waiting at once; more are refused with rate_limited.
 MAX_CALLS_IN_FLIGHT = 1000
+
+
+def call_command_id(caller: str, call_id: str) -> str:
+    """The command id of a routed call: stable across resends, at most 128 characters."""
+    raw = f"call:{caller}:{call_id}"
+    if len(raw) <= P.MAX_ID_LENGTH:
+        return raw
+    return "call:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _reply_bytes(call_id: str, info: CommandInfo) -> bytes:
+    exc = outcome_exception(info)
+    if exc is None:
+        return P.encode(P.ReplyFrame(call_id, ok=True, data=info.result))
+    return P.encode(P.ReplyFrame(call_id, ok=False, error=reply_error(exc)))
 
 
 def reply_error(exc: BaseException) -> dict[str, Any]:
@@ -62,9 +81,18 @@ class Calls:
             self._reply_now(session, frame.id, P.error_info(
                 P.ErrorCode.RATE_LIMITED, f"at most {MAX_CALLS_IN_FLIGHT} calls in flight"))
             return
+        # The command's id derives from the caller and its call id, so a call the
+        # agent sends again after a reconnect (its reply may have been lost with
+        # the old connection) finds the same command instead of running twice.
+        command_id = call_command_id(caller, frame.id)
+        existing = await self.core.store.get_command(command_id)
+        if existing is not None and existing.status == "COMPLETE":
+            session.send(_reply_bytes(frame.id, existing))
+            return
         try:
-            handle = self.core.execute_on_agent(frame.agent, frame.key, frame.payload,
-                                                timeout=frame.timeout, require_online=True)
+            handle = self.core.execute_on_agent(
+                frame.agent, frame.key, frame.payload, timeout=frame.timeout,
+                command_id=command_id, require_online=existing is None)
         except (ValueError, TypeError) as exc:
             self._reply_now(session, frame.id, P.error_info(P.ErrorCode.BAD_REQUEST, str(exc)))
             return

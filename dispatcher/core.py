@@ -33,7 +33,7 @@ from .handle import CommandHandle
 from .ids import IdFactory, new_hub_id
 from .metrics import Metrics
 from .models import AgentInfo, CommandInfo, Outcome
-from .store.base import DropSpec, Store
+from .store.base import CreateResult, DropSpec, Store
 
 __all__ = ["HubCore", "Session", "now_ms"]
 
@@ -84,6 +84,7 @@ class HubCore(EventEmitter):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._timeout_ms = int(config.command_timeout * 1000)
+        self._sync_store = store.sync
         store.set_health_listener(self._on_store_health)
         self.events = Events(self)
         self.calls = Calls(self)
@@ -183,8 +184,31 @@ class HubCore(EventEmitter):
         drop: DropSpec = drop_all_pending or None
         self._handles[cmd.id] = handle
         handle._timer = loop.call_later(timeout_ms / 1000, self._on_deadline, cmd.id)
-        self._spawn(self._submit(handle, cmd, drop, require_online))
+        if self._sync_store:
+            # In-process store: store and send now, no task per command.
+            try:
+                if require_online and cmd.agent_id not in self._sessions:
+                    raise AgentOffline(f"agent {cmd.agent_id!r} is not connected")
+                res = self.store.create_command_now(
+                    cmd, drop=drop, max_pending=self.config.max_inflight_per_agent
+                )
+            except DispatcherError as exc:
+                self._submit_failed(handle, cmd, exc)
+                return handle
+            heads = self._after_create(handle, cmd, res)
+            if heads:
+                self._spawn(self._release_groups(heads, res.command.id))
+        else:
+            self._spawn(self._submit(handle, cmd, drop, require_online))
         return handle
+
+    def _submit_failed(self, handle: CommandHandle, cmd: CommandInfo,
+                       exc: DispatcherError) -> None:
+        if self._handles.get(cmd.id) is handle:
+            del self._handles[cmd.id]
+        handle._fail(exc)
+        if isinstance(exc, StoreUnavailable):
+            self._store_failed(exc)
 
     async def _submit(
         self, handle: CommandHandle, cmd: CommandInfo, drop: DropSpec, require_online: bool
@@ -196,12 +220,16 @@ class HubCore(EventEmitter):
                 cmd, drop=drop, max_pending=self.config.max_inflight_per_agent
             )
         except DispatcherError as exc:
-            if self._handles.get(cmd.id) is handle:
-                del self._handles[cmd.id]
-            handle._fail(exc)
-            if isinstance(exc, StoreUnavailable):
-                self._store_failed(exc)
+            self._submit_failed(handle, cmd, exc)
             return
+        heads = self._after_create(handle, cmd, res)
+        if heads:
+            await self._release_groups(heads, res.command.id)
+
+    def _after_create(self, handle: CommandHandle, cmd: CommandInfo,
+                      res: CreateResult) -> dict[str, CommandInfo]:
+        """The command is stored: resolve drops, deliver. Returns the dropped group
+        leaders whose groups need their next member released."""
         handle._set_submitted()
         heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
@@ -210,13 +238,6 @@ class HubCore(EventEmitter):
             head = heads.get(dropped.group or "")
             if dropped.group is not None and (head is None or _older(dropped, head)):
                 heads[dropped.group] = dropped
-        for group, head in heads.items():
-            # A dropped group leader must not strand the members behind it
-            # (drop by key can spare them): the next one runs, as after a timeout.
-            nxt = await self.store.next_in_group(head.agent_id, group)
-            if nxt is not None and nxt.status == "PENDING" and nxt.id != res.command.id \
-                    and _older(head, nxt):
-                self._deliver(nxt)
         stored = res.command
         if not res.created:
             # Idempotent submit of a command this hub was not waiting for
@@ -228,10 +249,20 @@ class HubCore(EventEmitter):
                 handle._stop_timer()
                 delay = max(0.0, (stored.deadline - now_ms()) / 1000)
                 handle._timer = self.loop.call_later(delay, self._on_deadline, cmd.id)
-            return
+            return heads
         self.metrics.command_submitted()
         if not res.coalesced:
             self._deliver(stored, res.location)
+        return heads
+
+    async def _release_groups(self, heads: dict[str, CommandInfo], new_id: str) -> None:
+        """A dropped group leader must not strand the members behind it (drop by
+        key can spare them): the next one runs, as after a timeout."""
+        for group, head in heads.items():
+            nxt = await self.store.next_in_group(head.agent_id, group)
+            if nxt is not None and nxt.status == "PENDING" and nxt.id != new_id \
+                    and _older(head, nxt):
+                self._deliver(nxt)
 
     async def _is_online(self, agent_id: str) -> bool:
         if agent_id in self._sessions:
@@ -283,8 +314,8 @@ class HubCore(EventEmitter):
         handle = self._handles.pop(info.id, None)
         if handle is not None:
             handle._resolve(info)
-        elif self.cluster.enabled:
-            self.cluster.notify_done(info)  # its handle waits on the submitting hub
+        if self.cluster.enabled:
+            self.cluster.notify_done(info)  # a handle may wait on the submitting hub too
         if tell_agent:
             session = self._sessions.get(info.agent_id)
             if session is not None:
@@ -315,22 +346,39 @@ class HubCore(EventEmitter):
         self.metrics.command_completed(info)  # here, where the store completed it: once
         self._completed(info, tell_agent=tell_agent)
         if info.group is not None:
-            if outcome in ("ok", "error"):
-                # The group's first answer completes every PENDING member.
-                for other in await self.store.complete_group(
-                    info.agent_id, info.group, outcome, now=now, result=result, error=error
-                ):
-                    self.metrics.command_completed(other)
-                    # Only a group's oldest member is ever sent to the agent, so the
-                    # ones younger than the answered command never were: no cancel.
-                    self._completed(other, tell_agent=_older(other, info))
-            else:
-                # The leader ended without an answer: the next member runs.
-                # Only if it was the leader: an older member is still in flight.
-                nxt = await self.store.next_in_group(info.agent_id, info.group)
-                if nxt is not None and nxt.status == "PENDING" and _older(info, nxt):
-                    self._deliver(nxt)
+            await self._group_after(info, outcome, now, result, error)
         return info
+
+    def _complete_now(self, cmd_id: str, outcome: Outcome, *, result: Any = None,
+                      error: dict[str, Any] | None = None, agent_id: str | None = None) -> None:
+        """``_complete`` for an in-process store: no await unless a group follows."""
+        now = now_ms()
+        info = self.store.complete_now(cmd_id, outcome, now=now, result=result, error=error,
+                                       agent_id=agent_id)
+        self.metrics.command_completed(info)
+        self._completed(info, tell_agent=False)
+        if info.group is not None:
+            self._spawn(self._group_after(info, outcome, now, result, error))
+
+    async def _group_after(self, info: CommandInfo, outcome: Outcome, now: int, result: Any,
+                           error: dict[str, Any] | None) -> None:
+        """What a group member's completion means for the rest of its group."""
+        assert info.group is not None
+        if outcome in ("ok", "error"):
+            # The group's first answer completes every PENDING member.
+            for other in await self.store.complete_group(
+                info.agent_id, info.group, outcome, now=now, result=result, error=error
+            ):
+                self.metrics.command_completed(other)
+                # Only a group's oldest member is ever sent to the agent, so the
+                # ones younger than the answered command never were: no cancel.
+                self._completed(other, tell_agent=_older(other, info))
+        else:
+            # The leader ended without an answer: the next member runs.
+            # Only if it was the leader: an older member is still in flight.
+            nxt = await self.store.next_in_group(info.agent_id, info.group)
+            if nxt is not None and nxt.status == "PENDING" and _older(info, nxt):
+                self._deliver(nxt)
 
     def _on_deadline(self, cmd_id: str) -> None:
         if self._closing:
@@ -348,7 +396,7 @@ class HubCore(EventEmitter):
             handle = self._handles.get(cmd_id)
             if handle is None:
                 return  # completed meanwhile: nothing to time out
-            if not handle._submitted.done():
+            if not handle.is_submitted():
                 # Still being stored (a slow store): time it out right after.
                 handle._timer = self.loop.call_later(0.05, self._on_deadline, cmd_id)
                 return
@@ -458,6 +506,12 @@ class HubCore(EventEmitter):
             previous = await self.store.register_agent(session.info)
             if previous is not None and previous.hub_id != self.hub_id and self.cluster.enabled:
                 self.cluster.kick(previous.hub_id, agent_id, previous.session)
+            if subs and self._sessions.get(agent_id) is session:
+                # In force before welcome: an agent may act on welcome at once.
+                try:
+                    self.events.subscribe(agent_id, subs)
+                except P.ProtocolError as exc:
+                    session.send(P.encode(exc.to_frame()))
             session.send(P.encode(P.WelcomeFrame(
                 v=P.PROTOCOL_VERSION, hub=self.hub_id, session=session.session_id,
                 heartbeat=self.config.heartbeat,
@@ -468,16 +522,12 @@ class HubCore(EventEmitter):
             if self._sessions.get(agent_id) is session:
                 del self._sessions[agent_id]
                 del self._delivery[agent_id]
+                carried += self.events.connection_gone(agent_id)
             await self.events.requeue(agent_id, carried)
             raise
         if self._sessions.get(agent_id) is not session:
             await self.events.requeue(agent_id, carried + queued)
             return  # replaced while we waited on the store
-        if subs:
-            try:
-                self.events.subscribe(agent_id, subs)
-            except P.ProtocolError as exc:
-                session.send(P.encode(exc.to_frame()))
         # PROTOCOL.md, Handshake, step 4: commands not COMPLETE, then queued
         # events, oldest first; then what arrived for it meanwhile.
         sent: set[str] = set()
@@ -541,9 +591,17 @@ class HubCore(EventEmitter):
         """Apply one frame; answer bad ones with an ``error`` frame, never raise."""
         try:
             if isinstance(frame, P.ResultFrame):
-                await self._complete(frame.id, "ok", result=frame.data, agent_id=session.agent_id)
+                if self._sync_store:
+                    self._complete_now(frame.id, "ok", result=frame.data,
+                                       agent_id=session.agent_id)
+                else:
+                    await self._complete(frame.id, "ok", result=frame.data,
+                                         agent_id=session.agent_id)
             elif isinstance(frame, P.AckFrame):
-                await self.store.mark_active(frame.id, session.agent_id, now_ms())
+                if self._sync_store:
+                    self.store.mark_active_now(frame.id, session.agent_id, now_ms())
+                else:
+                    await self.store.mark_active(frame.id, session.agent_id, now_ms())
             elif isinstance(frame, P.FailFrame):
                 await self._complete(frame.id, "error", error=frame.error,
                                      agent_id=session.agent_id)
@@ -671,7 +729,9 @@ def _older(a: CommandInfo, b: CommandInfo) -> bool:
 
 
 def _cmd_bytes(cmd: CommandInfo) -> bytes:
-    return P.encode(P.CmdFrame(cmd.id, cmd.key, cmd.payload, cmd.ts, cmd.deadline))
+    # Hot path: the map of P.CmdFrame.to_wire, built directly.
+    return P.pack({"t": "cmd", "id": cmd.id, "key": cmd.key, "payload": cmd.payload,
+                   "ts": cmd.ts, "deadline": cmd.deadline})
 
 
 def _error_map(error: Any) -> dict[str, Any]:

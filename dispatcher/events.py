@@ -109,8 +109,17 @@ class Events:
         if not self.core.send_to_agent(agent_id, data):
             return False
         if event_id is not None:
-            self._unacked.setdefault(agent_id, {})[event_id] = data
+            self._track(agent_id, event_id, data)
         return True
+
+    def _track(self, agent_id: str, event_id: str, data: bytes) -> None:
+        """Remember a sent event until ``received``, at most ``max_event_queue`` per
+        agent like its queue: an agent that never answers must not grow the hub."""
+        unacked = self._unacked.setdefault(agent_id, {})
+        if event_id in unacked or len(unacked) < self.core.config.max_event_queue:
+            unacked[event_id] = data
+        else:
+            self.dropped += 1
 
     async def deliver(self, agent_id: str, data: bytes, event_id: str | None = None, *,
                       route: bool = True) -> bool:
@@ -236,7 +245,7 @@ class Events:
         """A queued frame went out on a new connection: track its receipt."""
         event_id = _event_id(data)
         if event_id is not None:
-            self._unacked.setdefault(agent_id, {})[event_id] = data
+            self._track(agent_id, event_id, data)
 
     def connection_gone(self, agent_id: str) -> list[bytes]:
         """The agent's connection ended or was replaced: forget its subscriptions
@@ -250,7 +259,9 @@ class Events:
         if not frames:
             return
         try:
-            await self.core.store.requeue_frames(agent_id, frames, now=now_ms())
+            await self.core.store.requeue_frames(
+                agent_id, frames, now=now_ms(),
+                ttl_ms=int(self.core.config.event_queue_ttl * 1000))
         except StoreUnavailable:
             self.dropped += len(frames)
             log.warning("events_lost_store_unavailable", agent_id=agent_id, count=len(frames))

@@ -48,7 +48,7 @@ class CommandHandle:
 
     __slots__ = (
         "_canceller", "_progress", "_progress_seq", "_progress_waiter", "_result",
-        "_submitted", "_timer", "agent_id", "id", "key",
+        "_submit_state", "_submitted", "_timer", "agent_id", "id", "key",
     )
 
     def __init__(
@@ -64,10 +64,12 @@ class CommandHandle:
         self.key = key
         self._result: asyncio.Future[Any] = loop.create_future()
         self._result.add_done_callback(_consume)
-        self._submitted: asyncio.Future[None] = loop.create_future()
-        self._submitted.add_done_callback(_consume)
+        # Created only if someone asks (most callers never do): a future less
+        # per command on the hot path. True/exception once known.
+        self._submitted: asyncio.Future[None] | None = None
+        self._submit_state: bool | BaseException = False
         self._canceller = canceller
-        self._progress: deque[Any] = deque(maxlen=MAX_PROGRESS_BACKLOG)
+        self._progress: deque[Any] | None = None
         self._progress_seq = 0
         self._progress_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -92,7 +94,19 @@ class CommandHandle:
 
     async def submitted(self) -> None:
         """Resolve once the command is stored (raises ``StoreUnavailable`` if it was not)."""
+        state = self._submit_state
+        if state is True:
+            return
+        if isinstance(state, BaseException):
+            raise state
+        if self._submitted is None:
+            self._submitted = self._result.get_loop().create_future()
+            self._submitted.add_done_callback(_consume)
         await asyncio.shield(self._submitted)
+
+    def is_submitted(self) -> bool:
+        """True once the store has it (or the submit failed)."""
+        return self._submit_state is not False
 
     async def cancel(self) -> bool:
         """Cancel the command: completes it as ``cancelled`` and tells the agent.
@@ -101,11 +115,13 @@ class CommandHandle:
         """
         if self._result.done():
             return False
-        await asyncio.shield(self._submitted)
+        await self.submitted()
         return await self._canceller(self.id)
 
     async def progress(self) -> AsyncIterator[Any]:
         """Progress updates in order, ending when the command completes."""
+        if self._progress is None:
+            self._progress = deque(maxlen=MAX_PROGRESS_BACKLOG)
         seq = self._progress_seq - len(self._progress)
         while True:
             oldest = self._progress_seq - len(self._progress)
@@ -124,10 +140,14 @@ class CommandHandle:
 
     # -- called by the hub core --------------------------------------------
     def _set_submitted(self) -> None:
-        if not self._submitted.done():
-            self._submitted.set_result(None)
+        if self._submit_state is False:
+            self._submit_state = True
+            if self._submitted is not None and not self._submitted.done():
+                self._submitted.set_result(None)
 
     def _push_progress(self, data: Any) -> None:
+        if self._progress is None:
+            self._progress = deque(maxlen=MAX_PROGRESS_BACKLOG)
         self._progress.append(data)
         self._progress_seq += 1
         waiter = self._progress_waiter
@@ -147,8 +167,10 @@ class CommandHandle:
 
     def _fail(self, exc: BaseException) -> None:
         self._stop_timer()
-        if not self._submitted.done():
-            self._submitted.set_exception(exc)
+        if self._submit_state is False:
+            self._submit_state = exc
+            if self._submitted is not None and not self._submitted.done():
+                self._submitted.set_exception(exc)
         if not self._result.done():
             self._result.set_exception(exc)
 

@@ -18,11 +18,14 @@ __all__ = ["MemoryStore"]
 class MemoryStore(Store):
     """Dicts and indexes in this process. Same semantics as the Redis engine.
 
-    Returned records are copies: callers cannot change the store by mutating
-    what they get back.
+    Records returned by queries are copies: callers cannot change the store
+    by mutating what they get back. ``create_command`` takes ownership of the
+    record it is given, and what ``create_command``/``complete`` return is the
+    store's own record: read it, do not change it (the hub core does not).
     """
 
     engine: ClassVar[str] = "memory"
+    sync: ClassVar[bool] = True
 
     def __init__(self, *, retention: float = 3600.0) -> None:
         self._retention_ms = int(retention * 1000)
@@ -67,6 +70,11 @@ class MemoryStore(Store):
     async def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
     ) -> CreateResult:
+        return self.create_command_now(cmd, drop=drop, max_pending=max_pending)
+
+    def create_command_now(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> CreateResult:
         self._expire(cmd.ts)
         existing = self._commands.get(cmd.id)
         if existing is not None:
@@ -85,15 +93,28 @@ class MemoryStore(Store):
                 dropped.append(other.copy())
             elif cmd.group is not None and other.group == cmd.group:
                 coalesced = True
-        stored = cmd.copy()
-        stored.status = "PENDING"
-        stored.outcome = None
-        stored.updated = cmd.ts
-        self._commands[cmd.id] = stored
+        # The store takes the caller's record as its own (no copy on the hot path).
+        cmd.status = "PENDING"
+        cmd.outcome = None
+        cmd.updated = cmd.ts
+        self._commands[cmd.id] = cmd
         index[cmd.id] = None
         if cmd.deadline is not None:
-            heapq.heappush(self._deadlines, (cmd.deadline, cmd.id))
-        return CreateResult(stored.copy(), created=True, dropped=dropped, coalesced=coalesced)
+            heap = self._deadlines
+            heapq.heappush(heap, (cmd.deadline, cmd.id))
+            if len(heap) > 1024 and len(heap) > 4 * len(self._commands):
+                self._compact_deadlines()
+        return CreateResult(cmd, created=True, dropped=dropped, coalesced=coalesced)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the entries of commands that completed: the heap stays bounded by
+        the live commands (amortised O(1) per command)."""
+        live = self._commands
+        self._deadlines = [
+            (d, i) for d, i in self._deadlines
+            if (c := live.get(i)) is not None and c.status != "COMPLETE"
+        ]
+        heapq.heapify(self._deadlines)
 
     def _addressed(self, cmd_id: str, agent_id: str | None) -> CommandInfo:
         cmd = self._commands.get(cmd_id)
@@ -106,6 +127,9 @@ class MemoryStore(Store):
         return cmd
 
     async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
+        self.mark_active_now(cmd_id, agent_id, now)
+
+    def mark_active_now(self, cmd_id: str, agent_id: str, now: int) -> None:
         cmd = self._addressed(cmd_id, agent_id)
         cmd.status = next_status(cmd.status, "ack")
         cmd.updated = now
@@ -120,10 +144,23 @@ class MemoryStore(Store):
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
     ) -> CommandInfo:
+        return self.complete_now(cmd_id, outcome, now=now, result=result, error=error,
+                                 agent_id=agent_id)
+
+    def complete_now(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+    ) -> CommandInfo:
         self._expire(now)
         cmd = self._addressed(cmd_id, agent_id)
         self._finish(cmd, outcome, now, result, error)
-        return cmd.copy()
+        return cmd
 
     async def complete_group(
         self,
@@ -226,7 +263,8 @@ class MemoryStore(Store):
         fresh = [f for ts, f in queue if ts + ttl_ms > now]
         return fresh, len(queue) - len(fresh)
 
-    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int) -> None:
+    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
+                             ttl_ms: int = 3_600_000) -> None:
         queue = self._frames.setdefault(agent_id, deque())
         queue.extendleft((now, f) for f in reversed(frames))
 

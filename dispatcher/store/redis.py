@@ -488,10 +488,14 @@ class RedisStore(Store):
                 fresh.append(frame)
         return fresh, len(entries) - len(fresh)
 
-    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int) -> None:
+    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
+                             ttl_ms: int = 3_600_000) -> None:
         if frames:
-            await self._call(None, ("LPUSH", self._k_frames(agent_id),
-                                    *(pack([now, f]) for f in reversed(frames))))
+            key = self._k_frames(agent_id)
+            push = self._call(None, ("LPUSH", key, *(pack([now, f]) for f in reversed(frames))))
+            # Same expiry as queue_frame: an agent that never returns leaves nothing.
+            expire = self._call(None, ("PEXPIRE", key, ttl_ms))
+            await asyncio.gather(push, expire)
 
 
 # -- decoding ---------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""Prometheus metrics of one hub: counters fed by the core and transport, gauges read at scrape.
+
+Each hub has its own :class:`~prometheus_client.CollectorRegistry` (several
+hubs can live in one process, as in the tests); ``GET /metrics`` on the admin
+port renders it. Counters that need a hook are incremented by cheap one-line
+calls on the hot paths, through labelled children cached here so that no
+label lookup happens per frame or per command. Everything that is a level
+rather than an event (connected agents, queue depths, store and cluster counters) is read
+from the hub when Prometheus scrapes, so it costs nothing in between.
+Every name starts with ``dispatcher_``; ``docs/admin-api.md`` lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .models import TERMINAL_OUTCOMES, CommandInfo
+
+if TYPE_CHECKING:
+    from .core import HubCore
+
+__all__ = ["COMMAND_BUCKETS", "STORE_BUCKETS", "Metrics"]
+
+# Submit to terminal: from a millisecond echo to the default 60 s timeout and beyond.
+COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0, 300.0)
+# One pipelined Redis round trip: sub-millisecond on loopback, seconds when it struggles.
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# Frames the hub sends (PROTOCOL.md, Frames); anything else is counted as "other".
+_HUB_FRAME_TYPES = ("welcome", "cmd", "cancel", "event", "reply", "error")
+# Frames agents send, plus "invalid" for messages that do not decode.
+_AGENT_FRAME_TYPES = ("hello", "ack", "progress", "result", "fail", "received", "emit",
+                      "sub", "unsub", "call", "invalid")
+_FIXMAP_T = b"\xa1t"  # msgpack: the fixstr "t", the first key of every encoded frame
+
+
+class Metrics:
+    """The metrics of one hub (``core.metrics``); ``render()`` gives the exposition text."""
+
+    def __init__(self, core: HubCore | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_opened = Counter(
+            "dispatcher_connections_opened", "Agent connections that completed the handshake.",
+            registry=r)
+        self.connections_closed = Counter(
+            "dispatcher_connections_closed",
+            "Agent connections that ended, by reason (closed, going_away, connection_lost, "
+            "heartbeat_timeout, replaced, policy_violation, frame_too_large, close_N).",
+            ["reason"], registry=r)
+        self.connections_refused = Counter(
+            "dispatcher_connections_refused",
+            "Handshakes the hub refused, by error code (bad_hello, unauthorized, ...).",
+            ["code"], registry=r)
+        self.frames_in = Counter(
+            "dispatcher_frames_in", "Frames received from agents, by type ('invalid': did "
+            "not decode).", ["type"], registry=r)
+        self.frames_out = Counter(
+            "dispatcher_frames_out", "Frames sent to agents, by type.", ["type"], registry=r)
+        self.commands_submitted = Counter(
+            "dispatcher_commands_submitted", "Commands stored by this hub (idempotent "
+            "resubmits not counted).", registry=r)
+        self.commands = Counter(
+            "dispatcher_commands", "Commands completed by this hub, by outcome.",
+            ["outcome"], registry=r)
+        self.command_duration = Histogram(
+            "dispatcher_command_duration_seconds",
+            "Command latency from submit to terminal state, by outcome.",
+            ["outcome"], buckets=COMMAND_BUCKETS, registry=r)
+        self.store_round_trip = Histogram(
+            "dispatcher_store_round_trip_seconds",
+            "Latency of one pipelined write to the store and its replies (Redis engine).",
+            buckets=STORE_BUCKETS, registry=r)
+        self.admin_requests = Counter(
+            "dispatcher_admin_requests", "Admin API requests, by route, method and status.",
+            ["route", "method", "status"], registry=r)
+        # Cached children: the hot paths below do one dict lookup and one inc().
+        self._in = {t: self.frames_in.labels(t) for t in _AGENT_FRAME_TYPES}
+        self._out_other = self.frames_out.labels("other")
+        self._out = {t.encode(): self.frames_out.labels(t) for t in _HUB_FRAME_TYPES}
+        self._outcomes = {o: (self.commands.labels(o), self.command_duration.labels(o))
+                          for o in TERMINAL_OUTCOMES}
+        self._closed: dict[str, Counter] = {}
+        self._store_bound = False
+        if core is not None:
+            self.bind_store(core.store)
+            r.register(HubCollector(core))
+
+    # -- hooks on the hot paths ------------------------------------------------------
+    def frame_in(self, frame_type: str) -> None:
+        child = self._in.get(frame_type)
+        if child is None:
+            child = self._in[frame_type] = self.frames_in.labels(frame_type)
+        child.inc()
+
+    def frame_out(self, data: bytes) -> None:
+        """Count one encoded frame by type without decoding it.
+
+        ``to_wire()`` puts ``t`` first and every frame is a small msgpack map,
+        so the type is the fixstr at byte 3: ``<fixmap> a1 't' <a0|n> TYPE``.
+        """
+        if data[1:3] == _FIXMAP_T and len(data) > 4:
+            child = self._out.get(data[4:4 + (data[3] & 0x1F)], self._out_other)
+        else:
+            child = self._out_other
+        child.inc()
+
+    def command_submitted(self) -> None:
+        self.commands_submitted.inc()
+
+    def command_completed(self, info: CommandInfo) -> None:
+        """A command reached COMPLETE here: count its outcome, observe submit→terminal."""
+        pair = self._outcomes.get(info.outcome or "")
+        if pair is not None:
+            pair[0].inc()
+            pair[1].observe(max(0, info.updated - info.ts) / 1000)
+
+    def connection_opened(self) -> None:
+        self.connections_opened.inc()
+
+    def connection_closed(self, reason: str) -> None:
+        child = self._closed.get(reason)
+        if child is None:
+            child = self._closed[reason] = self.connections_closed.labels(reason)
+        child.inc()
+
+    def connection_refused(self, code: str) -> None:
+        self.connections_refused.labels(code).inc()
+
+    def admin_request(self, route: str, method: str, status: int) -> None:
+        self.admin_requests.labels(route, method, str(status)).inc()
+
+    def bind_store(self, store: Any) -> None:
+        """Let an engine that times its round trips report them (``on_round_trip``)."""
+        if hasattr(store, "on_round_trip") and not self._store_bound:
+            store.on_round_trip = self.store_round_trip.observe
+            self._store_bound = True
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric of this hub."""
+        return generate_latest(self.registry)
+
+
+class HubCollector(Collector):
+    """Levels read from the hub at scrape time: agents, queue depths, store counters."""
+
+    def __init__(self, core: HubCore) -> None:
+        self.core = core
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # names are only known by collecting; nothing to check at register time
+
+    def collect(self) -> Iterable[Metric]:
+        core = self.core
+        store = core.store
+        info = GaugeMetricFamily("dispatcher_hub_info", "This hub's id and store engine.",
+                                 labels=["hub_id", "engine"])
+        info.add_metric([core.hub_id, store.engine], 1)
+        yield info
+        yield GaugeMetricFamily("dispatcher_agents_connected",
+                                "Agents connected to this hub.", value=core.connected_count)
+        yield GaugeMetricFamily("dispatcher_store_up",
+                                "1 while the store answers, 0 during an outage.",
+                                value=1 if store.healthy else 0)
+        # Queue depths (PERFORMANCE.md): what waits in this hub, by stage.
+        yield GaugeMetricFamily("dispatcher_commands_waiting",
+                                "Commands submitted here whose caller still waits for them.",
+                                value=len(core._handles))
+        events = core.events
+        yield GaugeMetricFamily("dispatcher_events_awaiting_receipt",
+                                "Events sent by emit_to still waiting for a 'received'.",
+                                value=len(events._waiting))
+        yield CounterMetricFamily("dispatcher_events_dropped",
+                                  "Events refused by full queues or expired in them.",
+                                  value=events.dropped)
+        yield GaugeMetricFamily("dispatcher_calls_in_flight",
+                                "Routed agent-to-agent calls waiting for their target.",
+                                value=sum(core.calls._in_flight.values()))
+        buffered = 0
+        for session in list(core._sessions.values()):
+            size = getattr(session, "buffered", None)
+            if size is not None:
+                buffered += size()
+        yield GaugeMetricFamily("dispatcher_send_buffer_bytes",
+                                "Bytes written to agents' connections, not yet sent.",
+                                value=buffered)
+        queue = getattr(store, "_queue", None)
+        if queue is not None:
+            yield GaugeMetricFamily("dispatcher_store_queue_depth",
+                                    "Store operations waiting for the next pipelined write.",
+                                    value=len(queue))
+        for attr, name, doc in (
+            ("round_trips", "dispatcher_store_round_trips", "Pipelined writes to the store."),
+            ("operations", "dispatcher_store_operations", "Operations sent to the store."),
+            ("errors", "dispatcher_store_errors", "Store operations that failed "
+             "(StoreUnavailable: unreachable, or an error reply)."),
+            ("outages", "dispatcher_store_outages", "Times the store became unreachable."),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(store, attr, 0))
+        cluster = getattr(core, "cluster", None)
+        if cluster is not None:
+            messages = CounterMetricFamily(
+                "dispatcher_cluster_messages", "Messages on the hubs' pub/sub channels, by "
+                "direction: out (published by this hub), in (received).", labels=["direction"])
+            messages.add_metric(["out"], cluster.sent)
+            messages.add_metric(["in"], cluster.received)
+            yield messages

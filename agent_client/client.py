@@ -137,6 +137,7 @@ class Agent:
         # id -> stored terminal frame (None: ended without one, e.g. cancelled)
         self._finished: OrderedDict[str, bytes | None] = OrderedDict()
         self._result_cache = result_cache
+        self._seen_events: OrderedDict[str, None] = OrderedDict()
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
         self._stopping = False
@@ -399,6 +400,13 @@ class Agent:
         if frame.id is not None:
             # The receipt is the library's job, sent on arrival (PROTOCOL.md, Events).
             self._send_now(P.encode(P.ReceivedFrame(frame.id)))
+            # An event whose receipt was lost with a connection comes again: it
+            # is acknowledged again, but its handlers run once.
+            if frame.id in self._seen_events:
+                return
+            self._seen_events[frame.id] = None
+            if len(self._seen_events) > self._result_cache:
+                self._seen_events.popitem(last=False)
         ctx = EventContext(frame)
         for pattern, handler in self._event_handlers:
             if P.key_matches(pattern, frame.key):

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import ssl as ssl_module
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["HubConfig"]
@@ -54,7 +54,6 @@ class HubConfig:
     bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
     bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
@@ -83,7 +82,7 @@ class HubConfig:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("ssl", "extra"):
+            if f.name == "ssl":
                 continue
             raw = env.get(f"DISPATCHER_{f.name.upper()}")
             if raw is None or raw == "":

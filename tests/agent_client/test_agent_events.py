@@ -391,3 +391,31 @@ async def test_call_reply_survives_a_silent_network_drop(
         assert result == {"done": 3}
     finally:
         await proxy.close()
+
+
+async def test_redelivered_event_runs_its_handlers_once(hub: Dispatcher,
+                                                        make_agent: AgentFactory) -> None:
+    """An event comes again when its receipt was lost with a connection: the
+    library acknowledges it again but runs its handlers once."""
+    from agent_client import protocol as P
+
+    listener = make_agent(ws_url(hub), "dedupe")
+    got = collect(listener, "cfg.*")
+    await started(hub, listener)
+    frame = P.encode(P.EventFrame("cfg.a", {"n": 1}, id="e.test.1"))
+    acks: list[str] = []
+    original = hub.events.on_received
+
+    def spy(session: Any, event_id: str) -> None:
+        acks.append(event_id)
+        original(session, event_id)
+
+    hub.events.on_received = spy  # type: ignore[method-assign]
+    assert hub.send_to_agent("dedupe", frame)
+    assert hub.send_to_agent("dedupe", frame)  # as after a lost receipt
+    second = P.encode(P.EventFrame("cfg.b", {"n": 2}, id="e.test.2"))
+    assert hub.send_to_agent("dedupe", second)
+    assert (await bounded(got.get(), "the first event"))[0] == {"n": 1}
+    assert (await bounded(got.get(), "the second event"))[0] == {"n": 2}  # not {"n": 1} again
+    await wait_for(lambda: acks == ["e.test.1", "e.test.1", "e.test.2"], what="three receipts")
+    assert got.empty()

@@ -1,18 +1,654 @@
-"""The admin HTTP server (aiohttp) on ``admin_port``: health, agents, commands."""
+"""The admin HTTP API (aiohttp) on ``admin_port``: health, metrics, agents, commands, events.
+
+API.md, "HTTP admin API". Every route is one row of :data:`ROUTES` (method,
+path, handler, request-body schema, response schemas, summary): the server
+registers its handlers from that table and ``GET /openapi.json`` is generated
+from the same rows, so the document cannot drift from what is served.
+Request bodies are checked against their declared schema (a small validator
+for the JSON-schema subset used here) before a handler runs; every error is
+``{"error": {"code", "message"}}`` with a fitting status, never a bare 500.
+
+With ``admin_token`` set, every route except ``/healthz`` (load balancers)
+and ``/openapi.json`` (a description, no data) needs ``Authorization: Bearer
+TOKEN``, compared in constant time; ``/metrics`` needs it too (Prometheus
+sends it with ``authorization: {credentials: TOKEN}`` in its scrape config).
+
+Payloads travel as msgpack and may hold what JSON cannot: bytes are shown as
+base64 strings, non-finite floats as strings, map keys as strings.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import hmac
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from .errors import StoreUnavailable
+from agent_client import protocol as P
+
+from .errors import (
+    CommandCancelled,
+    CommandFailed,
+    CommandTimeout,
+    DeliveryTimeout,
+    DispatcherError,
+    HubClosed,
+    StoreUnavailable,
+    TooManyCommands,
+)
+from .models import CommandInfo
 
 if TYPE_CHECKING:
     from .core import HubCore
 
-__all__ = ["AdminServer"]
+__all__ = ["ROUTES", "AdminServer", "ApiError", "Route", "jsonable", "openapi_document",
+           "validate"]
+
+log = structlog.get_logger(__name__)
+
+JSON = dict[str, Any]
+Handler = Callable[["AdminServer", web.Request, Any], Awaitable[web.StreamResponse]]
+
+# Longest wait a request may ask for (a command or an event receipt): a year.
+MAX_TIMEOUT = 365 * 24 * 3600.0
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": {"code", "message", **extra}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        return _json({"error": {"code": self.code, "message": self.message, **self.extra}},
+                     self.status, headers)
+
+
+# --------------------------------------------------------------------------
+# JSON out: what msgpack carries that JSON does not.
+
+def jsonable(value: Any) -> Any:
+    """``value`` with bytes as base64 strings, non-finite floats and odd keys as strings."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {_json_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return str(value)  # e.g. a msgpack Timestamp or ExtType
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return base64.b64encode(key).decode("ascii")
+    return json.dumps(key) if isinstance(key, bool | int | float | None) else str(key)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(value, status=status, headers=headers, dumps=_dumps)
+
+
+# --------------------------------------------------------------------------
+# JSON in: a validator for the JSON-schema subset the route table uses.
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+}
+
+
+def validate(schema: JSON, value: Any, where: str = "body") -> None:
+    """Raise ``ApiError(400)`` naming the first place where ``value`` breaks ``schema``.
+
+    Supports ``type`` (one or a list), ``enum``, ``properties``, ``required``,
+    ``additionalProperties: false``, ``items``, ``minLength``/``maxLength``,
+    ``pattern`` (the whole string must match), ``minimum``/``maximum`` and
+    ``exclusiveMinimum``: what :data:`ROUTES` uses, nothing more. Other
+    keywords (``$ref``, ``anyOf``) only document; a payload msgpack cannot
+    carry is refused by the encoder instead, with a 400 too.
+    """
+    types = schema.get("type")
+    if types is not None:
+        names = [types] if isinstance(types, str) else list(types)
+        if not any(_TYPES[name](value) for name in names):
+            raise ApiError(400, "bad_request", f"{where}: must be {' or '.join(names)}, "
+                           f"not {_json_type(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ApiError(400, "bad_request", f"{where}: must be one of {schema['enum']}")
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ApiError(400, "bad_request", f"{where}: not valid Unicode") from None
+        if len(value) < schema.get("minLength", 0):
+            raise ApiError(400, "bad_request", f"{where}: must not be empty"
+                           if schema["minLength"] == 1 else
+                           f"{where}: needs at least {schema['minLength']} characters")
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            raise ApiError(400, "bad_request",
+                           f"{where}: at most {schema['maxLength']} characters")
+        if "pattern" in schema and _pattern(schema["pattern"]).fullmatch(value) is None:
+            raise ApiError(400, "bad_request", f"{where}: must match {schema['pattern']}")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ApiError(400, "bad_request", f"{where}: must be >= {schema['minimum']}")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            raise ApiError(400, "bad_request", f"{where}: must be > {schema['exclusiveMinimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ApiError(400, "bad_request", f"{where}: must be <= {schema['maximum']}")
+    elif isinstance(value, dict):
+        for name in schema.get("required", ()):
+            if name not in value:
+                raise ApiError(400, "bad_request", f"{where}: '{name}' is required")
+        props: JSON = schema.get("properties", {})
+        if schema.get("additionalProperties") is False:
+            unknown = [k for k in value if k not in props]
+            if unknown:
+                raise ApiError(400, "bad_request", f"{where}: unknown field '{unknown[0]}' "
+                               f"(fields: {', '.join(props)})")
+        for name, sub in props.items():
+            if name in value:
+                validate(sub, value[name], f"{where}.{name}" if where != "body" else name)
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            validate(schema["items"], item, f"{where}[{i}]")
+
+
+@functools.cache
+def _pattern(pattern: str) -> re.Pattern[str]:
+    # Patterns here are anchored ^...$; Python's $ would also accept a final newline.
+    return re.compile(pattern.removeprefix("^").removesuffix("$"))
+
+
+def _json_type(value: Any) -> str:
+    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _TYPES[name](value):
+            return name
+    return type(value).__name__
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: web.Request, schema: JSON) -> Any:
+    raw = await request.read()  # aiohttp answers 413 past client_max_size
+    if not raw.strip():
+        raise ApiError(400, "bad_json", "a JSON body is required")
+    try:
+        body = json.loads(raw, parse_constant=_no_constants)
+        # \ud800 escapes decode to lone surrogates, which no agent could receive.
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "bad_json", "strings must be valid Unicode (a lone "
+                       "surrogate escape such as \\ud800 is not)") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    validate(schema, body)
+    return body
+
+
+# --------------------------------------------------------------------------
+# The route table.
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One documented response: a description and the schema of its JSON body."""
+
+    description: str
+    schema: JSON | None = None
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One operation of the admin API: served by ``handler``, documented from the rest."""
+
+    method: str
+    path: str
+    handler: Handler
+    name: str  # operationId
+    summary: str
+    responses: Mapping[int, Answer]
+    body: JSON | None = None
+    params: Mapping[str, JSON] = field(default_factory=dict)
+    description: str = ""
+    auth: bool = True
+    tag: str = "hub"
+
+
+def _ref(name: str) -> JSON:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+ANY_VALUE: JSON = {"description": "Any JSON value; msgpack bytes appear as base64 strings, "
+                   "non-finite floats as strings."}
+# What a request may carry to an agent: JSON that msgpack can encode (integers of
+# at most 64 bits). The validator leaves it to the encoder, which answers 400.
+VALUE: JSON = {"$ref": "#/components/schemas/Value"}
+AGENT_ID: JSON = {"title": "agent id", "type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$",
+                  "minLength": 1, "maxLength": P.MAX_ID_LENGTH,
+                  "description": "1 to 128 characters of A-Z a-z 0-9 . _ : @ -"}
+COMMAND_ID: JSON = {"title": "command id", "type": "string", "minLength": 1,
+                    "description": "A command id."}
+KEY: JSON = {"type": "string", "minLength": 1, "maxLength": P.MAX_KEY_LENGTH}
+TIMEOUT: JSON = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT}
+
+SCHEMAS: dict[str, JSON] = {
+    "Value": {
+        "description": "Any JSON value msgpack can carry to the agent: numbers between "
+        "-2^63 and 2^64-1, strings, booleans, null, and arrays and objects of these.",
+        "anyOf": [
+            {"type": ["null", "boolean", "string"]},
+            {"type": "number", "minimum": -(2**63), "maximum": 2**64 - 1},
+            {"type": "array", "items": VALUE},
+            {"type": "object", "additionalProperties": VALUE},
+        ],
+    },
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "A short snake_case word."},
+                "message": {"type": "string"},
+                "command_id": {"type": "string", "description": "With code 'timeout'."},
+                "pending": {"type": "array", "items": {"type": "string"},
+                            "description": "With 'delivery_timeout': agents that did not "
+                            "receive the event."},
+            }}},
+    },
+    "AgentInfo": {
+        "type": "object",
+        "required": ["id", "hub_id", "session", "connected_at", "last_seen", "meta"],
+        "properties": {
+            "id": {"type": "string"},
+            "hub_id": {"type": "string", "description": "The hub it is connected to."},
+            "session": {"type": "string"},
+            "connected_at": {"type": "integer", "description": "Unix milliseconds."},
+            "last_seen": {"type": "integer", "description": "Unix milliseconds."},
+            "meta": {"type": "object", "description": "What the agent sent in its hello; "
+                     "bytes as base64 strings."},
+        },
+    },
+    "CommandInfo": {
+        "type": "object",
+        "required": ["id", "agent_id", "key", "status", "outcome", "group", "ts", "updated",
+                     "payload", "result", "error"],
+        "properties": {
+            "id": {"type": "string"},
+            "agent_id": {"type": "string"},
+            "key": {"type": "string"},
+            "status": {"type": "string", "enum": ["PENDING", "ACTIVE", "COMPLETE"]},
+            "outcome": {"type": ["string", "null"],
+                        "enum": [None, "ok", "error", "timeout", "cancelled", "dropped"],
+                        "description": "null until COMPLETE."},
+            "group": {"type": ["string", "null"]},
+            "ts": {"type": "integer", "description": "Submitted, unix milliseconds."},
+            "updated": {"type": "integer", "description": "Last change, unix milliseconds."},
+            "deadline": {"type": ["integer", "null"], "description": "Unix milliseconds."},
+            "origin": {"type": "string", "description": "The hub that submitted it."},
+            "payload": ANY_VALUE,
+            "result": {**ANY_VALUE, "description": "The agent's answer when outcome is "
+                       "'ok' (bytes as base64 strings)."},
+            "error": {"type": ["object", "null"], "required": ["code", "message"],
+                      "properties": {"code": {"type": "string"},
+                                     "message": {"type": "string"}, "data": ANY_VALUE},
+                      "description": "Set for outcomes error, timeout and cancelled."},
+        },
+    },
+    "Health": {
+        "type": "object", "required": ["status", "engine", "hub", "agents"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "store_unavailable", "bus_deaf"]},
+            "engine": {"type": "string", "enum": ["memory", "redis"]},
+            "hub": {"type": "string"},
+            "agents": {"type": "integer", "minimum": 0,
+                       "description": "Agents connected to this hub."},
+            "bus": {"type": "string", "enum": ["ok", "deaf"],
+                    "description": "Redis engine: whether this hub hears the cluster "
+                    "channels (deaf: 503 until its subscriber is rebuilt)."},
+        },
+    },
+}
+
+EXEC_BODY: JSON = {
+    "type": "object", "required": ["key"], "additionalProperties": False,
+    "properties": {
+        "key": {**KEY, "description": "The command key the agent registered."},
+        "payload": VALUE,
+        "timeout": {**TIMEOUT, "description": "Seconds; default: the hub's command_timeout."},
+        "group": {"type": ["string", "boolean"], "minLength": 1, "maxLength": 256,
+                  "description": "Coalescing group; true means agent + key."},
+        "command_id": {"type": "string", "minLength": 1, "maxLength": P.MAX_ID_LENGTH,
+                       "description": "Caller-chosen id: submitting it again returns the "
+                       "existing command (idempotent)."},
+        "wait": {"type": "boolean", "default": True,
+                 "description": "true: answer when the command is finished; false: answer "
+                 "202 once it is stored."},
+    },
+}
+EMIT_BODY: JSON = {
+    "type": "object", "required": ["key"], "additionalProperties": False,
+    "properties": {
+        "key": KEY, "data": VALUE,
+        "timeout": {**TIMEOUT, "description": "Seconds to wait for the receipt; default: "
+                    "the hub's command_timeout."},
+    },
+}
+BROADCAST_BODY: JSON = {
+    "type": "object", "required": ["key"], "additionalProperties": False,
+    "properties": {"key": KEY, "data": VALUE},
+}
+
+E400 = Answer("Bad JSON, a bad field or a bad path parameter.", _ref("Error"))
+E401 = Answer("The admin token is missing or wrong (only when the hub has one).", _ref("Error"))
+E404 = Answer("Not found.", _ref("Error"))
+E413 = Answer("The body is larger than the hub's max_frame.", _ref("Error"))
+E503 = Answer("The store is unreachable, or the hub is closing.", _ref("Error"))
+
+
+def _list(name: str) -> JSON:
+    return {"type": "array", "items": _ref(name)}
+
+
+# --------------------------------------------------------------------------
+# Handlers (one per row of ROUTES).
+
+async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    """Liveness plus store reachability: 503 while the store is down."""
+    core = admin.core
+    store = core.store
+    ok = store.healthy
+    if ok:
+        try:
+            async with asyncio.timeout(2.0):
+                await store.ping()
+        except (StoreUnavailable, TimeoutError):
+            ok = False
+    answer: JSON = {"status": "ok" if ok else "store_unavailable", "engine": store.engine,
+                    "hub": core.hub_id, "agents": core.connected_count}
+    cluster = core.cluster
+    if cluster.enabled:
+        # A subscriber that hears nothing (not even its own probes) loses other
+        # hubs' frames: not useful, even with Redis answering.
+        answer["bus"] = "deaf" if cluster.deaf else "ok"
+        if ok and cluster.deaf:
+            ok = False
+            answer["status"] = "bus_deaf"
+    return _json(answer, 200 if ok else 503)
+
+
+async def _metrics(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    return web.Response(body=admin.core.metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _openapi(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    return _json(admin.openapi)
+
+
+async def _agents(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    agents = await admin.core.list_connected_agents()
+    return _json([jsonable(a.to_dict()) for a in agents])
+
+
+async def _agent(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    agent_id = request.match_info["id"]
+    agent = await admin.core.get_agent(agent_id)
+    if agent is None:
+        raise ApiError(404, "not_found", f"agent {agent_id!r} is not connected")
+    return _json(jsonable(agent.to_dict()))
+
+
+async def _pending(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    pending = await admin.core.list_pending_commands(request.match_info["id"])
+    return _json([_command(c) for c in pending])
+
+
+async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    core = admin.core
+    agent_id = request.match_info["id"]
+    try:
+        handle = core.execute_on_agent(
+            agent_id, body["key"], body.get("payload"), timeout=body.get("timeout"),
+            group=body.get("group"), command_id=body.get("command_id"),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    clog = log.bind(agent_id=agent_id, command_id=handle.id, key=handle.key)
+    await admin.wait(handle.submitted())
+    clog.info("admin_command_submitted", wait=body.get("wait", True))
+    if not body.get("wait", True):
+        stored = await core.get_command(handle.id)
+        status = stored.status if stored is not None else "PENDING"
+        return _json({"id": handle.id, "status": status}, 202)
+    result: Any = None
+    failure: DispatcherError | None = None
+    try:
+        result = await admin.wait(handle.result())
+    except CommandTimeout:
+        raise ApiError(504, "timeout", f"command {handle.id} timed out", command_id=handle.id
+                       ) from None
+    except (CommandFailed, CommandCancelled) as exc:
+        failure = exc
+    info = await core.get_command(handle.id)
+    if info is None:  # already gone (a retention shorter than the request)
+        info = _finished(handle.id, agent_id, handle.key, result, failure)
+    return _json(_command(info))
+
+
+async def _get_command(admin: AdminServer, request: web.Request, body: Any
+                       ) -> web.StreamResponse:
+    cmd_id = request.match_info["id"]
+    info = await admin.core.get_command(cmd_id)
+    if info is None:
+        raise ApiError(404, "not_found", f"no command {cmd_id!r}")
+    return _json(_command(info))
+
+
+async def _cancel(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    core = admin.core
+    cmd_id = request.match_info["id"]
+    info = await core.get_command(cmd_id)
+    if info is None:
+        raise ApiError(404, "not_found", f"no command {cmd_id!r}")
+    if info.status == "COMPLETE" or not await core.cancel_command(cmd_id):
+        raise ApiError(409, "already_complete", f"command {cmd_id} is already COMPLETE")
+    log.info("admin_command_cancelled", command_id=cmd_id, agent_id=info.agent_id)
+    info = await core.get_command(cmd_id) or info
+    return _json(_command(info))
+
+
+async def _emit(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    agent_id = request.match_info["id"]
+    try:
+        await admin.wait(admin.core.emit_to(agent_id, body["key"], body.get("data"),
+                                            timeout=body.get("timeout")))
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    except DeliveryTimeout as exc:
+        raise ApiError(504, "delivery_timeout", str(exc), pending=exc.pending) from None
+    log.info("admin_event_delivered", agent_id=agent_id, key=body["key"])
+    return _json({"received": [agent_id]})
+
+
+async def _broadcast(admin: AdminServer, request: web.Request, body: Any
+                     ) -> web.StreamResponse:
+    try:
+        sent = await admin.core.broadcast(body["key"], body.get("data"))
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return _json({"agents": sent}, 202)
+
+
+def _command(info: CommandInfo) -> JSON:
+    out: JSON = jsonable(info.to_dict())
+    return out
+
+
+def _finished(cmd_id: str, agent_id: str, key: str, result: Any,
+              failure: DispatcherError | None) -> CommandInfo:
+    outcome: Any = "ok"
+    error = None
+    if isinstance(failure, CommandFailed):
+        outcome, error = "error", P.error_info(failure.code, failure.message, failure.data)
+    elif failure is not None:
+        outcome, error = "cancelled", P.error_info(P.ErrorCode.CANCELLED, str(failure))
+    return CommandInfo(cmd_id, agent_id, key, "COMPLETE", outcome, result=result, error=error)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", _healthz, "healthz", "Liveness and store reachability",
+          {200: Answer("The hub and its store answer.", _ref("Health")),
+           503: Answer("The store is unreachable, or this hub does not hear the cluster "
+                       "channels.", _ref("Health"))},
+          auth=False, tag="operations",
+          description="For load balancers: never needs the admin token."),
+    Route("GET", "/metrics", _metrics, "metrics", "Prometheus metrics",
+          {200: Answer("Prometheus text exposition format.", {"type": "string"},
+                       "text/plain"), 401: E401},
+          tag="operations", description="Every metric name starts with dispatcher_."),
+    Route("GET", "/openapi.json", _openapi, "openapi", "This document",
+          {200: Answer("The OpenAPI document of this API.", {"type": "object"})},
+          auth=False, tag="operations"),
+    Route("GET", "/agents", _agents, "listAgents", "Connected agents (whole cluster)",
+          {200: Answer("Every connected agent.", _list("AgentInfo")), 401: E401, 503: E503}),
+    Route("GET", "/agents/{id}", _agent, "getAgent", "One connected agent",
+          {200: Answer("The agent.", _ref("AgentInfo")), 400: E400, 401: E401,
+           404: Answer("The agent is not connected.", _ref("Error")), 503: E503},
+          params={"id": AGENT_ID}),
+    Route("GET", "/agents/{id}/commands", _pending, "listPendingCommands",
+          "The agent's commands that are not COMPLETE, oldest first",
+          {200: Answer("Pending and active commands (empty for an unknown agent).",
+                       _list("CommandInfo")), 400: E400, 401: E401, 503: E503},
+          params={"id": AGENT_ID}),
+    Route("POST", "/agents/{id}/commands", _exec, "executeOnAgent", "Run a command on an agent",
+          {200: Answer("The finished command: outcome ok, error (the agent failed it; see "
+                       "'error'), cancelled or dropped.", _ref("CommandInfo")),
+           202: Answer("With wait: false, once the command is stored.",
+                       {"type": "object", "required": ["id", "status"],
+                        "properties": {"id": {"type": "string"},
+                                       "status": {"type": "string",
+                                                  "enum": ["PENDING", "ACTIVE", "COMPLETE"]}}}),
+           400: E400, 401: E401, 413: E413,
+           429: Answer("The agent has too many commands that are not COMPLETE.",
+                       _ref("Error")),
+           503: E503,
+           504: Answer("The command timed out (error.command_id names it).", _ref("Error"))},
+          body=EXEC_BODY, params={"id": AGENT_ID},
+          description="A command for an agent that is not connected waits, PENDING, until "
+          "it connects or its timeout passes. By default the request waits for the outcome."),
+    Route("GET", "/commands/{id}", _get_command, "getCommand", "One command",
+          {200: Answer("The command (COMPLETE ones stay readable for the hub's retention).",
+                       _ref("CommandInfo")),
+           401: E401, 404: Answer("No such command.", _ref("Error")), 503: E503},
+          params={"id": COMMAND_ID}),
+    Route("DELETE", "/commands/{id}", _cancel, "cancelCommand", "Cancel a command",
+          {200: Answer("Cancelled: the command, now COMPLETE with outcome cancelled.",
+                       _ref("CommandInfo")),
+           401: E401, 404: Answer("No such command.", _ref("Error")),
+           409: Answer("The command is already COMPLETE.", _ref("Error")), 503: E503},
+          params={"id": COMMAND_ID}),
+    Route("POST", "/agents/{id}/events", _emit, "emitToAgent",
+          "Send an event to one agent and wait for its receipt",
+          {200: Answer("The agent answered 'received'.",
+                       {"type": "object", "required": ["received"],
+                        "properties": {"received": {"type": "array",
+                                                    "items": {"type": "string"}}}}),
+           400: E400, 401: E401, 413: E413, 503: E503,
+           504: Answer("No receipt in time; the event stays queued for the agent.",
+                       _ref("Error"))},
+          body=EMIT_BODY, params={"id": AGENT_ID}, tag="events",
+          description="An agent that is away gets the event from its queue when it connects."),
+    Route("POST", "/events", _broadcast, "broadcast",
+          "Send an event to every connected agent, without receipts",
+          {202: Answer("Sent; 'agents' is how many agents it went to.",
+                       {"type": "object", "required": ["agents"],
+                        "properties": {"agents": {"type": "integer", "minimum": 0}}}),
+           400: E400, 401: E401, 413: E413, 503: E503},
+          body=BROADCAST_BODY, tag="events"),
+)
+
+
+def openapi_document(routes: tuple[Route, ...] = ROUTES, *, token: bool = False,
+                     server: str | None = None) -> JSON:
+    """The OpenAPI 3.1 document of ``routes`` (``token``: the hub requires the admin token)."""
+    from . import __version__  # noqa: PLC0415 - the package imports this module
+
+    paths: JSON = {}
+    for route in routes:
+        op: JSON = {"operationId": route.name, "summary": route.summary, "tags": [route.tag]}
+        if route.description:
+            op["description"] = route.description
+        if route.params:
+            op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": schema}
+                                for name, schema in route.params.items()]
+        if route.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": route.body}}}
+        op["responses"] = {
+            str(status): {"description": answer.description, **(
+                {"content": {answer.content_type: {"schema": answer.schema}}}
+                if answer.schema is not None else {})}
+            for status, answer in sorted(route.responses.items())
+        }
+        if token:
+            op["security"] = [{"bearerAuth": []}] if route.auth else []
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    doc: JSON = {
+        "openapi": "3.1.0",
+        "info": {"title": "dispatcher admin API", "version": __version__,
+                 "description": "Operate a dispatcher hub: agents, commands, events. Errors "
+                 "are {\"error\": {\"code\", \"message\"}}. Payloads are msgpack on the "
+                 "wire: bytes appear as base64 strings in answers."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "The hub's admin_token."}}},
+    }
+    if server is not None:
+        doc["servers"] = [{"url": server}]
+    return doc
+
+
+# --------------------------------------------------------------------------
+# The server.
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden",
+                 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 class AdminServer:
@@ -22,13 +658,25 @@ class AdminServer:
         self.core = core
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
+        self._closing = False
+        self._waiting: set[asyncio.Future[Any]] = set()
+        token = core.config.admin_token
+        self._token = token.encode() if token else None
+        self.openapi = openapi_document(token=self._token is not None)
+        # A body is a frame's content plus a little JSON around it.
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=core.config.max_frame + 64 * 1024)
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, self._endpoint(route),
+                                 name=route.name)
         self.app = app
 
     async def start(self) -> int:
         config = self.core.config
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Requests still waiting at close answer 503 at once (see close), so
+        # a short shutdown bound only covers a slow client reading its answer.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.admin_host or config.host,
                            config.admin_port or 0, ssl_context=config.ssl_context())
@@ -40,21 +688,85 @@ class AdminServer:
         return self.port
 
     async def close(self) -> None:
+        """Idempotent: requests waiting for a command or receipt answer 503, then stop."""
+        self._closing = True
+        for fut in list(self._waiting):
+            fut.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        """Liveness plus store reachability: 503 while the store is down."""
-        store = self.core.store
-        ok = store.healthy
-        if ok:
-            try:
-                async with asyncio.timeout(2.0):
-                    await store.ping()
-            except (StoreUnavailable, TimeoutError):
-                ok = False
-        body: dict[str, Any] = {"status": "ok" if ok else "store_unavailable",
-                                "engine": store.engine, "hub": self.core.hub_id,
-                                "agents": self.core.connected_count}
-        return web.json_response(body, status=200 if ok else 503)
+    async def wait(self, awaitable: Awaitable[Any]) -> Any:
+        """Await a command, a receipt or a store write; 503 if the hub closes meanwhile."""
+        if self._closing:
+            raise ApiError(503, "hub_closed", "the hub is closing")
+        fut = asyncio.ensure_future(awaitable)
+        self._waiting.add(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closing and fut.cancelled() and (task is None or not task.cancelling()):
+                raise ApiError(503, "hub_closed", "the hub is closing") from None
+            raise
+        finally:
+            self._waiting.discard(fut)
+            if not fut.done():
+                fut.cancel()
+
+    def _endpoint(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            if route.auth and self._token is not None:
+                self._authorize(request)
+            for name, schema in route.params.items():
+                validate(schema, request.match_info[name], schema.get("title", name))
+            body = None if route.body is None else await _read_json(request, route.body)
+            return await route.handler(self, request, body)
+
+        return endpoint
+
+    def _authorize(self, request: web.Request) -> None:
+        assert self._token is not None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        supplied = given.strip().encode("utf-8", "replace")
+        # compare_digest runs whatever the scheme, so timing tells nothing.
+        if not hmac.compare_digest(supplied, self._token) or scheme.lower() != "bearer":
+            raise ApiError(401, "unauthorized", "missing or wrong admin token "
+                           "(Authorization: Bearer TOKEN)")
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        start = time.perf_counter()
+        info = request.match_info.route
+        route = info.name or "unmatched"
+        headers: dict[str, str] = {}
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="dispatcher"'
+            response = exc.response(headers)
+        except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413 ...
+            if exc.status == 405:
+                headers["Allow"] = exc.headers.get("Allow", "")
+            code = _STATUS_CODES.get(exc.status, "http_error")
+            response = ApiError(exc.status, code, exc.reason).response(headers)
+        except TooManyCommands as exc:
+            response = ApiError(429, "too_many_commands", str(exc)).response()
+        except StoreUnavailable as exc:
+            response = ApiError(503, "store_unavailable", str(exc)).response()
+        except HubClosed as exc:
+            response = ApiError(503, "hub_closed", str(exc)).response()
+        except DispatcherError as exc:
+            response = ApiError(500, "internal", f"{type(exc).__name__}: {exc}").response()
+            log.error("admin_request_failed", route=route, exc_info=exc)
+        except Exception as exc:  # a bug answers one 500, never a dropped connection
+            log.exception("admin_request_failed", route=route)
+            response = ApiError(500, "internal", f"internal error: {type(exc).__name__}"
+                                ).response()
+        self.core.metrics.admin_request(route, request.method, response.status)
+        log.debug("admin_request", method=request.method, path=request.path,
+                  status=response.status, ms=round((time.perf_counter() - start) * 1000, 2))
+        return response

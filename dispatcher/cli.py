@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
 
 from agent_client.logs import configure_logging
 
+from .admin_client import DEFAULT_URL, AdminClient, AdminError
 from .config import HubConfig
 from .demo import run_demo
+from .errors import DispatcherError
 from .hub import Dispatcher
 from .transport import agent_token
 
@@ -28,7 +34,20 @@ _LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
 def main() -> None:
     """dispatcher: a realtime agent hub.
 
-    Run a hub with `dispatcher serve`, try it with `dispatcher demo`.
+    Run a hub with `dispatcher serve`, try it with `dispatcher demo`. Drive a
+    running hub over its admin API with the client verbs (agents, pending,
+    exec, command, cancel, emit, broadcast): `--admin URL` and `--token`, or
+    DISPATCHER_ADMIN_URL and DISPATCHER_ADMIN_TOKEN; tables by default, `--json`
+    for scripts.
+
+    \b
+    Exit codes of the client verbs:
+      0  done
+      1  the command failed, timed out, was cancelled or dropped; an event was
+         not received in time; a cancel came too late (already COMPLETE)
+      2  usage: bad arguments or JSON, refused by the hub as a bad request
+      3  not found: no such agent or command
+      4  the hub cannot be reached, refused the admin token, or its store is down
     """
 
 
@@ -80,10 +99,9 @@ async def _serve(config: HubConfig) -> None:
         "hub_starting", engine=hub.engine, hub_id=hub.hub_id,
         note=("in-memory engine: commands are lost when this process stops; "
               "use --redis URL in production") if hub.engine == "memory" else None,
+        agent_auth="required" if hub.auth_required else
+        "NONE: no --agent-secret or --agent-tokens, any client may connect as any agent",
     )
-    if not hub.auth_required:
-        log.warning("agents_unauthenticated",
-                    note="no --agent-secret or --agent-tokens: any client may connect as any agent")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -119,7 +137,11 @@ async def _serve(config: HubConfig) -> None:
 def demo(agents: int, port: int, log_level: str) -> None:
     """Start a hub and demo agents, run a few commands, and show what happens."""
     configure_logging(log_level, json=False)
-    _run(run_demo(n_agents=agents, port=port, echo=click.echo))
+    try:
+        _run(run_demo(n_agents=agents, port=port, echo=click.echo))
+    except (OSError, TimeoutError, DispatcherError) as exc:
+        click.echo(f"dispatcher demo: failed: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -140,6 +162,364 @@ def agent_cmd(args: tuple[str, ...]) -> None:
     agent_main.main(args=list(args), prog_name="dispatcher agent")
 
 
+# --------------------------------------------------------------------------
+# Client verbs over the admin API (API.md, Operator command line).
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command failed, timed out, was cancelled; no receipt; too late
+EXIT_USAGE = 2  # click's own code for usage errors, and the hub's 400
+EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4  # cannot connect, bad admin token, hub or store unavailable
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Exit(Exception):
+    """Leave with ``code`` after printing ``message`` as one line on stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _client_options(fn: F) -> F:
+    """``--admin``, ``--token`` and ``--json`` on every client verb; one-line errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, admin_url: str, admin_token: str | None, as_json: bool,
+                **kwargs: Any) -> None:
+        try:
+            client = AdminClient(admin_url, admin_token)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--admin'") from None
+        try:
+            code = fn(*args, client=client, as_json=as_json, **kwargs)
+        except _Exit as exc:
+            click.echo(f"dispatcher: {exc.message}", err=True)
+            sys.exit(exc.code)
+        except AdminError as exc:
+            click.echo(f"dispatcher: {_explain(exc)}", err=True)
+            sys.exit(_exit_code(exc))
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # a bug must still be one line, never a traceback
+            click.echo(f"dispatcher: internal error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+        sys.exit(code or EXIT_OK)
+
+    wrapper = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON (for scripts) instead of tables.")(wrapper)
+    wrapper = click.option("--token", "admin_token", envvar="DISPATCHER_ADMIN_TOKEN",
+                           show_envvar=True, help="The hub's admin token.")(wrapper)
+    wrapper = click.option("--admin", "admin_url", envvar="DISPATCHER_ADMIN_URL",
+                           default=DEFAULT_URL, show_default=True, show_envvar=True,
+                           help="The hub's admin API.")(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _exit_code(exc: AdminError) -> int:
+    status = exc.status
+    if status is None or status in (401, 403) or (status >= 500 and status != 504):
+        return EXIT_UNREACHABLE
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status in (400, 413, 405):
+        return EXIT_USAGE
+    return EXIT_FAILED  # 409, 429, 504
+
+
+def _explain(exc: AdminError) -> str:
+    if exc.status in (401, 403):
+        return ("the hub refused the admin token (set --token or DISPATCHER_ADMIN_TOKEN): "
+                f"{exc.message}")
+    if exc.status is not None and exc.status >= 500 and exc.code not in ("timeout",
+                                                                          "delivery_timeout"):
+        return f"the hub answered {exc.status} ({exc.code}): {exc.message}"
+    return exc.message
+
+
+def _payload(raw: str | None, what: str = "JSON") -> Any:
+    """The optional JSON argument: '-' reads it from stdin."""
+    if raw is None:
+        return None
+    if raw == "-":
+        raw = sys.stdin.read()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc}); quote strings as '\"text\"'",
+                                 param_hint=what) from None
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                   .rstrip())
+
+
+def _ago(ms: Any, now: float | None = None) -> str:
+    """Unix milliseconds as a short age: '4s ago', '3m ago', '2h ago'."""
+    if not isinstance(ms, int | float) or not ms:
+        return "-"
+    now = datetime.now(UTC).timestamp() if now is None else now
+    return _span(now - ms / 1000) + " ago"
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _when(ms: Any) -> str:
+    if not isinstance(ms, int | float) or not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _show_command(info: dict[str, Any]) -> None:
+    """One command as 'field: value' lines."""
+    fields = [
+        ("id", info.get("id")), ("agent", info.get("agent_id")), ("key", info.get("key")),
+        ("status", info.get("status")), ("outcome", info.get("outcome") or "-"),
+        ("group", info.get("group") or "-"),
+        ("submitted", f"{_when(info.get('ts'))} ({_ago(info.get('ts'))})"),
+        ("updated", _when(info.get("updated"))), ("deadline", _when(info.get("deadline"))),
+        ("payload", _short(info.get("payload"), 200)),
+    ]
+    if info.get("outcome") in ("ok", "dropped"):
+        fields.append(("result", _short(info.get("result"), 200)))
+    if info.get("error"):
+        fields.append(("error", _short(info.get("error"), 200)))
+    for name, value in fields:
+        click.echo(f"{name + ':':<11}{value}")
+
+
+def _outcome_exit(info: dict[str, Any]) -> int:
+    return EXIT_OK if info.get("outcome") == "ok" else EXIT_FAILED
+
+
+def _failure_line(info: dict[str, Any]) -> str:
+    outcome = info.get("outcome")
+    err = info.get("error") or {}
+    if outcome == "error":
+        line = f"command {info.get('id')} failed: {err.get('code')}: {err.get('message')}"
+        if err.get("data") is not None:
+            line += f" (data: {_short(err['data'], 200)})"
+        return line
+    return f"command {info.get('id')} ended with outcome {outcome}"
+
+
+@main.command()
+@_client_options
+def agents(client: AdminClient, as_json: bool) -> int:
+    """List the connected agents (whole cluster).
+
+    \b
+    Example:
+      dispatcher agents --admin http://127.0.0.1:8081
+    """
+    found = client.agents()
+    if as_json:
+        _print_json(found)
+        return EXIT_OK
+    if not found:
+        click.echo("no agents connected")
+        return EXIT_OK
+    rows = [[a["id"], a.get("hub_id", "-"), _ago(a.get("connected_at")),
+             _ago(a.get("last_seen")), _short(a.get("meta") or {}, 50)]
+            for a in sorted(found, key=lambda a: str(a.get("id")))]
+    _table(["AGENT", "HUB", "CONNECTED", "LAST SEEN", "META"], rows)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("agent_id", metavar="AGENT")
+@_client_options
+def pending(agent_id: str, client: AdminClient, as_json: bool) -> int:
+    """List AGENT's commands that are not COMPLETE, oldest first.
+
+    \b
+    Example:
+      dispatcher pending worker-7
+    """
+    found = client.pending(agent_id)
+    if as_json:
+        _print_json(found)
+        return EXIT_OK
+    if not found:
+        click.echo(f"no pending commands for {agent_id}")
+        return EXIT_OK
+    now = datetime.now(UTC).timestamp()
+    rows = [[c["id"], c.get("key", ""), c.get("status", ""), _ago(c.get("ts"), now),
+             (_span(c["deadline"] / 1000 - now) if c.get("deadline") else "-"),
+             c.get("group") or "-"] for c in found]
+    _table(["COMMAND", "KEY", "STATUS", "SUBMITTED", "TIME LEFT", "GROUP"], rows)
+    return EXIT_OK
+
+
+@main.command(name="exec")
+@click.argument("agent_id", metavar="AGENT")
+@click.argument("key")
+@click.argument("payload", metavar="[JSON]", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds before the command times out (default: the hub's).")
+@click.option("--no-wait", is_flag=True, help="Return the command id once it is stored.")
+@click.option("--group", help="Coalescing group of the command.")
+@click.option("--id", "command_id", help="Your own command id (submitting it again is "
+              "idempotent).")
+@_client_options
+def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | None,
+             no_wait: bool, group: str | None, command_id: str | None, client: AdminClient,
+             as_json: bool) -> int:
+    """Run command KEY on AGENT with an optional JSON payload ('-' reads stdin).
+
+    Waits for the outcome and prints the agent's result; exits 1 when the
+    command fails, times out or is cancelled. With --no-wait, prints the
+    command's id once it is stored (follow it with `dispatcher command ID`).
+
+    \b
+    Examples:
+      dispatcher exec worker-7 echo '{"hello": "world"}'
+      dispatcher exec worker-7 sleep '{"seconds": 30}' --timeout 60 --no-wait
+    """
+    value = _payload(payload)
+    try:
+        info = client.execute(agent_id, key, value, timeout=timeout, group=group,
+                              command_id=command_id, wait=not no_wait)
+    except AdminError as exc:
+        if exc.status == 504 and as_json:
+            _print_json(exc.body)
+        raise
+    if no_wait:
+        if as_json:
+            _print_json(info)
+        else:
+            click.echo(info["id"])
+        return EXIT_OK
+    if as_json:
+        _print_json(info)
+    elif info.get("outcome") == "ok":
+        _print_json(info.get("result"))
+    if info.get("outcome") != "ok":
+        click.echo(f"dispatcher: {_failure_line(info)}", err=True)
+    return _outcome_exit(info)
+
+
+@main.command()
+@click.argument("command_id", metavar="ID")
+@_client_options
+def command(command_id: str, client: AdminClient, as_json: bool) -> int:
+    """Show command ID: status, outcome, result or error (exit 3 if unknown).
+
+    \b
+    Example:
+      dispatcher command 5f1c0a2e9b7d4c33-0000000001
+    """
+    info = client.command(command_id)
+    if as_json:
+        _print_json(info)
+    else:
+        _show_command(info)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("command_id", metavar="ID")
+@_client_options
+def cancel(command_id: str, client: AdminClient, as_json: bool) -> int:
+    """Cancel command ID (exit 1 if it is already COMPLETE, 3 if unknown).
+
+    \b
+    Example:
+      dispatcher cancel 5f1c0a2e9b7d4c33-0000000001
+    """
+    info = client.cancel(command_id)
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(f"cancelled {command_id}")
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("agent_ids", metavar="AGENT[,AGENT...]")
+@click.argument("key")
+@click.argument("data", metavar="[JSON]", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for each receipt (default: the hub's command timeout).")
+@_client_options
+def emit(*, agent_ids: str, key: str, data: str | None, timeout: float | None,
+         client: AdminClient, as_json: bool) -> int:
+    """Send event KEY (optional JSON data) to agents and wait for their receipts.
+
+    An agent that is away gets the event when it connects; until then it
+    counts as not received (exit 1), and the event stays queued.
+
+    \b
+    Example:
+      dispatcher emit worker-7,worker-8 config.reload '{"version": 3}' --timeout 5
+    """
+    targets = list(dict.fromkeys(a.strip() for a in agent_ids.split(",") if a.strip()))
+    if not targets:
+        raise click.BadParameter("name at least one agent", param_hint="AGENT")
+    value = _payload(data)
+
+    def one(agent_id: str) -> AdminError | None:
+        try:
+            client.emit(agent_id, key, value, timeout=timeout)
+        except AdminError as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+        outcomes = dict(zip(targets, pool.map(one, targets), strict=True))
+    hard = [exc for exc in outcomes.values() if exc is not None and exc.status != 504]
+    if hard:
+        raise max(hard, key=_exit_code)  # the gravest error decides the exit code
+    received = [a for a, exc in outcomes.items() if exc is None]
+    missing = [a for a, exc in outcomes.items() if exc is not None]
+    if as_json:
+        _print_json({"received": received, "pending": missing})
+    else:
+        for agent_id in targets:
+            state = "received" if agent_id in received else "not received in time (queued)"
+            click.echo(f"{agent_id}: {state}")
+    return EXIT_OK if not missing else EXIT_FAILED
+
+
+@main.command()
+@click.argument("key")
+@click.argument("data", metavar="[JSON]", required=False)
+@_client_options
+def broadcast(key: str, data: str | None, client: AdminClient, as_json: bool) -> int:
+    """Send event KEY (optional JSON data) to every connected agent, without receipts.
+
+    \b
+    Example:
+      dispatcher broadcast maintenance '{"in": "5m"}'
+    """
+    answer = client.broadcast(key, _payload(data))
+    if as_json:
+        _print_json(answer)
+    else:
+        click.echo(f"sent to {answer.get('agents', 0)} agent(s)")
+    return EXIT_OK
+
+
 def _run(coro: Any) -> None:
     """Run on uvloop when it is installed (PERFORMANCE.md), else asyncio's loop."""
     try:
@@ -151,6 +531,3 @@ def _run(coro: Any) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         runner(coro)
 
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)

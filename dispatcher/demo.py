@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent_client import Agent, CommandContext, CommandError
+import aiohttp
+
+from agent_client import Agent, CommandContext, CommandError, EventContext
 from agent_client.cli import build_agent
 
 from .config import HubConfig
@@ -29,6 +32,25 @@ async def _deploy(payload: Any, ctx: CommandContext) -> Any:
     raise CommandError("disk_full", "no space left on /var", {"free_mb": 3})
 
 
+class _Seen:
+    """Events the demo waits for: each handler prints its line and sets its Event."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.events: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    def handler(self, name: str, agent_id: str) -> Callable[[Any, EventContext], Awaitable[None]]:
+        async def on_event(data: Any, ctx: EventContext) -> None:
+            sender = f" from {ctx.sender}" if ctx.sender else " from the hub"
+            self.echo(f"  {agent_id} got event {ctx.key!r}{sender}: {data}")
+            self[name].set()
+
+        return on_event
+
+
 async def run_demo(n_agents: int = 3, port: int = 0,
                    echo: Callable[[str], None] = print) -> None:
     """Run the demo; ``echo`` prints one line (the CLI passes ``click.echo``)."""
@@ -49,16 +71,23 @@ async def run_demo(n_agents: int = 3, port: int = 0,
         hub.on("agent-connected", on_connected)
         hub.on("agent-disconnected",
                lambda agent, reason: echo(f"  - agent {agent.id} disconnected ({reason})"))
+        watch = _Seen(echo)
         agents: list[Agent] = []
         for i in range(1, n_agents + 1):
             agent = build_agent([url], f"demo-{i}", meta={"demo": True})
             agent.add_command("resize", _resize)
             agent.add_command("deploy", _deploy)
+            # Every agent takes config events; the last one also follows jobs.
+            agent.on("config.*")(watch.handler(f"config:{agent.agent_id}", agent.agent_id))
+            if i == n_agents and n_agents > 1:
+                agent.on("job.*")(watch.handler("job", agent.agent_id))
             agents.append(agent)
             await agent.start()
         try:
             await asyncio.wait_for(connected.wait(), 10)
             await _show(hub, echo, [a.agent_id for a in agents])
+            await _show_events(hub, echo, agents, watch)
+            await _show_admin(hub, echo, agents[0].agent_id)
         finally:
             for agent in agents:
                 await agent.stop()
@@ -106,3 +135,49 @@ async def _show(hub: Dispatcher, echo: Callable[[str], None], ids: list[str]) ->
     await late.start()
     echo(f"  {offline} connects; the hub delivers it: result {await handle}")
     await late.stop()
+
+
+async def _show_events(hub: Dispatcher, echo: Callable[[str], None], agents: list[Agent],
+                       seen: _Seen) -> None:
+    first = agents[0]
+    target = agents[1] if len(agents) > 1 else first
+    echo(f"\n6. an event from the hub, with a receipt (config.reload to {target.agent_id}):")
+    await hub.emit_to(target.agent_id, "config.reload", {"version": 2}, timeout=5)
+    await asyncio.wait_for(seen[f"config:{target.agent_id}"].wait(), 5)
+    echo(f"  receipt: {target.agent_id} answered 'received', so emit_to returned")
+    if len(agents) < 2:
+        return
+    last = agents[-1]
+    echo(f"\n7. an agent emits an event ({first.agent_id} emits job.done; "
+         f"{last.agent_id} subscribed to job.*):")
+    hub_saw = asyncio.Event()
+
+    def on_job(data: Any, sender: str) -> None:
+        echo(f"  the hub saw {sender} emit job.done: {data}")
+        hub_saw.set()
+
+    hub.on("job.done", on_job)
+    await first.emit("job.done", {"job": 42, "ok": True})
+    await asyncio.wait_for(asyncio.gather(hub_saw.wait(), seen["job"].wait()), 5)
+    hub.off("job.done", on_job)
+
+    echo(f"\n8. an agent calls a command on another agent through the hub "
+         f"({first.agent_id} calls sysinfo on {last.agent_id}):")
+    info = await first.call(last.agent_id, "sysinfo", timeout=5)
+    echo(f"  {first.agent_id} got {last.agent_id}'s answer: pid {info['pid']}, "
+         f"python {info['python']}")
+
+
+async def _show_admin(hub: Dispatcher, echo: Callable[[str], None], agent_id: str) -> None:
+    base = f"http://127.0.0.1:{hub.admin_port}"
+    echo(f"\n9. the same hub through its admin API ({base}, what `dispatcher agents` and "
+         "`dispatcher exec` use):")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/agents") as resp:
+            found = await resp.json()
+            echo(f"  GET /agents -> {resp.status}: {sorted(a['id'] for a in found)}")
+        body = {"key": "echo", "payload": {"via": "http"}}
+        async with http.post(f"{base}/agents/{agent_id}/commands", json=body) as resp:
+            info = await resp.json()
+            echo(f"  POST /agents/{agent_id}/commands {json.dumps(body)} -> {resp.status}: "
+                 f"outcome {info['outcome']}, result {info['result']}")

@@ -12,11 +12,17 @@ Every name starts with ``dispatcher_``; ``docs/admin-api.md`` lists them.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .models import TERMINAL_OUTCOMES, CommandInfo
@@ -59,21 +65,17 @@ class Metrics:
             "dispatcher_connections_refused",
             "Handshakes the hub refused, by error code (bad_hello, unauthorized, ...).",
             ["code"], registry=r)
-        self.frames_in = Counter(
-            "dispatcher_frames_in", "Frames received from agents, by type ('invalid': did "
-            "not decode).", ["type"], registry=r)
-        self.frames_out = Counter(
-            "dispatcher_frames_out", "Frames sent to agents, by type.", ["type"], registry=r)
-        self.commands_submitted = Counter(
-            "dispatcher_commands_submitted", "Commands stored by this hub (idempotent "
-            "resubmits not counted).", registry=r)
-        self.commands = Counter(
-            "dispatcher_commands", "Commands completed by this hub, by outcome.",
-            ["outcome"], registry=r)
-        self.command_duration = Histogram(
-            "dispatcher_command_duration_seconds",
-            "Command latency from submit to terminal state, by outcome.",
-            ["outcome"], buckets=COMMAND_BUCKETS, registry=r)
+        # The per-frame and per-command figures are plain integers, turned into
+        # Prometheus families only when scraped (HotCollector): prometheus-client's
+        # locked inc()/observe() cost ~3.5 us per command on the hot path.
+        self.frames_in: dict[str, int] = dict.fromkeys(_AGENT_FRAME_TYPES, 0)
+        self.frames_out: dict[str, int] = dict.fromkeys((*_HUB_FRAME_TYPES, "other"), 0)
+        self.commands_submitted = 0
+        self.commands: dict[str, int] = dict.fromkeys(TERMINAL_OUTCOMES, 0)
+        # outcome -> [bucket counts..., +Inf count], and the sums of seconds
+        self._duration: dict[str, list[int]] = {
+            o: [0] * (len(COMMAND_BUCKETS) + 1) for o in TERMINAL_OUTCOMES}
+        self._duration_sum: dict[str, float] = dict.fromkeys(TERMINAL_OUTCOMES, 0.0)
         self.store_round_trip = Histogram(
             "dispatcher_store_round_trip_seconds",
             "Latency of one pipelined write to the store and its replies (Redis engine).",
@@ -81,24 +83,18 @@ class Metrics:
         self.admin_requests = Counter(
             "dispatcher_admin_requests", "Admin API requests, by route, method and status.",
             ["route", "method", "status"], registry=r)
-        # Cached children: the hot paths below do one dict lookup and one inc().
-        self._in = {t: self.frames_in.labels(t) for t in _AGENT_FRAME_TYPES}
-        self._out_other = self.frames_out.labels("other")
-        self._out = {t.encode(): self.frames_out.labels(t) for t in _HUB_FRAME_TYPES}
-        self._outcomes = {o: (self.commands.labels(o), self.command_duration.labels(o))
-                          for o in TERMINAL_OUTCOMES}
+        self._out_names = {t.encode(): t for t in _HUB_FRAME_TYPES}
         self._closed: dict[str, Counter] = {}
         self._store_bound = False
+        r.register(HotCollector(self))
         if core is not None:
             self.bind_store(core.store)
             r.register(HubCollector(core))
 
     # -- hooks on the hot paths ------------------------------------------------------
     def frame_in(self, frame_type: str) -> None:
-        child = self._in.get(frame_type)
-        if child is None:
-            child = self._in[frame_type] = self.frames_in.labels(frame_type)
-        child.inc()
+        counts = self.frames_in
+        counts[frame_type] = counts.get(frame_type, 0) + 1
 
     def frame_out(self, data: bytes) -> None:
         """Count one encoded frame by type without decoding it.
@@ -106,21 +102,23 @@ class Metrics:
         ``to_wire()`` puts ``t`` first and every frame is a small msgpack map,
         so the type is the fixstr at byte 3: ``<fixmap> a1 't' <a0|n> TYPE``.
         """
+        name = "other"
         if data[1:3] == _FIXMAP_T and len(data) > 4:
-            child = self._out.get(data[4:4 + (data[3] & 0x1F)], self._out_other)
-        else:
-            child = self._out_other
-        child.inc()
+            name = self._out_names.get(data[4:4 + (data[3] & 0x1F)], "other")
+        self.frames_out[name] += 1
 
     def command_submitted(self) -> None:
-        self.commands_submitted.inc()
+        self.commands_submitted += 1
 
     def command_completed(self, info: CommandInfo) -> None:
         """A command reached COMPLETE here: count its outcome, observe submit→terminal."""
-        pair = self._outcomes.get(info.outcome or "")
-        if pair is not None:
-            pair[0].inc()
-            pair[1].observe(max(0, info.updated - info.ts) / 1000)
+        outcome = info.outcome or ""
+        buckets = self._duration.get(outcome)
+        if buckets is not None:
+            self.commands[outcome] += 1
+            seconds = max(0, info.updated - info.ts) / 1000
+            buckets[bisect_left(COMMAND_BUCKETS, seconds)] += 1
+            self._duration_sum[outcome] += seconds
 
     def connection_opened(self) -> None:
         self.connections_opened.inc()
@@ -146,6 +144,51 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this hub."""
         return generate_latest(self.registry)
+
+
+class HotCollector(Collector):
+    """The hot-path integers of :class:`Metrics` as Prometheus families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.m
+        fin = CounterMetricFamily("dispatcher_frames_in", "Frames received from agents, by "
+                                  "type ('invalid': did not decode).", labels=["type"])
+        for name, value in list(m.frames_in.items()):
+            fin.add_metric([name], value)
+        yield fin
+        fout = CounterMetricFamily("dispatcher_frames_out", "Frames sent to agents, by type.",
+                                   labels=["type"])
+        for name, value in m.frames_out.items():
+            fout.add_metric([name], value)
+        yield fout
+        yield CounterMetricFamily("dispatcher_commands_submitted", "Commands stored by this hub "
+                                  "(idempotent resubmits not counted).",
+                                  value=m.commands_submitted)
+        done = CounterMetricFamily("dispatcher_commands", "Commands completed by this hub, by "
+                                   "outcome.", labels=["outcome"])
+        for outcome, value in sorted(m.commands.items()):
+            done.add_metric([outcome], value)
+        yield done
+        hist = HistogramMetricFamily("dispatcher_command_duration_seconds",
+                                     "Command latency from submit to terminal state, by "
+                                     "outcome.", labels=["outcome"])
+        for outcome, counts in sorted(m._duration.items()):
+            cumulative, total = [], 0
+            for bound, count in zip((*COMMAND_BUCKETS, float("inf")), counts, strict=True):
+                total += count
+                cumulative.append((_bound(bound), total))
+            hist.add_metric([outcome], cumulative, m._duration_sum[outcome])
+        yield hist
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
 
 
 class HubCollector(Collector):

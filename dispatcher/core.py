@@ -9,7 +9,7 @@ public :class:`~dispatcher.Dispatcher` adds the servers around it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 import structlog
@@ -52,6 +52,10 @@ class Session(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection with a close code of PROTOCOL.md."""
+
+    @staticmethod
+    def send_many(sessions: list[Any], data: bytes) -> int:
+        """Send one frame to many sessions of this type; returns how many it reached."""
 
 
 class _Delivery:
@@ -303,6 +307,25 @@ class HubCore(EventEmitter):
             delivery.backlog.append((cmd_id, data))
             return True
         return session.send(data)
+
+    def send_to_many(self, agent_ids: Iterable[str], data: bytes,
+                     skip: str | None = None) -> int:
+        """One frame to every listed agent connected here (fan-out), in one pass."""
+        ready: list[Session] = []
+        for agent_id in agent_ids:
+            if agent_id == skip:
+                continue
+            session = self._sessions.get(agent_id)
+            if session is None:
+                continue
+            delivery = self._delivery[agent_id]
+            if delivery.ready:
+                ready.append(session)
+            else:
+                delivery.backlog.append((None, data))
+        if not ready:
+            return 0
+        return type(ready[0]).send_many(ready, data)
 
     def connected_ids(self) -> list[str]:
         """Agents connected to this hub."""

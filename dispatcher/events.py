@@ -183,11 +183,7 @@ class Events:
         """An event for this hub's agents: subscribers of ``key`` other than the
         sender, or everyone when there is no sender (broadcast)."""
         targets = self.core.connected_ids() if sender is None else self.subscribers(key)
-        sent = 0
-        for agent_id in targets:
-            if agent_id != sender and self._send_or_none(agent_id, frame, None):
-                sent += 1
-        return sent
+        return self.core.send_to_many(targets, frame, skip=sender)
 
     # -- frames from agents ---------------------------------------------------------------
     async def on_emit(self, session: Session, frame: P.EmitFrame) -> None:

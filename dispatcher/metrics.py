@@ -102,10 +102,14 @@ class Metrics:
         ``to_wire()`` puts ``t`` first and every frame is a small msgpack map,
         so the type is the fixstr at byte 3: ``<fixmap> a1 't' <a0|n> TYPE``.
         """
+        self.frame_out_many(data, 1)
+
+    def frame_out_many(self, data: bytes, n: int) -> None:
+        """The same frame sent to ``n`` connections (fan-out)."""
         name = "other"
         if data[1:3] == _FIXMAP_T and len(data) > 4:
             name = self._out_names.get(data[4:4 + (data[3] & 0x1F)], "other")
-        self.frames_out[name] += 1
+        self.frames_out[name] += n
 
     def command_submitted(self) -> None:
         self.commands_submitted += 1

@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 MAX_FRAMES_IN_FLIGHT = 256
 # Seconds a connection may stay over its frame rate before it is closed (1008).
 RATE_LIMIT_GRACE = 5.0
+# Frames one connection's reader handles before it lets the other tasks run.
+FAIR_SLICE = 64
 
 
 def agent_token(secret: str, agent_id: str) -> str:
@@ -136,6 +138,24 @@ class WsSession:
             return False
         return True
 
+    @staticmethod
+    def send_many(sessions: list[WsSession], data: bytes) -> int:
+        """One frame to many connections (fan-out): websockets' broadcast writes
+        it to each without waiting; the same buffer bound applies to each."""
+        if not sessions:
+            return 0
+        server = sessions[0]._server
+        conns = [s.ws for s in sessions if s.ws.protocol.state is State.OPEN]
+        broadcast(conns, data)
+        limit = server.max_send_buffer
+        for ws in conns:
+            if ws.transport.get_write_buffer_size() > limit:
+                log.warning("send_buffer_overflow", buffered=ws.transport.get_write_buffer_size())
+                assert isinstance(ws, AgentConnection)
+                ws.abort("send_buffer_overflow")
+        server.metrics.frame_out_many(data, len(conns))
+        return len(conns)
+
     def close(self, code: int, reason: str) -> None:
         self._server.close_soon(self.ws, code, reason)
 
@@ -216,12 +236,14 @@ class AgentServer:
         # Limits (API.md, Security), answered before the upgrade costs anything.
         config = self.config
         attached = self.core.connected_count
-        if attached >= config.max_agents:
+        # Upgraded connections that have not said hello yet count too, or
+        # concurrent handshakes could overshoot max_agents.
+        opened = len(self._server.connections) if self._server is not None else 0
+        if max(attached, opened) >= config.max_agents:
             log.warning("agent_refused_hub_full", max_agents=config.max_agents)
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 f"hub full: {config.max_agents} agents (max_agents)\n")
-        if self._server is not None and \
-                len(self._server.connections) - attached > config.max_handshakes:
+        if opened - attached >= config.max_handshakes:
             log.warning("agent_refused_handshakes", max_handshakes=config.max_handshakes)
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "too many connections in their handshake; retry\n")
@@ -250,9 +272,17 @@ class AgentServer:
         rate = self.config.max_frame_rate
         tokens, last = rate, loop.time()
         limited_since: float | None = None
-        warned = 0.0
+        warned = dropped_at = 0.0
+        streak = 0
         try:
             while True:
+                # recv() does not suspend while messages are queued, and one read
+                # can queue thousands: yield now and then so that a flooding
+                # connection cannot hold the loop away from the other agents.
+                streak += 1
+                if streak >= FAIR_SLICE:
+                    streak = 0
+                    await asyncio.sleep(0)
                 try:
                     message = await ws.recv()
                 except ConnectionClosed:
@@ -266,9 +296,12 @@ class AgentServer:
                             limited_since = now
                         elif now - limited_since > RATE_LIMIT_GRACE:
                             log.warning("rate_limit_close", agent_id=session.agent_id)
-                            self.close_soon(ws, P.CloseCode.POLICY_VIOLATION,
-                                            "frame rate limit exceeded")
+                            # Awaited: once this handler returns websockets closes
+                            # with 1000, which would overtake a close left to a task.
+                            await ws.close(P.CloseCode.POLICY_VIOLATION,
+                                           "frame rate limit exceeded")
                             break
+                        dropped_at = now
                         if now - warned >= 1.0:
                             warned = now
                             frame_in("rate_limited")
@@ -277,7 +310,10 @@ class AgentServer:
                                 f"over {rate:g} frames per second; frames are being dropped")))
                         continue
                     tokens -= 1.0
-                    limited_since = None
+                    # A flood still gets a frame through at the refill rate; it is
+                    # back under the rate only after a whole second without a drop.
+                    if limited_since is not None and now - dropped_at >= 1.0:
+                        limited_since = None
                 try:
                     frame = P.decode(message)
                 except P.ProtocolError as exc:

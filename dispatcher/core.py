@@ -310,8 +310,10 @@ class HubCore(EventEmitter):
 
     def send_to_many(self, agent_ids: Iterable[str], data: bytes,
                      skip: str | None = None) -> int:
-        """One frame to every listed agent connected here (fan-out), in one pass."""
+        """One frame to every listed agent connected here (fan-out), in one pass;
+        returns how many it reached (agents still in their catch-up get it next)."""
         ready: list[Session] = []
+        waiting = 0
         for agent_id in agent_ids:
             if agent_id == skip:
                 continue
@@ -323,9 +325,10 @@ class HubCore(EventEmitter):
                 ready.append(session)
             else:
                 delivery.backlog.append((None, data))
+                waiting += 1
         if not ready:
-            return 0
-        return type(ready[0]).send_many(ready, data)
+            return waiting
+        return waiting + type(ready[0]).send_many(ready, data)
 
     def connected_ids(self) -> list[str]:
         """Agents connected to this hub."""

@@ -290,7 +290,9 @@ class Agent:
                     close_timeout=min(5.0, self.heartbeat),
                     max_size=self.max_frame,
                     compression=None,
-                    ssl=self.ssl if url.startswith("wss:") else None,
+                    # wss:// without a context of ours: the default one (system
+                    # trust, SSL_CERT_FILE); websockets refuses ssl=None there.
+                    ssl=(self.ssl or True) if url.startswith("wss:") else None,
                 ) as ws:
                     served = await self._serve(ws)
             except HelloRefused as exc:

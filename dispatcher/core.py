@@ -150,7 +150,9 @@ class HubCore(EventEmitter):
         """
         if self._closing:
             raise HubClosed("the hub is closed")
-        if not P.is_valid_agent_id(agent_id):
+        # Connected agents' ids were checked at their hello: skip the regex.
+        if not (type(agent_id) is str and agent_id in self._sessions) \
+                and not P.is_valid_agent_id(agent_id):
             raise ValueError(f"invalid agent id {agent_id!r}")
         if not isinstance(command_key, str) or not 0 < len(command_key) <= P.MAX_KEY_LENGTH:
             raise ValueError("command_key must be a non-empty string of at most 256 characters")
@@ -168,8 +170,6 @@ class HubCore(EventEmitter):
             group = None
         if group is not None and (not isinstance(group, str) or not group):
             raise ValueError("group must be a non-empty string or True")
-        # Fail fast on payloads that cannot cross the wire or be stored.
-        P.pack(payload)
         loop = self.loop
         ts = now_ms()
         timeout_ms = self._timeout_ms if timeout is None else int(timeout * 1000)
@@ -184,6 +184,9 @@ class HubCore(EventEmitter):
             origin=self.hub_id,
             payload=payload,
         )
+        # Encoded once, here: fails fast (TypeError) on payloads that cannot
+        # cross the wire or be stored, and is the frame the agent gets.
+        frame = _cmd_bytes(cmd)
         handle = CommandHandle(cmd.id, agent_id, command_key, loop, self.cancel_command)
         drop: DropSpec = drop_all_pending or None
         self._handles[cmd.id] = handle
@@ -199,11 +202,11 @@ class HubCore(EventEmitter):
             except DispatcherError as exc:
                 self._submit_failed(handle, cmd, exc)
                 return handle
-            heads = self._after_create(handle, cmd, res)
+            heads = self._after_create(handle, cmd, res, frame)
             if heads:
                 self._spawn(self._release_groups(heads, res.command.id))
         else:
-            self._spawn(self._submit(handle, cmd, drop, require_online))
+            self._spawn(self._submit(handle, cmd, frame, drop, require_online))
         return handle
 
     def _submit_failed(self, handle: CommandHandle, cmd: CommandInfo,
@@ -215,7 +218,8 @@ class HubCore(EventEmitter):
             self._store_failed(exc)
 
     async def _submit(
-        self, handle: CommandHandle, cmd: CommandInfo, drop: DropSpec, require_online: bool
+        self, handle: CommandHandle, cmd: CommandInfo, frame: bytes, drop: DropSpec,
+        require_online: bool,
     ) -> None:
         try:
             if require_online and not await self._is_online(cmd.agent_id):
@@ -226,12 +230,12 @@ class HubCore(EventEmitter):
         except DispatcherError as exc:
             self._submit_failed(handle, cmd, exc)
             return
-        heads = self._after_create(handle, cmd, res)
+        heads = self._after_create(handle, cmd, res, frame)
         if heads:
             await self._release_groups(heads, res.command.id)
 
     def _after_create(self, handle: CommandHandle, cmd: CommandInfo,
-                      res: CreateResult) -> dict[str, CommandInfo]:
+                      res: CreateResult, frame: bytes) -> dict[str, CommandInfo]:
         """The command is stored: resolve drops, deliver. Returns the dropped group
         leaders whose groups need their next member released."""
         handle._set_submitted()
@@ -256,7 +260,7 @@ class HubCore(EventEmitter):
             return heads
         self.metrics.command_submitted()
         if not res.coalesced:
-            self._deliver(stored, res.location)
+            self._deliver(stored, res.location, frame)
         return heads
 
     async def _release_groups(self, heads: dict[str, CommandInfo], new_id: str) -> None:
@@ -273,12 +277,14 @@ class HubCore(EventEmitter):
             return True
         return await self.store.get_agent(agent_id) is not None
 
-    def _deliver(self, cmd: CommandInfo, location: str | bool | None = True) -> None:
+    def _deliver(self, cmd: CommandInfo, location: str | bool | None = True,
+                 frame: bytes | None = None) -> None:
         """Send a stored command to its agent, here or on the hub it is connected to;
         otherwise it stays PENDING until the agent connects (PROTOCOL.md, Handshake,
         step 4). ``location``: the agent's hub if known, None if it is nowhere,
         True to look it up."""
-        frame = _cmd_bytes(cmd)
+        if frame is None:
+            frame = _cmd_bytes(cmd)
         if self.send_to_agent(cmd.agent_id, frame, cmd.id) or not self.cluster.enabled:
             return
         if location is True:

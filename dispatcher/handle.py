@@ -63,7 +63,6 @@ class CommandHandle:
         self.agent_id = agent_id
         self.key = key
         self._result: asyncio.Future[Any] = loop.create_future()
-        self._result.add_done_callback(_consume)
         # Created only if someone asks (most callers never do): a future less
         # per command on the hot path. True/exception once known.
         self._submitted: asyncio.Future[None] | None = None
@@ -163,7 +162,13 @@ class CommandHandle:
         if exc is None:
             self._result.set_result(info.result)
         else:
-            self._result.set_exception(exc)
+            self._set_exception(exc)
+
+    def _set_exception(self, exc: BaseException) -> None:
+        # Nobody has to await a handle (fire-and-forget is legitimate): mark
+        # the exception retrieved so it is not logged at garbage collection.
+        self._result.set_exception(exc)
+        self._result.exception()
 
     def _fail(self, exc: BaseException) -> None:
         self._stop_timer()
@@ -172,7 +177,7 @@ class CommandHandle:
             if self._submitted is not None and not self._submitted.done():
                 self._submitted.set_exception(exc)
         if not self._result.done():
-            self._result.set_exception(exc)
+            self._set_exception(exc)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -78,6 +78,47 @@ class AgentConnection(ServerConnection):
     lost_reason: str | None = None
     _liveness: asyncio.TimerHandle | None = None
     _heartbeat: float = 0.0
+    _corked: bool = False
+    max_send_buffer: int = 4 * 1024 * 1024
+
+    def queue_frame(self, data: bytes) -> bool:
+        """Queue one binary message; everything queued during this event-loop
+        turn leaves in one write (one system call instead of one per frame).
+
+        Never waits: the send-buffer bound replaces the backpressure a drain
+        would give (a reader that does not read is dropped, not waited for).
+        """
+        if self.protocol.state is not State.OPEN:
+            return False
+        self.protocol.send_binary(data)
+        if not self._corked:
+            self._corked = True
+            self.loop.call_soon(self._uncork)
+        return True
+
+    def _uncork(self) -> None:
+        self._corked = False
+        chunks = self.protocol.data_to_send()
+        if not chunks:
+            return
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if all(chunks):
+            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        else:
+            # An empty chunk means end of stream (after a close): keep
+            # websockets' own handling for that rare case.
+            for chunk in chunks:
+                if chunk:
+                    transport.write(chunk)
+                elif transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        if transport.get_write_buffer_size() > self.max_send_buffer:
+            log.warning("send_buffer_overflow", buffered=transport.get_write_buffer_size())
+            self.abort("send_buffer_overflow")
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
@@ -122,39 +163,22 @@ class WsSession:
         self.session_id = info.session
 
     def send(self, data: bytes) -> bool:
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if not self.ws.queue_frame(data):
             return False
-        # broadcast() writes synchronously without awaiting the drain: the
-        # hub never waits on one slow agent. The buffer bound below replaces
-        # the backpressure a drain would give.
-        broadcast((ws,), data)
         self._server.metrics.frame_out(data)
-        transport = ws.transport
-        if transport.get_write_buffer_size() > self._server.max_send_buffer:
-            log.warning("send_buffer_overflow", agent_id=self.agent_id,
-                        buffered=transport.get_write_buffer_size())
-            ws.abort("send_buffer_overflow")
-            return False
         return True
 
     @staticmethod
     def send_many(sessions: list[WsSession], data: bytes) -> int:
-        """One frame to many connections (fan-out): websockets' broadcast writes
-        it to each without waiting; the same buffer bound applies to each."""
+        """One frame to many connections (fan-out), queued on each without waiting."""
         if not sessions:
             return 0
-        server = sessions[0]._server
-        conns = [s.ws for s in sessions if s.ws.protocol.state is State.OPEN]
-        broadcast(conns, data)
-        limit = server.max_send_buffer
-        for ws in conns:
-            if ws.transport.get_write_buffer_size() > limit:
-                log.warning("send_buffer_overflow", buffered=ws.transport.get_write_buffer_size())
-                assert isinstance(ws, AgentConnection)
-                ws.abort("send_buffer_overflow")
-        server.metrics.frame_out_many(data, len(conns))
-        return len(conns)
+        sent = 0
+        for session in sessions:
+            if session.ws.queue_frame(data):
+                sent += 1
+        sessions[0]._server.metrics.frame_out_many(data, sent)
+        return sent
 
     def close(self, code: int, reason: str) -> None:
         self._server.close_soon(self.ws, code, reason)
@@ -177,6 +201,7 @@ class AgentServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
         self.port: int | None = None
+        self._open = 0  # connections past the upgrade, handshaking or attached
 
     @property
     def auth_required(self) -> bool:
@@ -238,7 +263,7 @@ class AgentServer:
         attached = self.core.connected_count
         # Upgraded connections that have not said hello yet count too, or
         # concurrent handshakes could overshoot max_agents.
-        opened = len(self._server.connections) if self._server is not None else 0
+        opened = self._open  # a counter: websockets' Server.connections is O(n) per call
         if max(attached, opened) >= config.max_agents:
             log.warning("agent_refused_hub_full", max_agents=config.max_agents)
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -251,7 +276,15 @@ class AgentServer:
 
     # -- one connection ----------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
+        self._open += 1
+        try:
+            await self._serve(ws)
+        finally:
+            self._open -= 1
+
+    async def _serve(self, ws: ServerConnection) -> None:
         assert isinstance(ws, AgentConnection)
+        ws.max_send_buffer = self.max_send_buffer
         ws.watch_liveness(self.config.heartbeat)
         session = await self._handshake(ws)
         if session is None:

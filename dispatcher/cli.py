@@ -22,6 +22,7 @@ from .config import HubConfig
 from .demo import run_demo
 from .errors import DispatcherError
 from .hub import Dispatcher
+from .runtime import tune_gc
 from .transport import agent_token
 
 __all__ = ["main"]
@@ -120,6 +121,7 @@ async def _serve(config: HubConfig) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
     await hub.listen()
+    tune_gc()  # this process is the hub: see dispatcher/runtime.py
     try:
         await stop.wait()
     finally:

@@ -46,6 +46,11 @@ class OursPeer(Peer):
         hub.on("agent-connected", lambda _info: self.agent_connected())
         hub.on("agent-disconnected", lambda _info, _reason: self.agent_disconnected())
         await hub.listen()
+        # As `dispatcher serve` does once it listens: this server process runs
+        # the hub the way the product's entry point runs it.
+        from dispatcher.runtime import tune_gc  # noqa: PLC0415
+
+        tune_gc()
         return int(hub.port)
 
     async def close(self) -> None:

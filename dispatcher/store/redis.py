@@ -100,13 +100,18 @@ class RedisStore(Store):
         # health check: a connection idle for a second is PINGed first, and a
         # stale one (Redis restarted meanwhile) is replaced before our batch is
         # written, so a restart costs no failed call once Redis is back.
+        # The read timeout is ours, one per pipelined write (``_send``): a
+        # per-reply socket_timeout costs an asyncio.timeout for every reply.
+        self._op_timeout = socket_timeout
         self._pool = make_pool(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            url, socket_timeout=None, socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 1), health_check_interval=1, max_connections=8,
             protocol=2,  # the scripts' replies are parsed as RESP2 arrays
         )
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+        self._sha_bytes = {name: sha.encode() for name, sha in self._sha.items()}
         self._queue: list[_Op] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
@@ -162,7 +167,11 @@ class RedisStore(Store):
     # -- batching -----------------------------------------------------------
     def _call(self, script: str | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue one command (or script call) for the next pipelined write."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            # Cached: on Python 3.11 get_running_loop() costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             fut.set_exception(StoreUnavailable("the store is closed"))
         elif not self._healthy:
@@ -185,7 +194,7 @@ class RedisStore(Store):
     def _command(self, op: _Op) -> tuple[Any, ...]:
         if op.script is None:
             return op.args
-        return ("EVALSHA", self._sha[op.script], *op.args)
+        return (b"EVALSHA", self._sha_bytes[op.script], *op.args)
 
     async def _execute(self, batch: list[_Op]) -> None:
         try:
@@ -224,15 +233,16 @@ class RedisStore(Store):
             conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         commands = [self._command(op) for op in batch]
         start = time.perf_counter()
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=True)
-        self.round_trips += 1
-        self.operations += len(commands)
         results: list[Any] = []
-        for _ in commands:
-            try:
-                results.append(await conn.read_response())
-            except ResponseError as exc:  # one command's error; the stream is in sync
-                results.append(exc)
+        async with asyncio.timeout(self._op_timeout):
+            await conn.send_packed_command(_resp(commands), check_health=True)
+            self.round_trips += 1
+            self.operations += len(commands)
+            for _ in commands:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as exc:  # one command's error; the stream is in sync
+                    results.append(exc)
         if self.on_round_trip is not None:
             self.on_round_trip(time.perf_counter() - start)
         return results
@@ -499,6 +509,31 @@ class RedisStore(Store):
 
 
 # -- decoding ---------------------------------------------------------------------
+
+def _resp(commands: list[tuple[Any, ...]]) -> bytes:
+    """Commands in the Redis protocol (RESP), packed in one go.
+
+    What redis-py's pack_commands does, several times cheaper: it was the
+    largest single cost of the Redis engine's hot path (PERFORMANCE.md).
+    """
+    out: list[bytes] = []
+    push = out.append
+    for args in commands:
+        push(b"*%d\r\n" % len(args))
+        for arg in args:
+            if isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, int):
+                data = b"%d" % arg
+            else:
+                data = repr(arg).encode()  # floats
+            push(b"$%d\r\n" % len(data))
+            push(data)
+            push(b"\r\n")
+    return b"".join(out)
+
 
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():

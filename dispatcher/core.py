@@ -9,6 +9,7 @@ public :class:`~dispatcher.Dispatcher` adds the servers around it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -205,9 +206,30 @@ class HubCore(EventEmitter):
             heads = self._after_create(handle, cmd, res, frame)
             if heads:
                 self._spawn(self._release_groups(heads, res.command.id))
+        elif not require_online:
+            # Networked store: a callback on the store's future, not a task.
+            fut = self.store.create_command_start(
+                cmd, drop=drop, max_pending=self.config.max_inflight_per_agent)
+            fut.add_done_callback(functools.partial(self._created, handle, cmd, frame))
         else:
             self._spawn(self._submit(handle, cmd, frame, drop, require_online))
         return handle
+
+    def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes,
+                 fut: asyncio.Future[CreateResult]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if not isinstance(exc, DispatcherError):
+                log.error("submit_failed", command_id=cmd.id, exc_info=exc)
+                exc = DispatcherError(f"submit failed: {exc!r}")
+            self._submit_failed(handle, cmd, exc)
+            return
+        res = fut.result()
+        heads = self._after_create(handle, cmd, res, frame)
+        if heads and not self._closing:
+            self._spawn(self._release_groups(heads, res.command.id))
 
     def _submit_failed(self, handle: CommandHandle, cmd: CommandInfo,
                        exc: DispatcherError) -> None:
@@ -619,6 +641,76 @@ class HubCore(EventEmitter):
         self._emit("agent-disconnected", session.info.copy(), reason)
 
     # -- frames from an agent (called by the transport) --------------------------
+    def on_answer_nowait(self, session: Session, frame: P.Frame) -> asyncio.Future[Any] | None:
+        """Apply an ack/result/fail through the store's future and a callback (no task);
+        the future to bound how many are in flight. None for any other frame."""
+        agent_id = session.agent_id
+        now = now_ms()
+        fut: asyncio.Future[Any]
+        if isinstance(frame, P.ResultFrame):
+            fut = self.store.complete_start(frame.id, "ok", now=now, result=frame.data,
+                                            agent_id=agent_id)
+            fut.add_done_callback(functools.partial(self._answered, session, frame.id, now))
+        elif isinstance(frame, P.FailFrame):
+            fut = self.store.complete_start(frame.id, "error", now=now, error=frame.error,
+                                            agent_id=agent_id)
+            fut.add_done_callback(functools.partial(self._answered, session, frame.id, now))
+        elif isinstance(frame, P.AckFrame):
+            fut = self.store.mark_active_start(frame.id, agent_id, now)
+            fut.add_done_callback(functools.partial(self._acked, session, frame.id))
+        elif isinstance(frame, P.ProgressFrame):
+            # Same path as the answers, so a progress frame cannot overtake
+            # the result that follows it (their store calls keep their order).
+            handle = self._handles.get(frame.id)
+            if handle is not None and handle.agent_id == agent_id:
+                handle._push_progress(frame.data)
+                return _done_future(self.loop)
+            fut = self.store.progress_origin_start(frame.id, agent_id)
+            fut.add_done_callback(functools.partial(self._progressed, session, frame.id,
+                                                    frame.data))
+        else:
+            return None
+        return fut
+
+    def _progressed(self, session: Session, cmd_id: str, data: Any,
+                    fut: asyncio.Future[str]) -> None:
+        if fut.cancelled() or self._answer_failed(session, cmd_id, fut):
+            return
+        if self.cluster.enabled:
+            self.cluster.notify_progress(fut.result(), cmd_id, data)
+
+    def _answered(self, session: Session, cmd_id: str, now: int,
+                  fut: asyncio.Future[CommandInfo]) -> None:
+        if fut.cancelled() or self._answer_failed(session, cmd_id, fut):
+            return
+        info = fut.result()
+        self.metrics.command_completed(info)
+        self._completed(info, tell_agent=False)
+        if info.group is not None and not self._closing:
+            assert info.outcome is not None
+            self._spawn(self._group_after(info, info.outcome, now, info.result, info.error))
+
+    def _acked(self, session: Session, cmd_id: str, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled():
+            self._answer_failed(session, cmd_id, fut)
+
+    def _answer_failed(self, session: Session, cmd_id: str, fut: asyncio.Future[Any]) -> bool:
+        """Answer a failed ack/result/fail the way ``on_frame`` does; True if it failed."""
+        exc = fut.exception()
+        if exc is None:
+            return False
+        if isinstance(exc, UnknownCommand):
+            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), cmd_id)))
+        elif isinstance(exc, StoreUnavailable):
+            self._store_failed(exc)
+            session.send(P.encode(P.ErrorFrame(
+                P.ErrorCode.INTERNAL, "the hub's store is unavailable; send it again later",
+                cmd_id)))
+        else:
+            log.error("frame_failed", agent_id=session.agent_id, command_id=cmd_id, exc_info=exc)
+            session.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", cmd_id)))
+        return True
+
     async def on_frame(self, session: Session, frame: P.Frame) -> None:
         """Apply one frame; answer bad ones with an ``error`` frame, never raise."""
         try:
@@ -758,6 +850,12 @@ class HubCore(EventEmitter):
 def _older(a: CommandInfo, b: CommandInfo) -> bool:
     """Whether ``a`` comes before ``b`` in an agent's pending order (oldest first)."""
     return (a.ts, a.id) < (b.ts, b.id)
+
+
+def _done_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = loop.create_future()
+    fut.set_result(None)
+    return fut
 
 
 def _cmd_bytes(cmd: CommandInfo) -> bytes:

@@ -296,7 +296,7 @@ class AgentServer:
         # order; error replies may come back out of order (they carry ``ref``).
         # Bounded per connection.
         inline = not core.store.shared
-        inflight: set[asyncio.Task[None]] = set()
+        inflight: set[asyncio.Future[Any]] = set()
         loop = asyncio.get_running_loop()
         frame_in = self.metrics.frame_in
         # Frames per second (API.md, Security): a token bucket of one second's
@@ -357,9 +357,13 @@ class AgentServer:
                 if inline:
                     await core.on_frame(session, frame)
                     continue
-                task = loop.create_task(core.on_frame(session, frame))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
+                # Answers (the hot path) chain a callback on the store's
+                # future; anything else runs as a task. Both count as in flight.
+                pending = core.on_answer_nowait(session, frame)
+                if pending is None:
+                    pending = loop.create_task(core.on_frame(session, frame))
+                inflight.add(pending)
+                pending.add_done_callback(inflight.discard)
                 if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
                     await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
         finally:

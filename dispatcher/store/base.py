@@ -10,6 +10,7 @@ that an engine never reads a clock of its own.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,27 @@ class Store(ABC):
     def mark_active_now(self, cmd_id: str, agent_id: str, now: int) -> None:
         """``mark_active`` without awaiting; only when ``sync`` is True."""
         raise NotImplementedError
+
+    # Futures instead of coroutines, for the hot paths of networked engines:
+    # the core chains a callback instead of running a task per command. These
+    # defaults wrap the coroutines; the Redis engine answers from its batcher.
+    def create_command_start(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> asyncio.Future[CreateResult]:
+        return asyncio.ensure_future(self.create_command(cmd, drop=drop, max_pending=max_pending))
+
+    def complete_start(
+        self, cmd_id: str, outcome: Outcome, *, now: int, result: Any = None,
+        error: dict[str, Any] | None = None, agent_id: str | None = None,
+    ) -> asyncio.Future[CommandInfo]:
+        return asyncio.ensure_future(self.complete(cmd_id, outcome, now=now, result=result,
+                                                   error=error, agent_id=agent_id))
+
+    def mark_active_start(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.mark_active(cmd_id, agent_id, now))
+
+    def progress_origin_start(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
+        return asyncio.ensure_future(self.progress_origin(cmd_id, agent_id))
 
     @property
     def healthy(self) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -54,6 +55,7 @@ HealthListener = Callable[[bool, BaseException | None], None]
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 _MAX_BATCH = 1024
+_MAX_BATCHES_IN_FLIGHT = 32  # written, replies not read yet (bounds memory and latency)
 _PACKED_DROPPED = pack(DROPPED_RESULT)
 _REJECTIONS = {
     0: "no command {id!r}",
@@ -114,6 +116,12 @@ class RedisStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        # batches written on the connection whose replies are not read yet
+        self._sent: deque[tuple[list[_Op], float, AbstractConnection]] = deque()
+        self._replies = asyncio.Event()
+        self._room = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
         self._healthy = True
@@ -137,7 +145,16 @@ class RedisStore(Store):
         self._listener = listener
 
     async def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name="redis-batcher")
+        loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run(), name="redis-writer")
+        self._reader = loop.create_task(self._read(), name="redis-reader")
+        try:
+            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(self._op_timeout):
+                await self._load_scripts(conn)
+        except _UNAVAILABLE as exc:
+            await self._drop_connection()
+            self._mark_unhealthy(exc)
         try:
             await self.ping()
         except StoreUnavailable:
@@ -149,12 +166,12 @@ class RedisStore(Store):
         if self._closed:
             return
         self._closed = True
-        for task in (self._runner, self._probe):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._runner, self._probe) if t is not None),
-                             return_exceptions=True)
-        for op in self._queue:
+        tasks = [t for t in (self._runner, self._reader, self._probe, *self._side_tasks)
+                 if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for op in [op for batch, _, _ in self._sent for op in batch] + self._queue:
             if not op.future.done():
                 op.future.set_exception(StoreUnavailable("the store is closed"))
         self._queue.clear()
@@ -182,74 +199,125 @@ class RedisStore(Store):
             self._wakeup.set()
         return fut
 
+    # The connection is fully pipelined: a writer sends each batch as soon as
+    # it is ready, without waiting for the replies of the previous one, and a
+    # reader takes the replies in order. Redis runs one connection's commands
+    # in order, so the store's writes keep the order the hub made them in,
+    # and the hub never idles for a round trip while work is queued.
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                if len(self._sent) >= _MAX_BATCHES_IN_FLIGHT:
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
                 batch = self._queue[:_MAX_BATCH]
                 del self._queue[:_MAX_BATCH]
-                await self._execute(batch)
+                await self._write(batch)
 
     def _command(self, op: _Op) -> tuple[Any, ...]:
         if op.script is None:
             return op.args
         return (b"EVALSHA", self._sha_bytes[op.script], *op.args)
 
-    async def _execute(self, batch: list[_Op]) -> None:
+    async def _write(self, batch: list[_Op]) -> None:
         try:
-            results = await self._send(batch)
-            retry = [op for op, res in zip(batch, results, strict=True)
-                     if isinstance(res, NoScriptError)]
-            if retry:
-                # Redis restarted or flushed its script cache: load and resend
-                # just those (a NOSCRIPT reply means the script did not run).
-                await self._load_scripts()
-                again = await self._send(retry)
-                redo = dict(zip(map(id, retry), again, strict=True))
-                results = [redo.get(id(op), res) for op, res in zip(batch, results, strict=True)]
+            async with asyncio.timeout(self._op_timeout):
+                conn = self._conn
+                if conn is None:
+                    conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                    self._conn = conn
+                elif not self._sent:
+                    # Nothing is being read: PING a connection idle for a second
+                    # first (redis-py's health check), so a Redis restarted
+                    # meanwhile costs a reconnect, not a failed batch.
+                    await conn.check_health()  # type: ignore[no-untyped-call]
+                await conn.send_packed_command(_resp([self._command(op) for op in batch]),
+                                               check_health=False)
         except _UNAVAILABLE as exc:
-            await self._drop_connection()
-            self._mark_unhealthy(exc)
-            self.errors += len(batch)
-            err = StoreUnavailable(f"Redis is unreachable: {exc}")
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(err)
+            await self._fail_all(exc, batch)
             return
+        self.round_trips += 1
+        self.operations += len(batch)
+        self._sent.append((batch, time.perf_counter(), conn))
+        self._replies.set()
+
+    async def _read(self) -> None:
+        while True:
+            await self._replies.wait()
+            while self._sent:
+                batch, start, conn = self._sent[0]
+                results: list[Any] = []
+                try:
+                    async with asyncio.timeout(self._op_timeout):
+                        for _ in batch:
+                            try:
+                                results.append(await conn.read_response())
+                            except ResponseError as exc:  # one command's; still in sync
+                                results.append(exc)
+                except _UNAVAILABLE as exc:
+                    await self._fail_all(exc)
+                    break
+                if not self._sent or self._sent[0][0] is not batch:
+                    continue  # failed meanwhile by the writer (its futures are done)
+                self._sent.popleft()
+                self._room.set()
+                if self.on_round_trip is not None:
+                    self.on_round_trip(time.perf_counter() - start)
+                self._resolve(batch, results)
+            if not self._sent:
+                self._replies.clear()
+
+    def _resolve(self, batch: list[_Op], results: list[Any]) -> None:
+        retry: list[_Op] = []
         for op, res in zip(batch, results, strict=True):
             if op.future.done():
                 continue
-            if isinstance(res, ResponseError):
+            if isinstance(res, NoScriptError):
+                retry.append(op)  # the script did not run: load the scripts, send again
+            elif isinstance(res, ResponseError):
                 self.errors += 1
                 op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
                 log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
             else:
                 op.future.set_result(res)
+        if retry:
+            # Someone flushed Redis's script cache: load them again on a side
+            # connection, then send these first.
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(self._reload_and_retry(retry))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
-    async def _send(self, batch: Sequence[_Op]) -> list[Any]:
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        commands = [self._command(op) for op in batch]
-        start = time.perf_counter()
-        results: list[Any] = []
-        async with asyncio.timeout(self._op_timeout):
-            await conn.send_packed_command(_resp(commands), check_health=True)
-            self.round_trips += 1
-            self.operations += len(commands)
-            for _ in commands:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:  # one command's error; the stream is in sync
-                    results.append(exc)
-        if self.on_round_trip is not None:
-            self.on_round_trip(time.perf_counter() - start)
-        return results
+    async def _reload_and_retry(self, ops: list[_Op]) -> None:
+        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await self._load_scripts(conn)
+        except _UNAVAILABLE as exc:
+            await self._fail_all(exc, ops)
+            return
+        finally:
+            await self._pool.release(conn)
+        self._queue[:0] = ops
+        self._wakeup.set()
 
-    async def _load_scripts(self) -> None:
-        conn = self._conn
-        assert conn is not None
+    async def _fail_all(self, exc: BaseException, extra: list[_Op] | None = None) -> None:
+        """The connection failed: every batch sent on it, and ``extra``, fail at once."""
+        ops = [op for batch, _, _ in self._sent for op in batch] + (extra or [])
+        self._sent.clear()
+        self._room.set()
+        await self._drop_connection()
+        self._mark_unhealthy(exc)
+        err = StoreUnavailable(f"Redis is unreachable: {exc}")
+        for op in ops:
+            if not op.future.done():
+                self.errors += 1
+                op.future.set_exception(err)
+
+    async def _load_scripts(self, conn: AbstractConnection) -> None:
         for src in SCRIPTS.values():
             await conn.send_command("SCRIPT", "LOAD", src)
             await conn.read_response()
@@ -277,9 +345,10 @@ class RedisStore(Store):
             await asyncio.sleep(self._probe_interval)
             try:
                 conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-                await conn.send_command("PING")
-                await conn.read_response()
-                await self._load_scripts()
+                async with asyncio.timeout(self._op_timeout):
+                    await conn.send_command("PING")
+                    await conn.read_response()
+                    await self._load_scripts(conn)
             except (*_UNAVAILABLE, RedisError):
                 await self._drop_connection()
                 continue
@@ -312,13 +381,21 @@ class RedisStore(Store):
     async def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
     ) -> CreateResult:
+        return await self.create_command_start(cmd, drop=drop, max_pending=max_pending)
+
+    def create_command_start(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+    ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
-        res = await self._call("create", (
+        raw = self._call("create", (
             3, self._k_cmd(cmd.id), self._k_pending(cmd.agent_id), self._k_deadlines,
             self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
         ))
+        return _then(raw, lambda res: self._created(cmd, max_pending, res))
+
+    def _created(self, cmd: CommandInfo, max_pending: int | None, res: Any) -> CreateResult:
         status = res[0]
         if status == 0:
             return CreateResult(_command_from_hash(res[1]), created=False)
@@ -341,9 +418,14 @@ class RedisStore(Store):
                             location=location)
 
     async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
-        res = await self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now))
-        if res != 1:
-            raise UnknownCommand(_REJECTIONS[res].format(id=cmd_id, agent=agent_id))
+        await self.mark_active_start(cmd_id, agent_id, now)
+
+    def mark_active_start(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
+        def check(res: Any) -> None:
+            if res != 1:
+                raise UnknownCommand(_REJECTIONS[res].format(id=cmd_id, agent=agent_id))
+
+        return _then(self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now)), check)
 
     async def complete(
         self,
@@ -355,20 +437,26 @@ class RedisStore(Store):
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
     ) -> CommandInfo:
-        res = await self._call("complete", (
+        return await self.complete_start(cmd_id, outcome, now=now, result=result, error=error,
+                                         agent_id=agent_id)
+
+    def complete_start(
+        self,
+        cmd_id: str,
+        outcome: Outcome,
+        *,
+        now: int,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        agent_id: str | None = None,
+    ) -> asyncio.Future[CommandInfo]:
+        raw = self._call("complete", (
             2, self._k_cmd(cmd_id), self._k_deadlines, self.prefix, outcome, now,
             pack(result), b"" if error is None else pack(error), agent_id or "",
             self._retention_ms,
         ))
-        if res[0] != 1:
-            raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
-        _, agent, key, group, origin, ts, deadline = res
-        return CommandInfo(
-            id=cmd_id, agent_id=_s(agent), key=_s(key), status="COMPLETE", outcome=outcome,
-            group=_s(group) or None, ts=_i(ts), updated=now,
-            deadline=_i(deadline) if deadline else None, origin=_s(origin),
-            result=result, error=error,
-        )
+        return _then(raw, lambda res: _completed(cmd_id, outcome, res, now=now, result=result,
+                                                 error=error, agent_id=agent_id))
 
     async def complete_group(
         self,
@@ -456,10 +544,16 @@ class RedisStore(Store):
 
     async def progress_origin(self, cmd_id: str, agent_id: str | None) -> str:
         """The origin hub of a command that takes progress from ``agent_id``."""
-        res = await self._call("progress_check", (1, self._k_cmd(cmd_id), agent_id or ""))
-        if res[0] != 1:
-            raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
-        return _s(res[1])
+        return await self.progress_origin_start(cmd_id, agent_id)
+
+    def progress_origin_start(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
+        def check(res: Any) -> str:
+            if res[0] != 1:
+                raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
+            return _s(res[1])
+
+        return _then(self._call("progress_check", (1, self._k_cmd(cmd_id), agent_id or "")),
+                     check)
 
     def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
         """Publish in the next pipelined write (fire and forget is fine: the future
@@ -510,6 +604,41 @@ class RedisStore(Store):
 
 # -- decoding ---------------------------------------------------------------------
 
+def _then(fut: asyncio.Future[Any], parse: Callable[[Any], Any]) -> asyncio.Future[Any]:
+    """A future of ``parse(reply)``, chained by a callback: the hot paths await
+    no task of their own (a task per command costs more than the parsing)."""
+    out: asyncio.Future[Any] = fut.get_loop().create_future()
+
+    def done(f: asyncio.Future[Any]) -> None:
+        if out.cancelled():
+            return
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+            return
+        try:
+            out.set_result(parse(f.result()))
+        except Exception as err:  # UnknownCommand, TooManyCommands: the caller's to see
+            out.set_exception(err)
+
+    fut.add_done_callback(done)
+    return out
+
+
+def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any,
+               error: dict[str, Any] | None, agent_id: str | None) -> CommandInfo:
+    """The COMPLETE script's reply as the completed command."""
+    if res[0] != 1:
+        raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
+    _, agent, key, group, origin, ts, deadline = res
+    return CommandInfo(
+        id=cmd_id, agent_id=_s(agent), key=_s(key), status="COMPLETE", outcome=outcome,
+        group=_s(group) or None, ts=_i(ts), updated=now,
+        deadline=_i(deadline) if deadline else None, origin=_s(origin),
+        result=result, error=error,
+    )
+
+
 def _resp(commands: list[tuple[Any, ...]]) -> bytes:
     """Commands in the Redis protocol (RESP), packed in one go.
 
@@ -521,17 +650,16 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
     for args in commands:
         push(b"*%d\r\n" % len(args))
         for arg in args:
-            if isinstance(arg, bytes):
+            kind = type(arg)
+            if kind is bytes:
                 data = arg
-            elif isinstance(arg, str):
+            elif kind is str:
                 data = arg.encode()
-            elif isinstance(arg, int):
+            elif kind is int:
                 data = b"%d" % arg
             else:
                 data = repr(arg).encode()  # floats
-            push(b"$%d\r\n" % len(data))
-            push(data)
-            push(b"\r\n")
+            push(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
 

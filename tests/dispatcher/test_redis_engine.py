@@ -231,3 +231,28 @@ async def test_sentinel_url_finds_the_primary(hubs: list[Dispatcher], private_re
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_script_cache_flush_is_survived(hubs: list[Dispatcher], redis_url: str,
+                                              prefix: str) -> None:
+    """An operator's SCRIPT FLUSH makes the next calls answer NOSCRIPT: the store
+    loads its scripts again and sends those calls again, in order."""
+    hub = await start_hub(hubs, redis_url, prefix)
+    agent, _ = await RawAgent.hello(url(hub), "flushed")
+
+    async def round_trip(n: int) -> None:
+        handle = hub.execute_on_agent("flushed", "echo", n)
+        frame = await agent.recv_type("cmd")
+        await agent.send({"t": "result", "id": frame["id"], "data": n})
+        assert await asyncio.wait_for(handle.result(), 5) == n
+
+    await round_trip(1)
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    await round_trip(2)
+    await round_trip(3)
+    assert hub.store.healthy
+    await agent.close()

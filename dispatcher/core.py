@@ -641,6 +641,27 @@ class HubCore(EventEmitter):
         self._emit("agent-disconnected", session.info.copy(), reason)
 
     # -- frames from an agent (called by the transport) --------------------------
+    def answer_now(self, session: Session, frame: P.Frame) -> bool:
+        """Apply a result/fail/ack at once on an in-process store; False for any
+        other frame, which the caller hands to :meth:`on_frame`."""
+        if not isinstance(frame, P.ResultFrame | P.FailFrame | P.AckFrame):
+            return False
+        try:
+            if isinstance(frame, P.ResultFrame):
+                self._complete_now(frame.id, "ok", result=frame.data, agent_id=session.agent_id)
+            elif isinstance(frame, P.FailFrame):
+                self._complete_now(frame.id, "error", error=frame.error,
+                                   agent_id=session.agent_id)
+            else:
+                self.store.mark_active_now(frame.id, session.agent_id, now_ms())
+        except UnknownCommand as exc:
+            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), frame.id)))
+        except Exception:
+            # A bug must cost one error frame, never the connection or the hub.
+            log.exception("frame_failed", agent_id=session.agent_id, type=frame.TYPE)
+            session.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", frame.id)))
+        return True
+
     def on_answer_nowait(self, session: Session, frame: P.Frame) -> asyncio.Future[Any] | None:
         """Apply an ack/result/fail through the store's future and a callback (no task);
         the future to bound how many are in flight. None for any other frame."""

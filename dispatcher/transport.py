@@ -10,6 +10,7 @@ a reader that does not read is disconnected instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import http
 import json
@@ -82,8 +83,9 @@ class AgentConnection(ServerConnection):
     max_send_buffer: int = 4 * 1024 * 1024
 
     def queue_frame(self, data: bytes) -> bool:
-        """Queue one binary message; everything queued during this event-loop
-        turn leaves in one write (one system call instead of one per frame).
+        """Send one binary message. The first of an event-loop turn leaves at once
+        (no added latency); the rest of that turn's frames leave together in one
+        write at its end (one system call instead of one per frame).
 
         Never waits: the send-buffer bound replaces the backpressure a drain
         would give (a reader that does not read is dropped, not waited for).
@@ -93,17 +95,26 @@ class AgentConnection(ServerConnection):
         self.protocol.send_binary(data)
         if not self._corked:
             self._corked = True
+            self.send_data()
             self.loop.call_soon(self._uncork)
         return True
 
     def _uncork(self) -> None:
         self._corked = False
+        if not self.transport.is_closing():
+            self.send_data()
+
+    def send_data(self) -> None:
+        """Write what the protocol has to send in one call, not one per frame.
+
+        websockets also calls this when data arrives (to answer pings), which
+        flushes the frames queued by :meth:`queue_frame` early: joined, they
+        still cost one system call.
+        """
         chunks = self.protocol.data_to_send()
         if not chunks:
             return
         transport = self.transport
-        if transport.is_closing():
-            return
         if all(chunks):
             transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         else:
@@ -113,7 +124,8 @@ class AgentConnection(ServerConnection):
                 if chunk:
                     transport.write(chunk)
                 elif transport.can_write_eof():
-                    transport.write_eof()
+                    with contextlib.suppress(Exception):  # as websockets does
+                        transport.write_eof()
                 else:
                     transport.close()
         if transport.get_write_buffer_size() > self.max_send_buffer:
@@ -355,7 +367,10 @@ class AgentServer:
                     continue
                 frame_in(frame.TYPE)
                 if inline:
-                    await core.on_frame(session, frame)
+                    # In-process store: answers complete right here, without
+                    # a coroutine; anything else goes through on_frame.
+                    if not core.answer_now(session, frame):
+                        await core.on_frame(session, frame)
                     continue
                 # Answers (the hot path) chain a callback on the store's
                 # future; anything else runs as a task. Both count as in flight.

@@ -83,9 +83,9 @@ class AgentConnection(ServerConnection):
     max_send_buffer: int = 4 * 1024 * 1024
 
     def queue_frame(self, data: bytes) -> bool:
-        """Send one binary message. The first of an event-loop turn leaves at once
-        (no added latency); the rest of that turn's frames leave together in one
-        write at its end (one system call instead of one per frame).
+        """Send one binary message: it leaves with every other frame of this
+        event-loop turn, in one write at the end of the turn (one system call
+        per connection and turn instead of one per frame).
 
         Never waits: the send-buffer bound replaces the backpressure a drain
         would give (a reader that does not read is dropped, not waited for).
@@ -95,11 +95,17 @@ class AgentConnection(ServerConnection):
         self.protocol.send_binary(data)
         if not self._corked:
             self._corked = True
-            self.send_data()
-            self.loop.call_soon(self._uncork)
+            writer = self.writer
+            if writer is None:
+                self.send_data()
+                self._corked = False
+            else:
+                writer.dirty(self)
         return True
 
-    def _uncork(self) -> None:
+    writer: _TurnWriter | None = None
+
+    def uncork(self) -> None:
         self._corked = False
         if not self.transport.is_closing():
             self.send_data()
@@ -162,6 +168,33 @@ class AgentConnection(ServerConnection):
         self.transport.abort()
 
 
+class _TurnWriter:
+    """Writes every connection that got frames during an event-loop turn, once,
+    at the end of the turn: one callback per turn for the whole hub, one
+    write per connection."""
+
+    __slots__ = ("_conns", "_loop", "_scheduled")
+
+    def __init__(self) -> None:
+        self._conns: list[AgentConnection] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def dirty(self, conn: AgentConnection) -> None:
+        self._conns.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.uncork()
+
+
 class WsSession:
     """One authenticated agent connection (implements ``core.Session``)."""
 
@@ -214,6 +247,7 @@ class AgentServer:
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
         self.port: int | None = None
         self._open = 0  # connections past the upgrade, handshaking or attached
+        self._writer = _TurnWriter()
 
     @property
     def auth_required(self) -> bool:
@@ -297,6 +331,7 @@ class AgentServer:
     async def _serve(self, ws: ServerConnection) -> None:
         assert isinstance(ws, AgentConnection)
         ws.max_send_buffer = self.max_send_buffer
+        ws.writer = self._writer
         ws.watch_liveness(self.config.heartbeat)
         session = await self._handshake(ws)
         if session is None:

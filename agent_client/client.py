@@ -48,6 +48,11 @@ CommandHandler = Callable[[Any, "CommandContext"], Awaitable[Any] | Any]
 EventHandler = Callable[[Any, "EventContext"], Awaitable[None] | None]
 Hook = Callable[[], Awaitable[None] | None]
 
+# An answer the hub could not apply (error `internal`) is sent again after
+# 1 s, 2 s, ... this many times (the hub's store is usually back by then).
+_ANSWER_RETRIES = 5
+_ANSWER_RETRY_DELAY = 1.0
+
 # Close codes after which reconnecting would be wrong (PROTOCOL.md, Close codes).
 _FINAL_CLOSE_CODES = frozenset({int(P.CloseCode.REPLACED)})
 
@@ -138,6 +143,7 @@ class Agent:
         self._finished: OrderedDict[str, bytes | None] = OrderedDict()
         self._result_cache = result_cache
         self._seen_events: OrderedDict[str, None] = OrderedDict()
+        self._answer_retries: dict[str, int] = {}
         self._ws: ClientConnection | None = None
         self._connected = asyncio.Event()
         self._stopping = False
@@ -382,6 +388,8 @@ class Agent:
             fut = self._calls.get(frame.ref) if isinstance(frame.ref, str) else None
             if fut is not None and not fut.done() and frame.code != P.ErrorCode.UNKNOWN_COMMAND:
                 fut.set_exception(CommandFailed(frame.code, frame.message))
+            elif frame.code == P.ErrorCode.INTERNAL and isinstance(frame.ref, str):
+                self._retry_answer(frame.ref)
         else:
             self._on_other_frame(frame)
 
@@ -501,6 +509,19 @@ class Agent:
             return  # cancelled meanwhile
         self._remember(frame.id, answer)
         self._send_now(answer)
+
+    def _retry_answer(self, cmd_id: str) -> None:
+        """The hub could not apply our answer (its store was down): send the stored
+        answer again a little later, a few times, instead of waiting for a reconnect."""
+        answer = self._finished.get(cmd_id)
+        tries = self._answer_retries.get(cmd_id, 0)
+        if answer is None or tries >= _ANSWER_RETRIES:
+            return
+        self._answer_retries[cmd_id] = tries + 1
+        if len(self._answer_retries) > self._result_cache:
+            self._answer_retries.pop(next(iter(self._answer_retries)))
+        asyncio.get_running_loop().call_later(
+            _ANSWER_RETRY_DELAY * (tries + 1), self._send_now, answer)
 
     def _remember(self, cmd_id: str, answer: bytes | None) -> None:
         finished = self._finished

@@ -22,6 +22,7 @@ from agent_client.errors import (
     CommandTimeout,
 )
 
+from .errors import HubClosed
 from .handle import outcome_exception
 from .models import CommandInfo
 
@@ -111,6 +112,8 @@ class Calls:
         if fut.cancelled():
             return
         exc = fut.exception()
+        if isinstance(exc, HubClosed):
+            return  # the command stays stored; this hub just stopped waiting
         if exc is None:
             reply = P.ReplyFrame(call_id, ok=True, data=fut.result())
         else:

@@ -59,6 +59,8 @@ class HubConfig:
         for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive")
+        if self.max_frame_rate != 0 and self.max_frame_rate < 1:
+            raise ValueError("HubConfig.max_frame_rate must be 0 (no limit) or at least 1")
         if self.max_frame < 1024:
             raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):

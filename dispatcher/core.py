@@ -24,6 +24,7 @@ from .config import HubConfig
 from .emitter import EventEmitter
 from .errors import (
     AgentOffline,
+    CommandTimeout,
     DispatcherError,
     HubClosed,
     StoreUnavailable,
@@ -87,6 +88,7 @@ class HubCore(EventEmitter):
         self._delivery: dict[str, _Delivery] = {}
         self._handles: dict[str, CommandHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed_tasks = False
         self._closing = False
         self._timeout_ms = int(config.command_timeout * 1000)
         self._sync_store = store.sync
@@ -104,8 +106,10 @@ class HubCore(EventEmitter):
         return self._loop
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
-        """Run ``coro`` as a task the hub owns and ends on close."""
+        """Run ``coro`` as a task the hub owns and ends on close (after close, at once)."""
         task = self.loop.create_task(coro, name=name)
+        if self._closed_tasks:
+            task.cancel()  # nothing may outlive close(): it never runs
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -118,10 +122,11 @@ class HubCore(EventEmitter):
                 log.error("hub_task_failed", task=task.get_name(), exc_info=exc)
 
     async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
+        self._closed_tasks = True
+        while self._tasks:  # tasks spawned while others end are ended too
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def session_of(self, agent_id: str) -> Session | None:
@@ -371,10 +376,10 @@ class HubCore(EventEmitter):
         if self.cluster.enabled:
             self.cluster.notify_done(info)  # a handle may wait on the submitting hub too
         if tell_agent:
-            session = self._sessions.get(info.agent_id)
-            if session is not None:
-                session.send(P.encode(P.CancelFrame(info.id)))
-            elif self.cluster.enabled and not self._closing:
+            # Through send_to_agent: during a catch-up the cancel waits behind
+            # the redelivered commands instead of overtaking its own command.
+            sent = self.send_to_agent(info.agent_id, P.encode(P.CancelFrame(info.id)))
+            if not sent and self.cluster.enabled and not self._closing:
                 self._spawn(self.cluster.route_cancel(info.agent_id, info.id))
         if info.outcome not in ("ok", "error"):
             log.info(
@@ -455,7 +460,12 @@ class HubCore(EventEmitter):
                 handle._timer = self.loop.call_later(0.05, self._on_deadline, cmd_id)
                 return
             info = await self.store.get_command(cmd_id)
-            if info is not None and info.status == "COMPLETE":
+            if info is None:
+                # Past its deadline and gone from the store (Redis restarted
+                # empty, FLUSHALL, a fail-over that lost it): it timed out.
+                self._handles.pop(cmd_id, None)
+                handle._fail(CommandTimeout(f"command {cmd_id} timed out (lost by the store)"))
+            elif info.status == "COMPLETE":
                 self._handles.pop(cmd_id, None)
                 handle._resolve(info)
         except StoreUnavailable as exc:

@@ -78,7 +78,9 @@ class CommandHandle:
         return f"<CommandHandle {self.id} {self.key!r} on {self.agent_id} {state}>"
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._result.__await__()
+        # Shielded: a caller's timeout (asyncio.wait_for) or cancellation ends
+        # its wait, never the command's outcome.
+        return asyncio.shield(self._result).__await__()
 
     def done(self) -> bool:
         return self._result.done()
@@ -112,7 +114,7 @@ class CommandHandle:
 
         Returns False when it had already completed.
         """
-        if self._result.done():
+        if self._result.done() and not self._result.cancelled():
             return False
         await self.submitted()
         return await self._canceller(self.id)

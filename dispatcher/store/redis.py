@@ -27,7 +27,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
     NoScriptError,
-    RedisError,
     ResponseError,
 )
 from redis.exceptions import (
@@ -118,6 +117,7 @@ class RedisStore(Store):
         self._runner: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._writing: list[_Op] | None = None  # the batch the writer is sending now
         # batches written on the connection whose replies are not read yet
         self._sent: deque[tuple[list[_Op], float, AbstractConnection]] = deque()
         self._replies = asyncio.Event()
@@ -171,7 +171,8 @@ class RedisStore(Store):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for op in [op for batch, _, _ in self._sent for op in batch] + self._queue:
+        writing = self._writing or []
+        for op in [op for batch, _, _ in self._sent for op in batch] + self._queue + writing:
             if not op.future.done():
                 op.future.set_exception(StoreUnavailable("the store is closed"))
         self._queue.clear()
@@ -215,7 +216,15 @@ class RedisStore(Store):
                     continue
                 batch = self._queue[:_MAX_BATCH]
                 del self._queue[:_MAX_BATCH]
-                await self._write(batch)
+                if not self._healthy:
+                    # The probe owns reconnecting: nothing is written meanwhile.
+                    self._fail_ops(batch, StoreUnavailable("Redis is unreachable (reconnecting)"))
+                    continue
+                self._writing = batch
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = None
 
     def _command(self, op: _Op) -> tuple[Any, ...]:
         if op.script is None:
@@ -236,7 +245,7 @@ class RedisStore(Store):
                     await conn.check_health()  # type: ignore[no-untyped-call]
                 await conn.send_packed_command(_resp([self._command(op) for op in batch]),
                                                check_health=False)
-        except _UNAVAILABLE as exc:
+        except Exception as exc:  # unreachable, -BUSY on the health check, anything: fail over
             await self._fail_all(exc, batch)
             return
         self.round_trips += 1
@@ -257,7 +266,7 @@ class RedisStore(Store):
                                 results.append(await conn.read_response())
                             except ResponseError as exc:  # one command's; still in sync
                                 results.append(exc)
-                except _UNAVAILABLE as exc:
+                except Exception as exc:  # the connection is no longer trustworthy
                     await self._fail_all(exc)
                     break
                 if not self._sent or self._sent[0][0] is not batch:
@@ -271,51 +280,45 @@ class RedisStore(Store):
                 self._replies.clear()
 
     def _resolve(self, batch: list[_Op], results: list[Any]) -> None:
-        retry: list[_Op] = []
+        noscript: list[_Op] = []
         for op, res in zip(batch, results, strict=True):
             if op.future.done():
                 continue
             if isinstance(res, NoScriptError):
-                retry.append(op)  # the script did not run: load the scripts, send again
+                noscript.append(op)  # the script did not run
             elif isinstance(res, ResponseError):
                 self.errors += 1
                 op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
                 log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
             else:
                 op.future.set_result(res)
-        if retry:
-            # Someone flushed Redis's script cache: load them again on a side
-            # connection, then send these first.
-            loop = asyncio.get_running_loop()
-            task = loop.create_task(self._reload_and_retry(retry))
+        if noscript:
+            # Someone flushed Redis's script cache. Handled as a short outage:
+            # these (which did not run) and everything after them fail at once
+            # with StoreUnavailable, and the probe loads the scripts again
+            # before traffic resumes, so nothing runs out of order.
+            self._fail_ops(noscript, StoreUnavailable("Redis lost its scripts (SCRIPT FLUSH)"))
+            task = asyncio.get_running_loop().create_task(
+                self._fail_all(NoScriptError("scripts flushed")))
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
-    async def _reload_and_retry(self, ops: list[_Op]) -> None:
-        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            async with asyncio.timeout(self._op_timeout):
-                await self._load_scripts(conn)
-        except _UNAVAILABLE as exc:
-            await self._fail_all(exc, ops)
-            return
-        finally:
-            await self._pool.release(conn)
-        self._queue[:0] = ops
-        self._wakeup.set()
-
-    async def _fail_all(self, exc: BaseException, extra: list[_Op] | None = None) -> None:
-        """The connection failed: every batch sent on it, and ``extra``, fail at once."""
-        ops = [op for batch, _, _ in self._sent for op in batch] + (extra or [])
-        self._sent.clear()
-        self._room.set()
-        await self._drop_connection()
-        self._mark_unhealthy(exc)
-        err = StoreUnavailable(f"Redis is unreachable: {exc}")
+    def _fail_ops(self, ops: list[_Op], err: StoreUnavailable) -> None:
         for op in ops:
             if not op.future.done():
                 self.errors += 1
                 op.future.set_exception(err)
+
+    async def _fail_all(self, exc: BaseException, extra: list[_Op] | None = None) -> None:
+        """The connection failed: every batch sent on it, everything queued, and
+        ``extra`` fail at once; the probe reconnects (ARCHITECTURE.md: no hang)."""
+        ops = [op for batch, _, _ in self._sent for op in batch] + (extra or []) + self._queue
+        self._sent.clear()
+        self._queue = []
+        self._room.set()
+        self._mark_unhealthy(exc)
+        await self._drop_connection()
+        self._fail_ops(ops, StoreUnavailable(f"Redis is unreachable: {exc}"))
 
     async def _load_scripts(self, conn: AbstractConnection) -> None:
         for src in SCRIPTS.values():
@@ -343,15 +346,22 @@ class RedisStore(Store):
         """Probe until Redis answers, then take traffic again."""
         while not self._closed:
             await asyncio.sleep(self._probe_interval)
+            conn: AbstractConnection | None = None
             try:
-                conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                # A connection of its own, swapped in only once it works: the
+                # writer and reader never share a socket with the probe.
+                conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
                 async with asyncio.timeout(self._op_timeout):
                     await conn.send_command("PING")
                     await conn.read_response()
                     await self._load_scripts(conn)
-            except (*_UNAVAILABLE, RedisError):
-                await self._drop_connection()
+            except Exception:  # still down, or not ready (-LOADING, -BUSY): try again
+                if conn is not None:
+                    await conn.disconnect()
+                    await self._pool.release(conn)
                 continue
+            await self._drop_connection()
+            self._conn = conn
             self._healthy = True
             self._probe = None
             log.info("store_reconnected", url=_safe_url(self.url))

@@ -978,3 +978,25 @@ async def test_close_makes_waiting_handles_raise_hub_closed(
         await waiter
     with pytest.raises(HubClosed):
         await outcome(queued)
+
+
+async def test_a_callers_timeout_does_not_end_the_command(make_hub: Any) -> None:
+    """``asyncio.wait_for(handle, t)`` stops the caller's wait, not the command: it
+    can still be awaited, and cancelled."""
+    hub = await make_hub()
+    agent, _ = await RawAgent.hello(ws_url(hub), "patient")
+    handle = hub.execute_on_agent("patient", "work", 1, timeout=WAIT)
+    cmd = await agent.recv_type("cmd")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(handle, 0.05)
+    assert not handle.done()
+    await agent.send({"t": "result", "id": cmd["id"], "data": 42})
+    assert await asyncio.wait_for(handle, WAIT) == 42
+
+    second = hub.execute_on_agent("patient", "work", 2, timeout=WAIT)
+    await agent.recv_type("cmd")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(second, 0.05)
+    assert await second.cancel() is True  # still cancellable after the caller gave up
+    assert (await agent.recv_type("cancel"))["id"] == second.id
+    await agent.close()

@@ -235,9 +235,12 @@ async def test_sentinel_url_finds_the_primary(hubs: list[Dispatcher], private_re
 
 async def test_script_cache_flush_is_survived(hubs: list[Dispatcher], redis_url: str,
                                               prefix: str) -> None:
-    """An operator's SCRIPT FLUSH makes the next calls answer NOSCRIPT: the store
-    loads its scripts again and sends those calls again, in order."""
+    """An operator's SCRIPT FLUSH is a short outage: the call that meets it fails at
+    once with StoreUnavailable (it did not run), the probe loads the scripts again,
+    and traffic resumes by itself."""
     hub = await start_hub(hubs, redis_url, prefix)
+    outages: list[BaseException] = []
+    hub.on("internal.db.error", outages.append)
     agent, _ = await RawAgent.hello(url(hub), "flushed")
 
     async def round_trip(n: int) -> None:
@@ -252,7 +255,29 @@ async def test_script_cache_flush_is_survived(hubs: list[Dispatcher], redis_url:
         await client.script_flush()
     finally:
         await client.aclose()
-    await round_trip(2)
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(hub.execute_on_agent("flushed", "echo", 2).result(), 5)
+    assert len(outages) == 1
+    await wait_for(lambda: hub.store.healthy, timeout=5, what="the scripts to be reloaded")
     await round_trip(3)
-    assert hub.store.healthy
+    await round_trip(4)
     await agent.close()
+
+
+async def test_a_command_lost_by_the_store_times_out_its_handle(
+        hubs: list[Dispatcher], redis_url: str, prefix: str) -> None:
+    """A command that vanished from Redis (restart without persistence, FLUSHALL)
+    does not leave its caller waiting forever: at its deadline it times out."""
+    from dispatcher import CommandTimeout
+
+    hub = await start_hub(hubs, redis_url, prefix, sweep_interval=3600)
+    handle = hub.execute_on_agent("nobody", "work", None, timeout=0.3)
+    await handle.submitted()
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.delete(f"{prefix}:cmd:{handle.id}", f"{prefix}:agent:nobody:pending")
+        await client.zrem(f"{prefix}:deadlines", handle.id)
+    finally:
+        await client.aclose()
+    with pytest.raises(CommandTimeout):
+        await asyncio.wait_for(handle.result(), 5)

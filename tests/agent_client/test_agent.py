@@ -1168,3 +1168,20 @@ async def test_cli_agent_serves_a_hub_and_exits_cleanly_on_sigint(hub: Dispatche
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_answer_is_sent_again_after_an_internal_error(
+    scripted: ScriptedHub, make_agent: AgentFactory
+) -> None:
+    """The hub answers `internal` when its store could not take an answer: the
+    library sends the stored answer again (after about a second), once per error."""
+    agent = echo_agent(make_agent, scripted.url, "retrier")
+    await agent.start()
+    ws, _ = await scripted.accept()
+    await ws.send(cmd("c-1", "echo", {"n": 1}))
+    assert await recv_frame(ws) == P.ResultFrame("c-1", {"n": 1})
+    await ws.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "store unavailable", "c-1")))
+    assert await recv_frame(ws) == P.ResultFrame("c-1", {"n": 1})  # the same answer again
+    # An unrelated internal error (no stored answer for that ref) sends nothing.
+    await ws.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "oops", "not-a-command")))
+    await probe(ws, 1)

@@ -268,8 +268,7 @@ class HubCore(EventEmitter):
         handle._set_submitted()
         heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
-            self.metrics.command_completed(dropped)
-            self._completed(dropped, tell_agent=True)
+            self._settled(dropped, tell_agent=True)
             head = heads.get(dropped.group or "")
             if dropped.group is not None and (head is None or _older(dropped, head)):
                 heads[dropped.group] = dropped
@@ -402,36 +401,36 @@ class HubCore(EventEmitter):
         info = await self.store.complete(
             cmd_id, outcome, now=now, result=result, error=error, agent_id=agent_id
         )
-        self.metrics.command_completed(info)  # here, where the store completed it: once
-        self._completed(info, tell_agent=tell_agent)
+        self._settled(info, tell_agent=tell_agent)
         if info.group is not None:
-            await self._group_after(info, outcome, now, result, error)
+            await self._group_after(info)
         return info
 
-    def _complete_now(self, cmd_id: str, outcome: Outcome, *, result: Any = None,
-                      error: dict[str, Any] | None = None, agent_id: str | None = None) -> None:
-        """``_complete`` for an in-process store: no await unless a group follows."""
-        now = now_ms()
-        info = self.store.complete_now(cmd_id, outcome, now=now, result=result, error=error,
-                                       agent_id=agent_id)
+    def _settled(self, info: CommandInfo, *, tell_agent: bool) -> None:
+        """This hub's store write completed the command: count it (here, so once), then
+        everything that follows for its handle and agent."""
         self.metrics.command_completed(info)
-        self._completed(info, tell_agent=False)
-        if info.group is not None:
-            self._spawn(self._group_after(info, outcome, now, result, error))
+        self._completed(info, tell_agent=tell_agent)
 
-    async def _group_after(self, info: CommandInfo, outcome: Outcome, now: int, result: Any,
-                           error: dict[str, Any] | None) -> None:
-        """What a group member's completion means for the rest of its group."""
-        assert info.group is not None
-        if outcome in ("ok", "error"):
+    def _answer_applied(self, info: CommandInfo) -> None:
+        """An agent's answer was stored (first answer wins); its group follows in a task."""
+        self._settled(info, tell_agent=False)
+        if info.group is not None and not self._closing:
+            self._spawn(self._group_after(info))
+
+    async def _group_after(self, info: CommandInfo) -> None:
+        """What a group member's completion (``info``, as the store completed it)
+        means for the rest of its group."""
+        assert info.group is not None and info.outcome is not None
+        if info.outcome in ("ok", "error"):
             # The group's first answer completes every PENDING member.
             for other in await self.store.complete_group(
-                info.agent_id, info.group, outcome, now=now, result=result, error=error
+                info.agent_id, info.group, info.outcome, now=info.updated, result=info.result,
+                error=info.error,
             ):
-                self.metrics.command_completed(other)
                 # Only a group's oldest member is ever sent to the agent, so the
                 # ones younger than the answered command never were: no cancel.
-                self._completed(other, tell_agent=_older(other, info))
+                self._settled(other, tell_agent=_older(other, info))
         else:
             # The leader ended without an answer: the next member runs.
             # Only if it was the leader: an older member is still in flight.
@@ -656,20 +655,18 @@ class HubCore(EventEmitter):
         other frame, which the caller hands to :meth:`on_frame`."""
         if not isinstance(frame, P.ResultFrame | P.FailFrame | P.AckFrame):
             return False
+        store, agent_id = self.store, session.agent_id
         try:
             if isinstance(frame, P.ResultFrame):
-                self._complete_now(frame.id, "ok", result=frame.data, agent_id=session.agent_id)
+                self._answer_applied(store.complete_now(
+                    frame.id, "ok", now=now_ms(), result=frame.data, agent_id=agent_id))
             elif isinstance(frame, P.FailFrame):
-                self._complete_now(frame.id, "error", error=frame.error,
-                                   agent_id=session.agent_id)
+                self._answer_applied(store.complete_now(
+                    frame.id, "error", now=now_ms(), error=frame.error, agent_id=agent_id))
             else:
-                self.store.mark_active_now(frame.id, session.agent_id, now_ms())
-        except UnknownCommand as exc:
-            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), frame.id)))
-        except Exception:
-            # A bug must cost one error frame, never the connection or the hub.
-            log.exception("frame_failed", agent_id=session.agent_id, type=frame.TYPE)
-            session.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", frame.id)))
+                store.mark_active_now(frame.id, agent_id, now_ms())
+        except Exception as exc:
+            self._frame_failed(session, exc, frame.id, frame.TYPE)
         return True
 
     def on_answer_nowait(self, session: Session, frame: P.Frame) -> asyncio.Future[Any] | None:
@@ -681,11 +678,11 @@ class HubCore(EventEmitter):
         if isinstance(frame, P.ResultFrame):
             fut = self.store.complete_start(frame.id, "ok", now=now, result=frame.data,
                                             agent_id=agent_id)
-            fut.add_done_callback(functools.partial(self._answered, session, frame.id, now))
+            fut.add_done_callback(functools.partial(self._answered, session, frame.id))
         elif isinstance(frame, P.FailFrame):
             fut = self.store.complete_start(frame.id, "error", now=now, error=frame.error,
                                             agent_id=agent_id)
-            fut.add_done_callback(functools.partial(self._answered, session, frame.id, now))
+            fut.add_done_callback(functools.partial(self._answered, session, frame.id))
         elif isinstance(frame, P.AckFrame):
             fut = self.store.mark_active_start(frame.id, agent_id, now)
             fut.add_done_callback(functools.partial(self._acked, session, frame.id))
@@ -710,16 +707,10 @@ class HubCore(EventEmitter):
         if self.cluster.enabled:
             self.cluster.notify_progress(fut.result(), cmd_id, data)
 
-    def _answered(self, session: Session, cmd_id: str, now: int,
-                  fut: asyncio.Future[CommandInfo]) -> None:
+    def _answered(self, session: Session, cmd_id: str, fut: asyncio.Future[CommandInfo]) -> None:
         if fut.cancelled() or self._answer_failed(session, cmd_id, fut):
             return
-        info = fut.result()
-        self.metrics.command_completed(info)
-        self._completed(info, tell_agent=False)
-        if info.group is not None and not self._closing:
-            assert info.outcome is not None
-            self._spawn(self._group_after(info, info.outcome, now, info.result, info.error))
+        self._answer_applied(fut.result())
 
     def _acked(self, session: Session, cmd_id: str, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled():
@@ -730,33 +721,35 @@ class HubCore(EventEmitter):
         exc = fut.exception()
         if exc is None:
             return False
+        self._frame_failed(session, exc, cmd_id, "answer")
+        return True
+
+    def _frame_failed(self, session: Session, exc: BaseException, ref: Any,
+                      frame_type: str) -> None:
+        """The one place a frame's failure becomes the error frame PROTOCOL.md names:
+        it costs that error frame, never the connection or the hub."""
         if isinstance(exc, UnknownCommand):
-            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), cmd_id)))
+            error = P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), ref)
+        elif isinstance(exc, P.ProtocolError):
+            error = exc.to_frame()
         elif isinstance(exc, StoreUnavailable):
             self._store_failed(exc)
-            session.send(P.encode(P.ErrorFrame(
-                P.ErrorCode.INTERNAL, "the hub's store is unavailable; send it again later",
-                cmd_id)))
-        else:
-            log.error("frame_failed", agent_id=session.agent_id, command_id=cmd_id, exc_info=exc)
-            session.send(P.encode(P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", cmd_id)))
-        return True
+            error = P.ErrorFrame(P.ErrorCode.INTERNAL,
+                                 "the hub's store is unavailable; send it again later", ref)
+        else:  # a bug
+            log.error("frame_failed", agent_id=session.agent_id, type=frame_type, ref=ref,
+                      exc_info=exc)
+            error = P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", ref)
+        session.send(P.encode(error))
 
     async def on_frame(self, session: Session, frame: P.Frame) -> None:
         """Apply one frame; answer bad ones with an ``error`` frame, never raise."""
         try:
             if isinstance(frame, P.ResultFrame):
-                if self._sync_store:
-                    self._complete_now(frame.id, "ok", result=frame.data,
-                                       agent_id=session.agent_id)
-                else:
-                    await self._complete(frame.id, "ok", result=frame.data,
-                                         agent_id=session.agent_id)
+                await self._complete(frame.id, "ok", result=frame.data,
+                                     agent_id=session.agent_id)
             elif isinstance(frame, P.AckFrame):
-                if self._sync_store:
-                    self.store.mark_active_now(frame.id, session.agent_id, now_ms())
-                else:
-                    await self.store.mark_active(frame.id, session.agent_id, now_ms())
+                await self.store.mark_active(frame.id, session.agent_id, now_ms())
             elif isinstance(frame, P.FailFrame):
                 await self._complete(frame.id, "error", error=frame.error,
                                      agent_id=session.agent_id)
@@ -764,23 +757,8 @@ class HubCore(EventEmitter):
                 await self._progress(frame.id, frame.data, session.agent_id)
             else:
                 await self._on_other_frame(session, frame)
-        except UnknownCommand as exc:
-            ref = getattr(frame, "id", None)
-            session.send(P.encode(P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), ref)))
-        except P.ProtocolError as exc:
-            session.send(P.encode(exc.to_frame()))
-        except StoreUnavailable as exc:
-            self._store_failed(exc)
-            session.send(P.encode(P.ErrorFrame(
-                P.ErrorCode.INTERNAL, "the hub's store is unavailable; send it again later",
-                getattr(frame, "id", None),
-            )))
-        except Exception:
-            # A bug must cost one error frame, never the connection or the hub.
-            log.exception("frame_failed", agent_id=session.agent_id, type=frame.TYPE)
-            session.send(P.encode(P.ErrorFrame(
-                P.ErrorCode.INTERNAL, "internal error", getattr(frame, "id", None)
-            )))
+        except Exception as exc:
+            self._frame_failed(session, exc, getattr(frame, "id", None), frame.TYPE)
 
     async def _on_other_frame(self, session: Session, frame: P.Frame) -> None:
         if isinstance(frame, P.ReceivedFrame):

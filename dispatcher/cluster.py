@@ -26,11 +26,13 @@ from agent_client import protocol as P
 
 from .clock import now_ms
 from .errors import StoreUnavailable
+from .lifecycle import redeliverable
 from .models import CommandInfo
 from .store.base import Bus
 
 if TYPE_CHECKING:
     from .core import HubCore
+
 
 __all__ = ["Cluster"]
 
@@ -179,9 +181,8 @@ class Cluster:
         core = self.core
         try:
             for agent_id in core.connected_ids():
-                for cmd in await self.store.list_pending(agent_id):
-                    if cmd.status == "ACTIVE" or cmd.group is None:
-                        core.send_to_agent(agent_id, core.cmd_frame(cmd), cmd.id)
+                for cmd in redeliverable(await self.store.list_pending(agent_id)):
+                    core.send_to_agent(agent_id, core.cmd_frame(cmd), cmd.id)
             for cmd_id in list(core.waiting_ids()):
                 info = await self.store.get_command(cmd_id)
                 if info is not None and info.status == "COMPLETE":

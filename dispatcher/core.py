@@ -33,6 +33,7 @@ from .errors import (
 from .events import Events
 from .handle import CommandHandle
 from .ids import IdFactory, new_hub_id
+from .lifecycle import redeliverable
 from .metrics import Metrics
 from .models import AgentInfo, CommandInfo, Outcome
 from .store.base import CreateResult, DropSpec, Store
@@ -594,13 +595,7 @@ class HubCore(EventEmitter):
         # PROTOCOL.md, Handshake, step 4: commands not COMPLETE, then queued
         # events, oldest first; then what arrived for it meanwhile.
         sent: set[str] = set()
-        leaders: set[str] = set()
-        for cmd in pending:
-            if cmd.group is not None:
-                # One command per group is in flight; the rest take its answer.
-                if cmd.group in leaders:
-                    continue
-                leaders.add(cmd.group)
+        for cmd in redeliverable(pending):
             sent.add(cmd.id)
             session.send(_cmd_bytes(cmd))
         for data in carried + queued:

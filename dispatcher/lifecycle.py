@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from .errors import InvalidTransition
-from .models import Status
+from .models import CommandInfo, Status
 
-__all__ = ["Event", "TRANSITIONS", "next_status"]
+__all__ = ["Event", "TRANSITIONS", "next_status", "redeliverable"]
 
 Event = Literal["ack", "complete"]
 
@@ -32,3 +32,18 @@ def next_status(status: Status, event: Event) -> Status:
         return TRANSITIONS[(status, event)]
     except KeyError:
         raise InvalidTransition(f"{event!r} is not allowed on a {status} command") from None
+
+
+def redeliverable(pending: list[CommandInfo]) -> list[CommandInfo]:
+    """Of an agent's commands not COMPLETE (oldest first), those sent to it again after
+    a (re)connection (PROTOCOL.md, Redelivery): all, but one per group, whose
+    answer completes the rest."""
+    out: list[CommandInfo] = []
+    leaders: set[str] = set()
+    for cmd in pending:
+        if cmd.group is not None:
+            if cmd.group in leaders:
+                continue
+            leaders.add(cmd.group)
+        out.append(cmd)
+    return out

@@ -55,6 +55,8 @@ HealthListener = Callable[[bool, BaseException | None], None]
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 _MAX_BATCH = 1024
 _MAX_BATCHES_IN_FLIGHT = 32  # written, replies not read yet (bounds memory and latency)
+# Operations waiting for a write; beyond this, calls fail at once.
+MAX_QUEUED = 100_000
 _PACKED_DROPPED = pack(DROPPED_RESULT)
 _REJECTIONS = {
     0: "no command {id!r}",
@@ -195,6 +197,12 @@ class RedisStore(Store):
         elif not self._healthy:
             self.errors += 1
             fut.set_exception(StoreUnavailable("Redis is unreachable (reconnecting)"))
+        elif len(self._queue) >= MAX_QUEUED:
+            # Bounded: a Redis slower than the hub's callers fails them fast
+            # instead of growing the hub's memory without limit.
+            self.errors += 1
+            fut.set_exception(StoreUnavailable(
+                f"the store is overloaded: {len(self._queue)} operations queued"))
         else:
             self._queue.append(_Op(script, args, fut))
             self._wakeup.set()

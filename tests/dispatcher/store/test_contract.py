@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -213,3 +214,24 @@ async def test_returned_records_are_copies(store: Store) -> None:
     got.status = "COMPLETE"
     again = await store.get_command("c1")
     assert again is not None and again.status == "PENDING"
+
+
+async def test_redis_queue_is_bounded(redis_url: str, prefix: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operations waiting for the next pipelined write are bounded: past the bound
+    a call fails at once with StoreUnavailable instead of growing memory."""
+    from dispatcher.errors import StoreUnavailable
+    from dispatcher.store import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "MAX_QUEUED", 2)
+    store = RedisStore(redis_url, prefix=prefix)
+    await store.start()
+    try:
+        # Three calls queued in the same loop turn, before the writer runs.
+        first, second, third = (asyncio.ensure_future(store.get_command(k)) for k in "abc")
+        assert await first is None and await second is None
+        with pytest.raises(StoreUnavailable, match="overloaded"):
+            await third
+        assert await store.get_command("d") is None  # the queue drained: calls flow again
+    finally:
+        await store.close()

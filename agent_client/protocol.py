@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, Final, TypeGuard
@@ -51,11 +52,14 @@ __all__ = [
     "decode",
     "encode",
     "error_info",
+    "frame_of",
     "is_reserved_key",
     "is_valid_agent_id",
     "key_matches",
+    "loads",
     "pack",
     "parse",
+    "result_fields",
     "unpack",
 ]
 
@@ -629,13 +633,22 @@ _FRAME_TYPES: Final[dict[str, Any]] = {
 # --------------------------------------------------------------------------
 # Bytes.
 
-_packer_kwargs: Final = {"use_bin_type": True, "datetime": False}
+class _Packers(threading.local):
+    """One reusable Packer per thread: ``msgpack.packb`` builds a new one (and its
+    buffer) per call, which is half the cost of packing a small frame. A Packer
+    is not thread-safe, hence one per thread; it resets itself after an error."""
+
+    def __init__(self) -> None:
+        self.pack = msgpack.Packer(use_bin_type=True).pack
+
+
+_packers: Final = _Packers()
 
 
 def pack(value: Any) -> bytes:
     """msgpack with ``bin`` for bytes; raises TypeError for values msgpack cannot carry."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return _packers.pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"value cannot be encoded as msgpack: {exc}") from None
 
@@ -665,16 +678,20 @@ def parse(obj: Any) -> Frame:
     return frame
 
 
-def decode(data: bytes | bytearray | memoryview | str) -> Frame:
-    """Bytes of one WebSocket message to a frame; raises only :class:`ProtocolError`."""
+def loads(data: bytes | bytearray | memoryview | str) -> Any:
+    """Bytes of one WebSocket message to its msgpack value; raises only :class:`ProtocolError`."""
     if isinstance(data, str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "text messages are not allowed; send binary")
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for garbage; all mean bad_frame
         raise ProtocolError(
             ErrorCode.BAD_FRAME, f"message is not valid msgpack: {type(exc).__name__}"
         ) from None
+
+
+def frame_of(obj: Any) -> Frame:
+    """:func:`parse` for a value that came off the wire: raises only :class:`ProtocolError`."""
     try:
         return parse(obj)
     except ProtocolError:
@@ -683,3 +700,22 @@ def decode(data: bytes | bytearray | memoryview | str) -> Frame:
         raise ProtocolError(
             ErrorCode.BAD_FRAME, f"malformed frame: {type(exc).__name__}"
         ) from None
+
+
+def decode(data: bytes | bytearray | memoryview | str) -> Frame:
+    """Bytes of one WebSocket message to a frame; raises only :class:`ProtocolError`."""
+    return frame_of(loads(data))
+
+
+def result_fields(obj: Any) -> tuple[str, Any] | None:
+    """``(id, data)`` when ``obj`` (from :func:`loads`) is a valid ``result`` frame, else
+    None (then :func:`frame_of` says what it is, or what is wrong with it).
+
+    The hub's hot path: the agents' answers, read without building a
+    :class:`ResultFrame`. Accepts exactly what ``ResultFrame.parse`` accepts.
+    """
+    if type(obj) is dict and obj.get("t") == "result":
+        cmd_id = obj.get("id")
+        if type(cmd_id) is str and 0 < len(cmd_id) <= MAX_REF_ID_LENGTH and "data" in obj:
+            return cmd_id, obj["data"]
+    return None

@@ -21,6 +21,7 @@ from .calls import Calls
 from .clock import now_ms
 from .cluster import Cluster
 from .config import HubConfig
+from .deadlines import Deadlines
 from .emitter import EventEmitter
 from .errors import (
     AgentOffline,
@@ -88,6 +89,7 @@ class HubCore(EventEmitter):
         self._sessions: dict[str, Session] = {}
         self._delivery: dict[str, _Delivery] = {}
         self._handles: dict[str, CommandHandle] = {}
+        self._deadlines = Deadlines(self._handles, self._on_deadline)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed_tasks = False
         self._closing = False
@@ -197,7 +199,7 @@ class HubCore(EventEmitter):
         handle = CommandHandle(cmd.id, agent_id, command_key, loop, self.cancel_command)
         drop: DropSpec = drop_all_pending or None
         self._handles[cmd.id] = handle
-        handle._timer = loop.call_later(timeout_ms / 1000, self._on_deadline, cmd.id)
+        self._deadlines.add(cmd.id, handle, timeout_ms / 1000)
         if self._sync_store:
             # In-process store: store and send now, no task per command.
             try:
@@ -281,9 +283,8 @@ class HubCore(EventEmitter):
                 self._handles.pop(cmd.id, None)
                 handle._resolve(stored)
             elif stored.deadline is not None:
-                handle._stop_timer()
                 delay = max(0.0, (stored.deadline - now_ms()) / 1000)
-                handle._timer = self.loop.call_later(delay, self._on_deadline, cmd.id)
+                self._deadlines.add(cmd.id, handle, delay)
             return heads
         self.metrics.command_submitted()
         if not res.coalesced:
@@ -457,7 +458,7 @@ class HubCore(EventEmitter):
                 return  # completed meanwhile: nothing to time out
             if not handle.is_submitted():
                 # Still being stored (a slow store): time it out right after.
-                handle._timer = self.loop.call_later(0.05, self._on_deadline, cmd_id)
+                self._deadlines.add(cmd_id, handle, 0.05)
                 return
             info = await self.store.get_command(cmd_id)
             if info is None:
@@ -473,7 +474,7 @@ class HubCore(EventEmitter):
             handle = self._handles.get(cmd_id)
             if handle is not None:
                 # Retry soon: the store's deadline still stands (ARCHITECTURE.md).
-                handle._timer = self.loop.call_later(1.0, self._on_deadline, cmd_id)
+                self._deadlines.add(cmd_id, handle, 1.0)
 
     async def cancel_command(self, cmd_id: str) -> bool:
         """Cancel a command that is not COMPLETE; False when it already was."""
@@ -566,6 +567,7 @@ class HubCore(EventEmitter):
             carried = self._replace(old)
         self._sessions[agent_id] = session
         delivery = self._delivery[agent_id] = _Delivery()
+        welcomed = False
         try:
             previous = await self.store.register_agent(session.info)
             if previous is not None and previous.hub_id != self.hub_id and self.cluster.enabled:
@@ -580,6 +582,10 @@ class HubCore(EventEmitter):
                 v=P.PROTOCOL_VERSION, hub=self.hub_id, session=session.session_id,
                 heartbeat=self.config.heartbeat,
             )))
+            # Opened once welcomed: a connection replaced during its catch-up
+            # is counted closed ("replaced"), so it must count as opened.
+            welcomed = True
+            self.metrics.connection_opened()
             pending = await self.store.list_pending(agent_id)
             queued = await self.events.take_queued(agent_id)
         except BaseException:
@@ -587,6 +593,8 @@ class HubCore(EventEmitter):
                 del self._sessions[agent_id]
                 del self._delivery[agent_id]
                 carried += self.events.connection_gone(agent_id)
+                if welcomed:
+                    self.metrics.connection_closed("attach_failed")
             await self.events.requeue(agent_id, carried)
             raise
         if self._sessions.get(agent_id) is not session:
@@ -606,7 +614,6 @@ class HubCore(EventEmitter):
                 session.send(data)
         delivery.ready = True
         delivery.backlog = []
-        self.metrics.connection_opened()
         log.info("agent_connected", agent_id=agent_id, session=session.session_id,
                  redelivered=len(sent), queued=len(carried) + len(queued))
         self._emit("agent-connected", session.info.copy())
@@ -650,12 +657,12 @@ class HubCore(EventEmitter):
         other frame, which the caller hands to :meth:`on_frame`."""
         if not isinstance(frame, P.ResultFrame | P.FailFrame | P.AckFrame):
             return False
+        if isinstance(frame, P.ResultFrame):
+            self.result_now(session, frame.id, frame.data)
+            return True
         store, agent_id = self.store, session.agent_id
         try:
-            if isinstance(frame, P.ResultFrame):
-                self._answer_applied(store.complete_now(
-                    frame.id, "ok", now=now_ms(), result=frame.data, agent_id=agent_id))
-            elif isinstance(frame, P.FailFrame):
+            if isinstance(frame, P.FailFrame):
                 self._answer_applied(store.complete_now(
                     frame.id, "error", now=now_ms(), error=frame.error, agent_id=agent_id))
             else:
@@ -664,17 +671,31 @@ class HubCore(EventEmitter):
             self._frame_failed(session, exc, frame.id, frame.TYPE)
         return True
 
+    def result_now(self, session: Session, cmd_id: str, data: Any) -> None:
+        """A ``result`` frame on an in-process store (the hot path: the transport
+        hands over its fields, checked by ``P.result_fields``, without a frame object)."""
+        try:
+            self._answer_applied(self.store.complete_now(
+                cmd_id, "ok", now=now_ms(), result=data, agent_id=session.agent_id))
+        except Exception as exc:
+            self._frame_failed(session, exc, cmd_id, "result")
+
+    def on_result_nowait(self, session: Session, cmd_id: str, data: Any) -> asyncio.Future[Any]:
+        """:meth:`on_answer_nowait` for a ``result`` frame's fields (networked store)."""
+        fut = self.store.complete_start(cmd_id, "ok", now=now_ms(), result=data,
+                                        agent_id=session.agent_id)
+        fut.add_done_callback(functools.partial(self._answered, session, cmd_id))
+        return fut
+
     def on_answer_nowait(self, session: Session, frame: P.Frame) -> asyncio.Future[Any] | None:
         """Apply an ack/result/fail through the store's future and a callback (no task);
         the future to bound how many are in flight. None for any other frame."""
+        if isinstance(frame, P.ResultFrame):
+            return self.on_result_nowait(session, frame.id, frame.data)
         agent_id = session.agent_id
         now = now_ms()
         fut: asyncio.Future[Any]
-        if isinstance(frame, P.ResultFrame):
-            fut = self.store.complete_start(frame.id, "ok", now=now, result=frame.data,
-                                            agent_id=agent_id)
-            fut.add_done_callback(functools.partial(self._answered, session, frame.id))
-        elif isinstance(frame, P.FailFrame):
+        if isinstance(frame, P.FailFrame):
             fut = self.store.complete_start(frame.id, "error", now=now, error=frame.error,
                                             agent_id=agent_id)
             fut.add_done_callback(functools.partial(self._answered, session, frame.id))
@@ -844,6 +865,7 @@ class HubCore(EventEmitter):
         self._closing = True
         handles = list(self._handles.values())
         self._handles.clear()
+        self._deadlines.close()
         for handle in handles:
             handle._fail(HubClosed("the hub closed; the command stays stored"))
         self.events.close()

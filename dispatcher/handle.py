@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
@@ -31,6 +32,11 @@ def outcome_exception(info: CommandInfo) -> DispatcherError | None:
     )
 
 
+def _relay(outer: asyncio.Future[None], _inner: asyncio.Future[Any]) -> None:
+    if not outer.done():
+        outer.set_result(None)
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     # Nobody has to await a handle (fire-and-forget is legitimate), so its
     # exception is marked retrieved instead of being logged at garbage collection.
@@ -47,8 +53,8 @@ class CommandHandle:
     """
 
     __slots__ = (
-        "_canceller", "_progress", "_progress_seq", "_progress_waiter", "_result",
-        "_submit_state", "_submitted", "_timer", "agent_id", "id", "key",
+        "_canceller", "_deadline", "_progress", "_progress_seq", "_progress_waiter",
+        "_result", "_submit_state", "_submitted", "agent_id", "id", "key",
     )
 
     def __init__(
@@ -71,7 +77,9 @@ class CommandHandle:
         self._progress: deque[Any] | None = None
         self._progress_seq = 0
         self._progress_waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # When (loop time) the hub times it out locally, if it is waiting for
+        # that: an entry in the hub's Deadlines, forgotten by setting None.
+        self._deadline: float | None = None
 
     def __repr__(self) -> str:
         state = "done" if self._result.done() else "waiting"
@@ -79,8 +87,21 @@ class CommandHandle:
 
     def __await__(self) -> Generator[Any, None, Any]:
         # Shielded: a caller's timeout (asyncio.wait_for) or cancellation ends
-        # its wait, never the command's outcome.
-        return asyncio.shield(self._result).__await__()
+        # its wait, never the command's outcome. Done by hand rather than with
+        # asyncio.shield (hot path: one future and one callback per wait, and
+        # none once the command is done): the caller waits on its own future,
+        # which is what a cancellation cancels.
+        inner = self._result
+        if not inner.done():
+            outer: asyncio.Future[None] = inner.get_loop().create_future()
+            relay = functools.partial(_relay, outer)
+            inner.add_done_callback(relay)
+            try:
+                yield from outer.__await__()
+            except BaseException:
+                inner.remove_done_callback(relay)
+                raise
+        return inner.result()
 
     def done(self) -> bool:
         return self._result.done()
@@ -182,6 +203,4 @@ class CommandHandle:
             self._set_exception(exc)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None

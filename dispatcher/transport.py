@@ -14,15 +14,25 @@ import contextlib
 import hmac
 import http
 import json
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
+from websockets.asyncio.messages import SimpleQueue
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.streams import StreamReader
+from websockets.typing import Data
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
 
 from agent_client import protocol as P
 
@@ -41,6 +51,10 @@ MAX_FRAMES_IN_FLIGHT = 256
 RATE_LIMIT_GRACE = 5.0
 # Frames one connection's reader handles before it lets the other tasks run.
 FAIR_SLICE = 64
+# Frames applied inline per read of one connection; the rest go to its task.
+INLINE_SLICE = FAIR_SLICE
+# websockets' parser sits here between frames (see AgentConnection._at_boundary).
+_AT_EOF = StreamReader.at_eof.__code__
 
 
 def agent_token(secret: str, agent_id: str) -> str:
@@ -64,6 +78,18 @@ def close_reason(code: int | None, reason: str | None) -> str:
     }.get(code, f"close_{code}")
 
 
+_SMALL_HEADERS = [bytes((0x82, n)) for n in range(126)]
+
+
+def binary_header(size: int) -> bytes:
+    """RFC 6455, 5.2: the header of an unmasked, final binary frame of ``size`` bytes."""
+    if size < 126:
+        return _SMALL_HEADERS[size]
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
 class AgentConnection(ServerConnection):
     """websockets' server connection plus the hub's liveness watch.
 
@@ -82,17 +108,26 @@ class AgentConnection(ServerConnection):
     _corked: bool = False
     max_send_buffer: int = 4 * 1024 * 1024
 
-    def queue_frame(self, data: bytes) -> bool:
+    def queue_frame(self, data: bytes, header: bytes | None = None) -> bool:
         """Send one binary message: it leaves with every other frame of this
         event-loop turn, in one write at the end of the turn (one system call
         per connection and turn instead of one per frame).
 
         Never waits: the send-buffer bound replaces the backpressure a drain
         would give (a reader that does not read is dropped, not waited for).
+
+        The frame is serialized here, not by websockets: a server's frames are
+        not masked, so a binary frame is a 2-10 byte header (``header``, made
+        once for a fan-out) and the message. It joins websockets' own output
+        list, so it keeps its place among the control frames (a Close sent
+        after it leaves after it).
         """
-        if self.protocol.state is not State.OPEN:
+        protocol = self.protocol
+        if protocol.state is not State.OPEN or protocol.expect_continuation_frame:
             return False
-        self.protocol.send_binary(data)
+        writes = protocol.writes
+        writes.append(binary_header(len(data)) if header is None else header)
+        writes.append(data)
         if not self._corked:
             self._corked = True
             writer = self.writer
@@ -138,9 +173,109 @@ class AgentConnection(ServerConnection):
             log.warning("send_buffer_overflow", buffered=transport.get_write_buffer_size())
             self.abort("send_buffer_overflow")
 
+    # -- reading: whole binary frames applied inline --------------------------
+    # Set once the agent is attached: applies one message now and returns True,
+    # or returns False (having done nothing) to leave it to the connection's task.
+    inline: Callable[[bytes], bool] | None = None
+    # The connection's task is handling a message (anything after it waits behind).
+    busy: bool = False
+    max_message: int = 1 << 20
+    _split: bool = False  # frames are split here; websockets sees only whole frames
+    _passthrough: bool = False  # websockets parses everything from now on
+    _partial: bytes = b""  # the start of a frame whose end has not arrived
+
     def data_received(self, data: bytes) -> None:
+        """Apply the agents' answers straight from the socket's bytes.
+
+        websockets parses frames in Python and hands messages to a task through
+        a queue: per message, more than the hub's whole work on an answer. Here,
+        once the agent is attached, complete final binary frames are unmasked
+        and applied at once (``inline``); every other frame (control frames,
+        text, fragments) goes to websockets whole and in order, so it still
+        handles pings, closes and protocol errors. A message ``inline`` leaves
+        to the task, and every message after it until the task has caught up,
+        joins websockets' queue for the task, so frames are applied in order.
+        """
         self.last_rx = self.loop.time()
-        super().data_received(data)
+        if self.inline is None or self._passthrough:
+            super().data_received(data)
+            return
+        if not self._split:
+            if not self._at_boundary():
+                super().data_received(data)
+                return
+            self._split = True
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        self._split_frames(data)
+
+    def _at_boundary(self) -> bool:
+        """Whether websockets' parser waits for a new frame (has consumed none of one)."""
+        protocol = self.protocol
+        if protocol.reader.buffer or protocol.current_size is not None \
+                or protocol.state is not State.OPEN:
+            return False
+        if not isinstance(getattr(self.recv_messages, "frames", None), SimpleQueue):
+            return False  # another websockets release: leave all reading to it
+        # The innermost generator of the parser's ``yield from`` chain.
+        inner = protocol.parser
+        while (outer := getattr(inner, "gi_yieldfrom", None)) is not None:
+            inner = outer
+        return getattr(inner, "gi_code", None) is _AT_EOF
+
+    def _split_frames(self, data: bytes) -> None:
+        protocol = self.protocol
+        size = len(data)
+        pos = 0
+        run = -1  # start of frames for websockets, not yet handed over
+        inline_left = INLINE_SLICE
+        while size - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            length = b1 & 0x7F
+            head = pos + 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                head = pos + 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                head = pos + 10
+            if b1 & 0x80:
+                head += 4
+            if length > self.max_message:
+                # Too big: websockets closes with 1009. Nothing is buffered here.
+                self._passthrough = True
+                super().data_received(data[pos if run < 0 else run:])
+                return
+            end = head + length
+            if end > size:
+                break
+            if b0 == 0x82 and b1 & 0x80 and protocol.state is State.OPEN:
+                if run >= 0:
+                    super().data_received(data[run:pos])
+                    run = -1
+                message = apply_mask(data[head:end], data[head - 4:head])
+                frames = self.recv_messages.frames
+                if self.busy or frames or inline_left <= 0 or not self._apply(message):
+                    with contextlib.suppress(EOFError):  # the connection is gone
+                        self.recv_messages.put(Frame(Opcode.BINARY, message))
+                else:
+                    inline_left -= 1
+            elif run < 0:
+                run = pos
+            pos = end
+        if run >= 0:
+            super().data_received(data[run:pos])
+        if pos < size:
+            self._partial = data[pos:]
+
+    def _apply(self, message: bytes) -> bool:
+        inline = self.inline
+        return inline is not None and inline(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._liveness is not None:
@@ -219,8 +354,9 @@ class WsSession:
         if not sessions:
             return 0
         sent = 0
+        header = binary_header(len(data))
         for session in sessions:
-            if session.ws.queue_frame(data):
+            if session.ws.queue_frame(data, header):
                 sent += 1
         sessions[0]._server.metrics.frame_out_many(data, sent)
         return sent
@@ -331,28 +467,16 @@ class AgentServer:
     async def _serve(self, ws: ServerConnection) -> None:
         assert isinstance(ws, AgentConnection)
         ws.max_send_buffer = self.max_send_buffer
+        ws.max_message = self.config.max_frame
         ws.writer = self._writer
         ws.watch_liveness(self.config.heartbeat)
         session = await self._handshake(ws)
         if session is None:
             return
-        core = self.core
-        # With a networked store, frames are applied concurrently so that one
-        # agent's answers share pipelined writes instead of waiting one Redis
-        # round trip each. The batcher applies their store writes in arrival
-        # order; error replies may come back out of order (they carry ``ref``).
-        # Bounded per connection.
-        inline = not core.store.shared
-        inflight: set[asyncio.Future[Any]] = set()
-        loop = asyncio.get_running_loop()
-        frame_in = self.metrics.frame_in
-        # Frames per second (API.md, Security): a token bucket of one second's
-        # worth. Over it, frames are dropped with one `rate_limited` error a
-        # second; a connection still over it after RATE_LIMIT_GRACE is closed.
-        rate = self.config.max_frame_rate
-        tokens, last = rate, loop.time()
-        limited_since: float | None = None
-        warned = dropped_at = 0.0
+        reader = _Reader(self, session)
+        # From here, answers are applied as their bytes arrive (data_received);
+        # this task handles every other frame, in order with them.
+        ws.inline = reader.apply_inline
         streak = 0
         try:
             while True:
@@ -367,60 +491,15 @@ class AgentServer:
                     message = await ws.recv()
                 except ConnectionClosed:
                     break
-                if rate:
-                    now = loop.time()
-                    tokens = min(rate, tokens + (now - last) * rate)
-                    last = now
-                    if tokens < 1.0:
-                        if limited_since is None:
-                            limited_since = now
-                        elif now - limited_since > RATE_LIMIT_GRACE:
-                            log.warning("rate_limit_close", agent_id=session.agent_id)
-                            # Awaited: once this handler returns websockets closes
-                            # with 1000, which would overtake a close left to a task.
-                            await ws.close(P.CloseCode.POLICY_VIOLATION,
-                                           "frame rate limit exceeded")
-                            break
-                        dropped_at = now
-                        if now - warned >= 1.0:
-                            warned = now
-                            frame_in("rate_limited")
-                            session.send(P.encode(P.ErrorFrame(
-                                P.ErrorCode.RATE_LIMITED,
-                                f"over {rate:g} frames per second; frames are being dropped")))
-                        continue
-                    tokens -= 1.0
-                    # A flood still gets a frame through at the refill rate; it is
-                    # back under the rate only after a whole second without a drop.
-                    if limited_since is not None and now - dropped_at >= 1.0:
-                        limited_since = None
-                try:
-                    frame = P.decode(message)
-                except P.ProtocolError as exc:
-                    frame_in("invalid")
-                    session.send(P.encode(exc.to_frame()))
-                    continue
-                frame_in(frame.TYPE)
-                if inline:
-                    # In-process store: answers complete right here, without
-                    # a coroutine; anything else goes through on_frame.
-                    if not core.answer_now(session, frame):
-                        await core.on_frame(session, frame)
-                    continue
-                # Answers (the hot path) chain a callback on the store's
-                # future; anything else runs as a task. Both count as in flight.
-                pending = core.on_answer_nowait(session, frame)
-                if pending is None:
-                    pending = loop.create_task(core.on_frame(session, frame))
-                inflight.add(pending)
-                pending.add_done_callback(inflight.discard)
-                if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
-                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                ws.busy = True
+                if not await reader.handle(message):
+                    break
+                ws.busy = False
         finally:
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
-            await core.detach(session, ws.lost_reason
-                              or close_reason(_close_code(ws), _close_text(ws)))
+            ws.inline = None
+            await reader.drain()
+            await self.core.detach(session, ws.lost_reason
+                                   or close_reason(_close_code(ws), _close_text(ws)))
 
     async def _handshake(self, ws: AgentConnection) -> WsSession | None:
         """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
@@ -494,6 +573,148 @@ class AgentServer:
             await ws.close(close, message[:120])
         except ConnectionClosed:
             pass
+
+
+class _Reader:
+    """One attached agent's frames into the hub core: answers inline from the
+    connection's ``data_received`` when possible, everything else in order in
+    the connection's task (:meth:`handle`)."""
+
+    __slots__ = ("core", "dropped_at", "frame_in", "inflight", "last", "limited_since", "loop",
+                 "rate", "session", "shared", "tokens", "warned", "ws")
+
+    def __init__(self, server: AgentServer, session: WsSession) -> None:
+        self.core = server.core
+        self.session = session
+        self.ws = session.ws
+        self.loop = asyncio.get_running_loop()
+        self.frame_in = server.metrics.frame_in
+        # With a networked store, frames are applied concurrently so that one
+        # agent's answers share pipelined writes instead of waiting one Redis
+        # round trip each. The store applies their writes in arrival order;
+        # error replies may come back out of order (they carry ``ref``).
+        # Bounded per connection (MAX_FRAMES_IN_FLIGHT).
+        self.shared = self.core.store.shared
+        self.inflight: set[asyncio.Future[Any]] = set()
+        # Frames per second (API.md, Security): a token bucket of one second's
+        # worth. Over it, frames are dropped with one `rate_limited` error a
+        # second; a connection still over it after RATE_LIMIT_GRACE is closed.
+        self.rate = server.config.max_frame_rate
+        self.tokens, self.last = self.rate, self.loop.time()
+        self.limited_since: float | None = None
+        self.warned = self.dropped_at = 0.0
+
+    def _token(self, now: float) -> bool:
+        """Take one frame's token; False when over the rate (nothing taken)."""
+        rate = self.rate
+        tokens = min(rate, self.tokens + (now - self.last) * rate)
+        self.last = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        # A flood still gets a frame through at the refill rate; it is back
+        # under the rate only after a whole second without a drop.
+        if self.limited_since is not None and now - self.dropped_at >= 1.0:
+            self.limited_since = None
+        return True
+
+    def apply_inline(self, message: bytes) -> bool:
+        """Apply an answer (result, fail, ack; progress too on a networked store)
+        now; False, having done nothing, for anything else."""
+        try:
+            obj = P.loads(message)
+            fields = P.result_fields(obj)
+            frame = P.frame_of(obj) if fields is None else None
+        except P.ProtocolError:
+            return False  # the task answers it with the error frame
+        if frame is not None and not isinstance(frame, _ANSWERS):
+            return False
+        if self.rate and not self._token(self.loop.time()):
+            return False  # the task drops it (and counts, warns, closes)
+        if self.shared:
+            inflight = self.inflight
+            if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
+                return False  # the task waits for room first
+            if frame is None:
+                assert fields is not None
+                self.frame_in("result")
+                pending = self.core.on_result_nowait(self.session, fields[0], fields[1])
+            else:
+                nowait = self.core.on_answer_nowait(self.session, frame)
+                assert nowait is not None
+                self.frame_in(frame.TYPE)
+                pending = nowait
+            inflight.add(pending)
+            pending.add_done_callback(inflight.discard)
+            return True
+        if frame is None:
+            assert fields is not None
+            self.frame_in("result")
+            self.core.result_now(self.session, fields[0], fields[1])
+            return True
+        if isinstance(frame, P.ProgressFrame):
+            return False  # in-process store: applied by on_frame, in the task
+        self.frame_in(frame.TYPE)
+        self.core.answer_now(self.session, frame)
+        return True
+
+    async def handle(self, message: Data) -> bool:
+        """Apply one message in the connection's task; False to end the connection."""
+        session, core = self.session, self.core
+        if self.rate:
+            now = self.loop.time()
+            if not self._token(now):
+                if self.limited_since is None:
+                    self.limited_since = now
+                elif now - self.limited_since > RATE_LIMIT_GRACE:
+                    log.warning("rate_limit_close", agent_id=session.agent_id)
+                    # Awaited: once the handler returns websockets closes
+                    # with 1000, which would overtake a close left to a task.
+                    await self.ws.close(P.CloseCode.POLICY_VIOLATION,
+                                        "frame rate limit exceeded")
+                    return False
+                self.dropped_at = now
+                if now - self.warned >= 1.0:
+                    self.warned = now
+                    self.frame_in("rate_limited")
+                    session.send(P.encode(P.ErrorFrame(
+                        P.ErrorCode.RATE_LIMITED,
+                        f"over {self.rate:g} frames per second; frames are being dropped")))
+                return True
+        try:
+            frame = P.decode(message)
+        except P.ProtocolError as exc:
+            self.frame_in("invalid")
+            session.send(P.encode(exc.to_frame()))
+            return True
+        self.frame_in(frame.TYPE)
+        if not self.shared:
+            # In-process store: answers complete right here, without a
+            # coroutine; anything else goes through on_frame.
+            if not core.answer_now(session, frame):
+                await core.on_frame(session, frame)
+            return True
+        # Answers chain a callback on the store's future; anything else runs
+        # as a task. Both count as in flight.
+        pending = core.on_answer_nowait(session, frame)
+        if pending is None:
+            pending = self.loop.create_task(core.on_frame(session, frame))
+        inflight = self.inflight
+        inflight.add(pending)
+        pending.add_done_callback(inflight.discard)
+        if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
+            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    async def drain(self) -> None:
+        """Wait for the frames still being applied (the connection ended)."""
+        if self.inflight:
+            await asyncio.gather(*self.inflight, return_exceptions=True)
+
+
+# Frames apply_inline takes (result frames are read without a frame object).
+_ANSWERS = (P.FailFrame, P.AckFrame, P.ProgressFrame)
 
 
 def _close_code(ws: ServerConnection) -> int | None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import structlog
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -266,14 +267,9 @@ class RedisStore(Store):
             await self._replies.wait()
             while self._sent:
                 batch, start, conn = self._sent[0]
-                results: list[Any] = []
                 try:
                     async with asyncio.timeout(self._op_timeout):
-                        for _ in batch:
-                            try:
-                                results.append(await conn.read_response())
-                            except ResponseError as exc:  # one command's; still in sync
-                                results.append(exc)
+                        results = await _read_replies(conn, len(batch))
                 except Exception as exc:  # the connection is no longer trustworthy
                     await self._fail_all(exc)
                     break
@@ -662,7 +658,15 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
 
     What redis-py's pack_commands does, several times cheaper: it was the
     largest single cost of the Redis engine's hot path (PERFORMANCE.md).
+    hiredis' C encoder, when the installed hiredis has one, is twice as
+    fast again (measured: 2.7 against 6.1 µs for one command's two scripts).
     """
+    if _pack_command is not None:
+        return b"".join([_pack_command(args) for args in commands])
+    return _resp_python(commands)
+
+
+def _resp_python(commands: list[tuple[Any, ...]]) -> bytes:
     out: list[bytes] = []
     push = out.append
     for args in commands:
@@ -679,6 +683,46 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
                 data = repr(arg).encode()  # floats
             push(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
+
+
+async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+    """The next ``count`` replies on ``conn``; a command's error reply is returned as its
+    ``ResponseError`` (the connection is still in sync), anything else raises.
+
+    With hiredis, replies already received are taken straight from its reader,
+    waiting only for more bytes: redis-py's ``read_response`` costs about a
+    microsecond of coroutines, timeouts and messages per reply, and the engine
+    reads two replies per command. The whole batch runs under the caller's timeout.
+    """
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None) if isinstance(parser, _AsyncHiredisParser) \
+        else None
+    results: list[Any] = []
+    if reader is None or parser is None:
+        for _ in range(count):
+            try:
+                results.append(await conn.read_response())
+            except ResponseError as exc:  # one command's; still in sync
+                results.append(exc)
+        return results
+    gets, more = reader.gets, parser.read_from_socket
+    for _ in range(count):
+        reply = gets()
+        while reply is NOT_ENOUGH_DATA:
+            await more()
+            reply = gets()
+        if isinstance(reply, RedisConnectionError):
+            raise reply
+        results.append(reply)
+    return results
+
+
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack_command
+    _pack_command = _hiredis_pack_command
+except ImportError:  # pragma: no cover - hiredis is a dependency; older ones lack it
+    _pack_command = None
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -281,3 +281,19 @@ async def test_a_command_lost_by_the_store_times_out_its_handle(
         await client.aclose()
     with pytest.raises(CommandTimeout):
         await asyncio.wait_for(handle.result(), 5)
+
+
+def test_both_resp_encoders_write_the_same_bytes() -> None:
+    """The engine packs its pipelined commands with hiredis' C encoder when it can;
+    the pure-Python one (older hiredis) must write exactly the same RESP."""
+    from dispatcher.store.redis import _resp, _resp_python  # noqa: PLC0415 - internals
+
+    commands = [
+        (b"EVALSHA", b"a" * 40, 3, "p:cmd:é-1", "k2", "k3", 1764000000000, -5, 2.5, b"",
+         b"\x00\xff binary", ""),
+        ("PING",),
+    ]
+    expected = _resp_python(commands)
+    assert expected.startswith(b"*12\r\n$7\r\nEVALSHA\r\n$40\r\n")
+    assert b"$10\r\np:cmd:\xc3\xa9-1\r\n" in expected and b"$3\r\n2.5\r\n" in expected
+    assert _resp(commands) == expected

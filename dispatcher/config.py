@@ -33,6 +33,7 @@ class HubConfig:
     hello_timeout: float = 10.0
     command_timeout: float = 60.0
     retention: float = 3600.0
+    max_retained: int = 1_000_000  # COMPLETE commands kept, in-memory engine (oldest go first)
     max_frame: int = 1 * MiB
     agent_secret: str | None = None
     agent_tokens: Mapping[str, str] | str | None = None  # mapping, or a file of "id token" lines
@@ -61,6 +62,8 @@ class HubConfig:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:
             raise ValueError("HubConfig.max_frame_rate must be 0 (no limit) or at least 1")
+        if self.max_retained < 0:
+            raise ValueError("HubConfig.max_retained must be 0 or more")
         if self.max_frame < 1024:
             raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):

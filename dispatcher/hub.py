@@ -26,7 +26,7 @@ def make_store(config: HubConfig) -> Store:
         return RedisStore(config.redis_url, prefix=config.prefix, retention=config.retention,
                           probe_interval=config.bus_probe_interval,
                           probe_timeout=config.bus_probe_timeout)
-    return MemoryStore(retention=config.retention)
+    return MemoryStore(retention=config.retention, max_retained=config.max_retained)
 
 
 class Dispatcher(HubCore):

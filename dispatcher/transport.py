@@ -182,7 +182,8 @@ class AgentConnection(ServerConnection):
     max_message: int = 1 << 20
     _split: bool = False  # frames are split here; websockets sees only whole frames
     _passthrough: bool = False  # websockets parses everything from now on
-    _partial: bytes = b""  # the start of a frame whose end has not arrived
+    _partial: bytearray | None = None  # the start of a frame whose end has not arrived
+    _need = 0  # bytes _partial must reach to hold that frame whole (0: header incomplete)
 
     def data_received(self, data: bytes) -> None:
         """Apply the agents' answers straight from the socket's bytes.
@@ -205,9 +206,15 @@ class AgentConnection(ServerConnection):
                 super().data_received(data)
                 return
             self._split = True
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+        partial = self._partial
+        if partial is not None:
+            # Appended in place (a frame trickling in byte by byte costs linear
+            # time), parsed again only once it can be whole.
+            partial += data
+            if len(partial) < self._need:
+                return
+            data = bytes(partial)
+            self._partial = None
         self._split_frames(data)
 
     def _at_boundary(self) -> bool:
@@ -230,6 +237,7 @@ class AgentConnection(ServerConnection):
         pos = 0
         run = -1  # start of frames for websockets, not yet handed over
         inline_left = INLINE_SLICE
+        self._need = 0
         while size - pos >= 2:
             b0, b1 = data[pos], data[pos + 1]
             length = b1 & 0x7F
@@ -253,6 +261,7 @@ class AgentConnection(ServerConnection):
                 return
             end = head + length
             if end > size:
+                self._need = end - pos
                 break
             if b0 == 0x82 and b1 & 0x80 and protocol.state is State.OPEN:
                 if run >= 0:
@@ -271,11 +280,17 @@ class AgentConnection(ServerConnection):
         if run >= 0:
             super().data_received(data[run:pos])
         if pos < size:
-            self._partial = data[pos:]
+            self._partial = bytearray(data[pos:])
 
     def _apply(self, message: bytes) -> bool:
         inline = self.inline
-        return inline is not None and inline(message)
+        if inline is None:
+            return False
+        try:
+            return inline(message)
+        except Exception:  # a bug: the frame is lost, the connection is not
+            log.exception("inline_frame_failed")
+            return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._liveness is not None:

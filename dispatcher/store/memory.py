@@ -29,8 +29,12 @@ class MemoryStore(Store):
     engine: ClassVar[str] = "memory"
     sync: ClassVar[bool] = True
 
-    def __init__(self, *, retention: float = 3600.0) -> None:
+    def __init__(self, *, retention: float = 3600.0, max_retained: int = 1_000_000) -> None:
         self._retention_ms = int(retention * 1000)
+        # At thousands of commands a second, an hour of retention would hold
+        # millions of records in this process: past this many, the oldest
+        # COMPLETE commands are forgotten early (Redis has its own maxmemory).
+        self._max_retained = max_retained
         self._commands: dict[str, CommandInfo] = {}  # not COMPLETE
         # COMPLETE commands kept for the retention period, packed into one bytes
         # object each: at thousands of commands a second a retained hour is
@@ -73,8 +77,13 @@ class MemoryStore(Store):
             if not index:
                 del self._pending[cmd.agent_id]
         del self._commands[cmd.id]
-        self._done[cmd.id] = _freeze(cmd)
-        self._expiry.append((now + self._retention_ms, cmd.id))
+        done = self._done
+        done[cmd.id] = _freeze(cmd)
+        expiry = self._expiry
+        expiry.append((now + self._retention_ms, cmd.id))
+        if len(expiry) > self._max_retained:
+            _, oldest = expiry.popleft()
+            done.pop(oldest, None)
 
     async def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None

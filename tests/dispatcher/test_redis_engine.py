@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, HubConfig, StoreUnavailable
-from dispatcher.store.redis import RedisStore
+from dispatcher.store.redis import RedisStore, _resp, _resp_python
 
 from ..support import RawAgent, RedisProcess, external_redis_url, wait_for
 
@@ -286,8 +286,6 @@ async def test_a_command_lost_by_the_store_times_out_its_handle(
 def test_both_resp_encoders_write_the_same_bytes() -> None:
     """The engine packs its pipelined commands with hiredis' C encoder when it can;
     the pure-Python one (older hiredis) must write exactly the same RESP."""
-    from dispatcher.store.redis import _resp, _resp_python  # noqa: PLC0415 - internals
-
     commands = [
         (b"EVALSHA", b"a" * 40, 3, "p:cmd:é-1", "k2", "k3", 1764000000000, -5, 2.5, b"",
          b"\x00\xff binary", ""),

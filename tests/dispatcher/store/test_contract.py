@@ -235,3 +235,19 @@ async def test_redis_queue_is_bounded(redis_url: str, prefix: str,
         assert await store.get_command("d") is None  # the queue drained: calls flow again
     finally:
         await store.close()
+
+
+async def test_memory_engine_keeps_at_most_max_retained_complete_commands() -> None:
+    """In-memory only (Redis bounds itself with maxmemory): past ``max_retained``
+    COMPLETE commands, the oldest are forgotten first; commands not COMPLETE never are."""
+    store = MemoryStore(max_retained=3)
+    await store.start()
+    for i in range(6):
+        await store.create_command(cmd(f"c{i}"))
+    for i in range(5):
+        await store.complete(f"c{i}", "ok", now=NOW + i, result=i)
+    assert [await store.get_command(f"c{i}") for i in range(2)] == [None, None]
+    kept = [await store.get_command(f"c{i}") for i in range(2, 6)]
+    assert [(c.status, c.result) for c in kept if c is not None] == [
+        ("COMPLETE", 2), ("COMPLETE", 3), ("COMPLETE", 4), ("PENDING", None)]
+    await store.close()

@@ -53,6 +53,8 @@ RATE_LIMIT_GRACE = 5.0
 FAIR_SLICE = 64
 # Frames applied inline per read of one connection; the rest go to its task.
 INLINE_SLICE = FAIR_SLICE
+# Opcodes RFC 6455 defines: continuation, text, binary, close, ping, pong.
+_OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
 # websockets' parser sits here between frames (see AgentConnection._at_boundary).
 _AT_EOF = StreamReader.at_eof.__code__
 
@@ -198,7 +200,9 @@ class AgentConnection(ServerConnection):
         joins websockets' queue for the task, so frames are applied in order.
         """
         self.last_rx = self.loop.time()
-        if self.inline is None or self._passthrough:
+        if self._passthrough or (self.inline is None and not self._split):
+            # Once splitting, it goes on after the task ended (``inline`` None):
+            # websockets must never get the rest of a frame whose start it missed.
             super().data_received(data)
             return
         if not self._split:
@@ -254,8 +258,11 @@ class AgentConnection(ServerConnection):
                 head = pos + 10
             if b1 & 0x80:
                 head += 4
-            if length > self.max_message:
-                # Too big: websockets closes with 1009. Nothing is buffered here.
+            opcode = b0 & 0x0F
+            if length > self.max_message or b0 & 0x70 or opcode not in _OPCODES \
+                    or (opcode >= 0x8 and length > 125):
+                # Too big (websockets closes with 1009) or invalid from its
+                # header (1002): websockets decides now, nothing is buffered here.
                 self._passthrough = True
                 super().data_received(data[pos if run < 0 else run:])
                 return
@@ -263,18 +270,24 @@ class AgentConnection(ServerConnection):
             if end > size:
                 self._need = end - pos
                 break
-            if b0 == 0x82 and b1 & 0x80 and protocol.state is State.OPEN:
+            if b0 == 0x82 and b1 & 0x80:
+                # The frames before it first: a Close or an invalid frame
+                # among them ends what may be applied after them.
                 if run >= 0:
                     super().data_received(data[run:pos])
                     run = -1
-                message = apply_mask(data[head:end], data[head - 4:head])
-                frames = self.recv_messages.frames
-                if self.busy or frames or inline_left <= 0 or not self._apply(message):
-                    with contextlib.suppress(EOFError):  # the connection is gone
-                        self.recv_messages.put(Frame(Opcode.BINARY, message))
-                else:
-                    inline_left -= 1
-            elif run < 0:
+                # Not inside a fragmented message (that is websockets' 1002).
+                if protocol.state is State.OPEN and protocol.current_size is None:
+                    message = apply_mask(data[head:end], data[head - 4:head])
+                    if self.busy or self.recv_messages.frames or inline_left <= 0 \
+                            or not self._apply(message):
+                        with contextlib.suppress(EOFError):  # the connection is gone
+                            self.recv_messages.put(Frame(Opcode.BINARY, message))
+                    else:
+                        inline_left -= 1
+                    pos = end
+                    continue
+            if run < 0:
                 run = pos
             pos = end
         if run >= 0:
@@ -645,12 +658,16 @@ class _Reader:
             return False  # the task answers it with the error frame
         if frame is not None and not isinstance(frame, _ANSWERS):
             return False
+        shared = self.shared
+        if not shared and isinstance(frame, P.ProgressFrame):
+            return False  # in-process store: applied by on_frame, in the task
+        if shared and len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
+            return False  # the task waits for room first
+        # Last: a frame left to the task must not have taken a token here.
         if self.rate and not self._token(self.loop.time()):
             return False  # the task drops it (and counts, warns, closes)
-        if self.shared:
+        if shared:
             inflight = self.inflight
-            if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
-                return False  # the task waits for room first
             if frame is None:
                 assert fields is not None
                 self.frame_in("result")
@@ -668,8 +685,6 @@ class _Reader:
             self.frame_in("result")
             self.core.result_now(self.session, fields[0], fields[1])
             return True
-        if isinstance(frame, P.ProgressFrame):
-            return False  # in-process store: applied by on_frame, in the task
         self.frame_in(frame.TYPE)
         self.core.answer_now(self.session, frame)
         return True

@@ -662,7 +662,10 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
     fast again (measured: 2.7 against 6.1 µs for one command's two scripts).
     """
     if _pack_command is not None:
-        return b"".join([_pack_command(args) for args in commands])
+        try:
+            return b"".join([_pack_command(args) for args in commands])
+        except TypeError:  # a type hiredis refuses (None, bool...): never fail a batch for it
+            pass
     return _resp_python(commands)
 
 
@@ -713,6 +716,8 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
             reply = gets()
         if isinstance(reply, RedisConnectionError):
             raise reply
+        if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+            raise reply[0]  # as redis-py's parser does
         results.append(reply)
     return results
 

@@ -175,3 +175,76 @@ async def test_a_frame_over_max_frame_still_closes_with_1009(make_hub: HubFactor
     await write(agent, binary({"t": "result", "id": "x", "data": "a" * 5000})[:100])
     code, _ = await agent.closed()
     assert code == 1009
+
+
+async def _fast_path_on(hub: Dispatcher, agent: RawAgent, agent_id: str) -> None:
+    handle = hub.execute_on_agent(agent_id, "warm", None)
+    cmd = await agent.recv_type("cmd")
+    await agent.send({"t": "result", "id": cmd["id"], "data": "warm"})
+    assert await asyncio.wait_for(handle, WAIT) == "warm"
+    assert hub_connection(hub, agent_id)._split
+
+
+async def test_nothing_after_a_close_frame_is_applied(make_hub: HubFactory) -> None:
+    """RFC 6455, 1.4: data after the peer's Close is discarded, even in the same read."""
+    hub = await make_hub()
+    agent, _ = await RawAgent.hello(ws_url(hub), "closer")
+    await _fast_path_on(hub, agent, "closer")
+    handle = hub.execute_on_agent("closer", "work", 1)
+    cmd = await agent.recv_type("cmd")
+    await write(agent, masked(0x8, struct.pack("!H", 1000) + b"bye")
+                + binary({"t": "result", "id": cmd["id"], "data": "after close"}))
+    assert (await agent.closed())[0] == 1000
+    await wait_for(lambda: hub.session_of("closer") is None, what="the agent to leave")
+    stored = await hub.get_command(handle.id)
+    assert stored is not None and stored.status != "COMPLETE"
+
+
+@pytest.mark.parametrize("bad", ["reserved_bit", "inside_a_fragmented_message"])
+async def test_nothing_after_a_protocol_error_is_applied(make_hub: HubFactory,
+                                                         bad: str) -> None:
+    """A frame websockets rejects (1002) ends what is applied, in the same read too;
+    a final binary frame inside a fragmented message is such a frame."""
+    hub = await make_hub()
+    agent, _ = await RawAgent.hello(ws_url(hub), "broken")
+    await _fast_path_on(hub, agent, "broken")
+    handle = hub.execute_on_agent("broken", "work", 1)
+    cmd = await agent.recv_type("cmd")
+    result = binary({"t": "result", "id": cmd["id"], "data": "too late"})
+    if bad == "reserved_bit":
+        stream = bytes([0xC2]) + masked(0x2, b"\x80")[1:] + result  # RSV1 without extension
+    else:
+        first = pack({"t": "ack", "id": cmd["id"]})
+        stream = masked(0x2, first[:2], fin=False) + result + masked(0x0, first[2:])
+    await write(agent, stream)
+    assert (await agent.closed())[0] == 1002
+    await wait_for(lambda: hub.session_of("broken") is None, what="the agent to leave")
+    stored = await hub.get_command(handle.id)
+    assert stored is not None and stored.status != "COMPLETE"
+
+
+async def test_frames_left_to_the_task_count_once_against_the_rate(make_hub: HubFactory) -> None:
+    """``max_frame_rate`` counts each frame once, whichever path applies it."""
+    hub = await make_hub(max_frame_rate=20)
+    agent, _ = await RawAgent.hello(ws_url(hub), "steady")
+    handle = hub.execute_on_agent("steady", "work", None)
+    updates: list[Any] = []
+
+    async def follow() -> None:
+        async for update in handle.progress():
+            updates.append(update)
+
+    follower = asyncio.create_task(follow())
+    cmd = await agent.recv_type("cmd")
+    await agent.send({"t": "ack", "id": cmd["id"]})  # splitting from here on
+    await wait_for(lambda: hub_connection(hub, "steady")._split, what="the fast path")
+    # 1 + 12 + 1 frames: within a bucket of 20 if each counts once. One at a
+    # time, so that each is offered to the inline path before the task gets it.
+    for i in range(12):
+        await write(agent, binary({"t": "progress", "id": cmd["id"], "data": i}))
+        await wait_for(lambda i=i: len(updates) > i, what=f"progress {i}")
+    await write(agent, binary({"t": "result", "id": cmd["id"], "data": "done"}))
+    assert await asyncio.wait_for(handle, WAIT) == "done"
+    await asyncio.wait_for(follower, WAIT)
+    assert updates == list(range(12))
+    await agent.close()

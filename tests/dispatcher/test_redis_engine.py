@@ -295,3 +295,6 @@ def test_both_resp_encoders_write_the_same_bytes() -> None:
     assert expected.startswith(b"*12\r\n$7\r\nEVALSHA\r\n$40\r\n")
     assert b"$10\r\np:cmd:\xc3\xa9-1\r\n" in expected and b"$3\r\n2.5\r\n" in expected
     assert _resp(commands) == expected
+    # A type hiredis refuses falls back to the Python encoder instead of failing the batch.
+    odd = [("SET", "k", True)]
+    assert _resp(odd) == _resp_python(odd)

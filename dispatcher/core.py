@@ -51,8 +51,9 @@ class Session(Protocol):
     session_id: str
     info: AgentInfo
 
-    def send(self, data: bytes) -> bool:
-        """Queue one frame without waiting; False if the connection is gone."""
+    def send(self, data: bytes, frame_type: str | None = None) -> bool:
+        """Queue one frame without waiting; False if the connection is gone.
+        ``frame_type``, when the caller knows it, spares reading it from ``data``."""
 
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection with a close code of PROTOCOL.md."""
@@ -269,6 +270,11 @@ class HubCore(EventEmitter):
         """The command is stored: resolve drops, deliver. Returns the dropped group
         leaders whose groups need their next member released."""
         handle._set_submitted()
+        if res.created and not res.dropped:  # the common case, spelled out (hot path)
+            self.metrics.commands_submitted += 1
+            if not res.coalesced:
+                self._deliver(res.command, res.location, frame)
+            return _NO_HEADS
         heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
             self._settled(dropped, tell_agent=True)
@@ -340,7 +346,7 @@ class HubCore(EventEmitter):
         if not delivery.ready:
             delivery.backlog.append((cmd_id, data))
             return True
-        return session.send(data)
+        return session.send(data, None if cmd_id is None else "cmd")
 
     def send_to_many(self, agent_ids: Iterable[str], data: bytes,
                      skip: str | None = None) -> int:
@@ -871,6 +877,10 @@ class HubCore(EventEmitter):
         self.events.close()
         await self._cancel_tasks()
         await self._close_emitter()
+
+
+# What _after_create returns when no group needs releasing (never mutated).
+_NO_HEADS: dict[str, CommandInfo] = {}
 
 
 def _older(a: CommandInfo, b: CommandInfo) -> bool:

@@ -86,11 +86,15 @@ class Deadlines:
         return handle is not None and handle._deadline == entry[0]
 
     def _compact(self) -> None:
-        live = self._live
-        self._fifo = deque(e for e in self._fifo if live(e))
-        self._heap = [e for e in self._heap if live(e)]
+        handles = self._handles
+        self._fifo = deque([e for e in self._fifo
+                            if (h := handles.get(e[1])) is not None and h._deadline == e[0]])
+        self._heap = [e for e in self._heap
+                      if (h := handles.get(e[1])) is not None and h._deadline == e[0]]
         heapq.heapify(self._heap)
-        self._limit = max(MIN_COMPACT, 2 * (len(self._fifo) + len(self._heap)))
+        # Stale entries may reach 3 times the live ones: compaction then costs
+        # about one check per added deadline.
+        self._limit = max(MIN_COMPACT, 4 * (len(self._fifo) + len(self._heap)))
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._armed is not None:

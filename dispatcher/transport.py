@@ -370,10 +370,14 @@ class WsSession:
         self.agent_id = info.id
         self.session_id = info.session
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes, frame_type: str | None = None) -> bool:
         if not self.ws.queue_frame(data):
             return False
-        self._server.metrics.frame_out(data)
+        metrics = self._server.metrics
+        if frame_type is None:
+            metrics.frame_out(data)
+        else:
+            metrics.frames_out[frame_type] += 1
         return True
 
     @staticmethod

@@ -94,8 +94,9 @@ class MemoryStore(Store):
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
     ) -> CreateResult:
         self._expire(cmd.ts)
-        existing = self._get(cmd.id)
-        if existing is not None:
+        if cmd.id in self._commands or cmd.id in self._done:
+            existing = self._get(cmd.id)
+            assert existing is not None
             return CreateResult(existing, created=False)
         index = self._pending.setdefault(cmd.agent_id, {})
         if max_pending is not None and len(index) >= max_pending:

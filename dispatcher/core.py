@@ -217,8 +217,11 @@ class HubCore(EventEmitter):
                 self._spawn(self._release_groups(heads, res.command.id))
         elif not require_online:
             # Networked store: a callback on the store's future, not a task.
+            # Hints that spare Redis work: an id made here was never used, and
+            # the agent's hub matters only if it is not connected here.
             fut = self.store.create_command_start(
-                cmd, drop=drop, max_pending=self.config.max_inflight_per_agent)
+                cmd, drop=drop, max_pending=self.config.max_inflight_per_agent,
+                fresh=command_id is None, locate=agent_id not in self._sessions)
             fut.add_done_callback(functools.partial(self._created, handle, cmd, frame))
         else:
             self._spawn(self._submit(handle, cmd, frame, drop, require_online))

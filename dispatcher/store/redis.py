@@ -398,7 +398,8 @@ class RedisStore(Store):
         return await self.create_command_start(cmd, drop=drop, max_pending=max_pending)
 
     def create_command_start(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
+        fresh: bool = False, locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
         raw = self._call("create", (
@@ -406,6 +407,7 @@ class RedisStore(Store):
             self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
+            1 if fresh else 0, 1 if locate else 0,
         ))
         return _then(raw, lambda res: self._created(cmd, max_pending, res))
 

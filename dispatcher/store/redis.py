@@ -67,13 +67,17 @@ _REJECTIONS = {
 
 
 class _Op:
-    __slots__ = ("args", "future", "script")
+    __slots__ = ("args", "future", "parse", "script")
 
     def __init__(self, script: str | None, args: tuple[Any, ...],
-                 future: asyncio.Future[Any]) -> None:
+                 future: asyncio.Future[Any], parse: Callable[[Any], Any] | None) -> None:
         self.script = script
         self.args = args
         self.future = future
+        # Turns the reply into the future's value as the reply is read (its
+        # exceptions are the caller's: UnknownCommand, TooManyCommands): no
+        # second future and loop turn per operation on the hot paths.
+        self.parse = parse
 
 
 class RedisStore(Store):
@@ -186,7 +190,8 @@ class RedisStore(Store):
         await self._call(None, ("PING",))
 
     # -- batching -----------------------------------------------------------
-    def _call(self, script: str | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _call(self, script: str | None, args: tuple[Any, ...],
+              parse: Callable[[Any], Any] | None = None) -> asyncio.Future[Any]:
         """Queue one command (or script call) for the next pipelined write."""
         loop = self._loop
         if loop is None:
@@ -205,7 +210,7 @@ class RedisStore(Store):
             fut.set_exception(StoreUnavailable(
                 f"the store is overloaded: {len(self._queue)} operations queued"))
         else:
-            self._queue.append(_Op(script, args, fut))
+            self._queue.append(_Op(script, args, fut, parse))
             self._wakeup.set()
         return fut
 
@@ -294,8 +299,15 @@ class RedisStore(Store):
                 self.errors += 1
                 op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
                 log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
-            else:
+            elif op.parse is None:
                 op.future.set_result(res)
+            else:
+                try:
+                    value = op.parse(res)
+                except Exception as err:
+                    op.future.set_exception(err)
+                else:
+                    op.future.set_result(value)
         if noscript:
             # Someone flushed Redis's script cache. Handled as a short outage:
             # these (which did not run) and everything after them fail at once
@@ -402,14 +414,13 @@ class RedisStore(Store):
         fresh: bool = False, locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
-        raw = self._call("create", (
+        return self._call("create", (
             3, self._k_cmd(cmd.id), self._k_pending(cmd.agent_id), self._k_deadlines,
             self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
             1 if fresh else 0, 1 if locate else 0,
-        ))
-        return _then(raw, lambda res: self._created(cmd, max_pending, res))
+        ), lambda res: self._created(cmd, max_pending, res))
 
     def _created(self, cmd: CommandInfo, max_pending: int | None, res: Any) -> CreateResult:
         status = res[0]
@@ -441,7 +452,7 @@ class RedisStore(Store):
             if res != 1:
                 raise UnknownCommand(_REJECTIONS[res].format(id=cmd_id, agent=agent_id))
 
-        return _then(self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now)), check)
+        return self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now), check)
 
     async def complete(
         self,
@@ -466,13 +477,12 @@ class RedisStore(Store):
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
     ) -> asyncio.Future[CommandInfo]:
-        raw = self._call("complete", (
+        return self._call("complete", (
             2, self._k_cmd(cmd_id), self._k_deadlines, self.prefix, outcome, now,
             pack(result), b"" if error is None else pack(error), agent_id or "",
             self._retention_ms,
-        ))
-        return _then(raw, lambda res: _completed(cmd_id, outcome, res, now=now, result=result,
-                                                 error=error, agent_id=agent_id))
+        ), lambda res: _completed(cmd_id, outcome, res, now=now, result=result, error=error,
+                                  agent_id=agent_id))
 
     async def complete_group(
         self,
@@ -568,8 +578,7 @@ class RedisStore(Store):
                 raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
             return _s(res[1])
 
-        return _then(self._call("progress_check", (1, self._k_cmd(cmd_id), agent_id or "")),
-                     check)
+        return self._call("progress_check", (1, self._k_cmd(cmd_id), agent_id or ""), check)
 
     def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
         """Publish in the next pipelined write (fire and forget is fine: the future
@@ -619,27 +628,6 @@ class RedisStore(Store):
 
 
 # -- decoding ---------------------------------------------------------------------
-
-def _then(fut: asyncio.Future[Any], parse: Callable[[Any], Any]) -> asyncio.Future[Any]:
-    """A future of ``parse(reply)``, chained by a callback: the hot paths await
-    no task of their own (a task per command costs more than the parsing)."""
-    out: asyncio.Future[Any] = fut.get_loop().create_future()
-
-    def done(f: asyncio.Future[Any]) -> None:
-        if out.cancelled():
-            return
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        try:
-            out.set_result(parse(f.result()))
-        except Exception as err:  # UnknownCommand, TooManyCommands: the caller's to see
-            out.set_exception(err)
-
-    fut.add_done_callback(done)
-    return out
-
 
 def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any,
                error: dict[str, Any] | None, agent_id: str | None) -> CommandInfo:

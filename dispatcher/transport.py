@@ -224,11 +224,12 @@ class AgentConnection(ServerConnection):
     def _at_boundary(self) -> bool:
         """Whether websockets' parser waits for a new frame (has consumed none of one)."""
         protocol = self.protocol
+        if not hasattr(protocol, "current_size") \
+                or not isinstance(getattr(self.recv_messages, "frames", None), SimpleQueue):
+            return False  # another websockets release: leave all reading to it
         if protocol.reader.buffer or protocol.current_size is not None \
                 or protocol.state is not State.OPEN:
             return False
-        if not isinstance(getattr(self.recv_messages, "frames", None), SimpleQueue):
-            return False  # another websockets release: leave all reading to it
         # The innermost generator of the parser's ``yield from`` chain.
         inner = protocol.parser
         while (outer := getattr(inner, "gi_yieldfrom", None)) is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import structlog
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -701,7 +701,7 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
     gets, more = reader.gets, parser.read_from_socket
     for _ in range(count):
         reply = gets()
-        while reply is NOT_ENOUGH_DATA:
+        while reply is _NOT_ENOUGH_DATA:
             await more()
             reply = gets()
         if isinstance(reply, RedisConnectionError):
@@ -711,6 +711,14 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
         results.append(reply)
     return results
 
+
+# What redis-py's hiredis reader returns for "not a whole reply yet": its own
+# sentinel in recent releases, hiredis' default (False) in older ones.
+_NOT_ENOUGH_DATA: object
+try:
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - redis-py before the sentinel
+    _NOT_ENOUGH_DATA = False
 
 _pack_command: Callable[[tuple[Any, ...]], bytes] | None
 try:

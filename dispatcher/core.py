@@ -212,22 +212,25 @@ class HubCore(EventEmitter):
             except DispatcherError as exc:
                 self._submit_failed(handle, cmd, exc)
                 return handle
-            heads = self._after_create(handle, cmd, res, frame)
+            heads = self._after_create(handle, cmd, res, frame, res.location)
             if heads:
                 self._spawn(self._release_groups(heads, res.command.id))
         elif not require_online:
             # Networked store: a callback on the store's future, not a task.
-            # Hints that spare Redis work: an id made here was never used, and
-            # the agent's hub matters only if it is not connected here.
+            # The agent's hub matters only if it is not connected here: the
+            # lookup is skipped, and if the agent left meanwhile, delivery
+            # looks it up after all (location "unknown", see _created).
+            located = agent_id not in self._sessions
             fut = self.store.create_command_start(
                 cmd, drop=drop, max_pending=self.config.max_inflight_per_agent,
-                fresh=command_id is None, locate=agent_id not in self._sessions)
-            fut.add_done_callback(functools.partial(self._created, handle, cmd, frame))
+                locate=located)
+            fut.add_done_callback(functools.partial(self._created, handle, cmd, frame,
+                                                    located))
         else:
             self._spawn(self._submit(handle, cmd, frame, drop, require_online))
         return handle
 
-    def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes,
+    def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes, located: bool,
                  fut: asyncio.Future[CreateResult]) -> None:
         if fut.cancelled():
             return
@@ -239,7 +242,9 @@ class HubCore(EventEmitter):
             self._submit_failed(handle, cmd, exc)
             return
         res = fut.result()
-        heads = self._after_create(handle, cmd, res, frame)
+        # Not looked up: unknown (True), not "nowhere" (None).
+        heads = self._after_create(handle, cmd, res, frame,
+                                   res.location if located else True)
         if heads and not self._closing:
             self._spawn(self._release_groups(heads, res.command.id))
 
@@ -264,19 +269,21 @@ class HubCore(EventEmitter):
         except DispatcherError as exc:
             self._submit_failed(handle, cmd, exc)
             return
-        heads = self._after_create(handle, cmd, res, frame)
+        heads = self._after_create(handle, cmd, res, frame, res.location)
         if heads:
             await self._release_groups(heads, res.command.id)
 
-    def _after_create(self, handle: CommandHandle, cmd: CommandInfo,
-                      res: CreateResult, frame: bytes) -> dict[str, CommandInfo]:
-        """The command is stored: resolve drops, deliver. Returns the dropped group
-        leaders whose groups need their next member released."""
+    def _after_create(self, handle: CommandHandle, cmd: CommandInfo, res: CreateResult,
+                      frame: bytes, location: str | bool | None,
+                      ) -> dict[str, CommandInfo]:
+        """The command is stored: resolve drops, deliver (``location`` as ``_deliver``
+        takes it). Returns the dropped group leaders whose groups need their next
+        member released."""
         handle._set_submitted()
         if res.created and not res.dropped:  # the common case, spelled out (hot path)
             self.metrics.commands_submitted += 1
             if not res.coalesced:
-                self._deliver(res.command, res.location, frame)
+                self._deliver(res.command, location, frame)
             return _NO_HEADS
         heads: dict[str, CommandInfo] = {}
         for dropped in res.dropped:
@@ -297,7 +304,7 @@ class HubCore(EventEmitter):
             return heads
         self.metrics.command_submitted()
         if not res.coalesced:
-            self._deliver(stored, res.location, frame)
+            self._deliver(stored, location, frame)
         return heads
 
     async def _release_groups(self, heads: dict[str, CommandInfo], new_id: str) -> None:

@@ -5,8 +5,8 @@ A timer per command costs a ``call_later`` and a ``cancel`` (measured on uvloop:
 that almost never fires. Here a deadline is a tuple appended to a queue; a
 command that completes just forgets its deadline (``CommandHandle._deadline``
 goes back to None) and its entry is skipped later. The queue is compacted
-whenever stale entries outnumber live ones, so it stays proportional to the
-commands in flight.
+once stale entries reach three times the live ones, so it stays proportional
+to the commands in flight.
 
 Commands submitted with the hub's default timeout arrive with non-decreasing
 deadlines: they go to a FIFO (O(1)). A deadline earlier than the FIFO's last

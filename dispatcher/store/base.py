@@ -93,11 +93,10 @@ class Store(ABC):
     # defaults wrap the coroutines; the Redis engine answers from its batcher.
     def create_command_start(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        fresh: bool = False, locate: bool = True,
+        locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
-        """``create_command`` as a future. Hints an engine may use: ``fresh``, the id
-        was made by this hub and never used (no existence check needed); ``locate``
-        False, the caller does not need ``CreateResult.location``."""
+        """``create_command`` as a future. ``locate`` False: the caller does not need
+        ``CreateResult.location`` (an engine may leave it None without looking)."""
         return asyncio.ensure_future(self.create_command(cmd, drop=drop, max_pending=max_pending))
 
     def complete_start(

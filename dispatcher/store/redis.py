@@ -411,7 +411,7 @@ class RedisStore(Store):
 
     def create_command_start(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        fresh: bool = False, locate: bool = True,
+        locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
         return self._call("create", (
@@ -419,7 +419,7 @@ class RedisStore(Store):
             self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
-            1 if fresh else 0, 1 if locate else 0,
+            1 if locate else 0,
         ), lambda res: self._created(cmd, max_pending, res))
 
     def _created(self, cmd: CommandInfo, max_pending: int | None, res: Any) -> CreateResult:

@@ -20,13 +20,12 @@ __all__ = ["SCRIPTS"]
 # ARGV: 1 prefix, 2 id, 3 agent, 4 key, 5 group ('' = none), 6 ts, 7 deadline ('' = none),
 #       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
 #       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack),
-#       14 fresh ('1': an id never used, no existence check), 15 locate ('1': look up
-#       the agent's hub; '0' returns '' as location)
+#       14 locate ('1': look up the agent's hub; '0' returns '' as location)
 # Returns {0, HGETALL} when the id exists (idempotent submit), {-1} over the
 # limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}, location} with
 # location the hub the agent is connected to ('' if none).
 CREATE: Final = """
-if ARGV[14] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGETALL', KEYS[1])}
 end
 local maxp = tonumber(ARGV[11])
@@ -75,7 +74,7 @@ end
 -- Where the agent is connected, so the caller can route the command there
 -- in the same turn (ARCHITECTURE.md, per-hub channels).
 local location = ''
-if ARGV[15] == '1' then
+if ARGV[14] == '1' then
   location = redis.call('HGET', ARGV[1] .. ':agent:' .. ARGV[3], 'hub') or ''
 end
 return {1, coalesced, dropped, location}

@@ -93,6 +93,37 @@ async def test_command_goes_to_the_agents_hub_and_back(cluster: Any) -> None:
     await agent.close()
 
 
+async def test_agent_that_moves_while_its_command_is_stored_still_gets_it(
+        cluster: Any, redis_url: str) -> None:
+    """The submitting hub skips the Redis lookup of the agent's hub when the agent
+    is connected to it; if the agent moves to another hub before the store write
+    completes, delivery looks it up after all instead of leaving it PENDING."""
+    if external_redis_url():
+        pytest.skip("needs a proxy in front of its own Redis")
+    port = int(redis_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+    proxy = await TcpProxy(port).start()
+    try:
+        db = redis_url.rsplit("/", 1)[1]
+        (origin,) = await cluster(1, redis=f"redis://127.0.0.1:{proxy.port}/{db}")
+        (other,) = await cluster(1)
+        agent, _ = await RawAgent.hello(url(origin), "mover")
+        await connected(origin, "mover")
+        proxy.pause()  # the origin's store write waits ...
+        handle = origin.execute_on_agent("mover", "work", {"n": 1}, timeout=WAIT)
+        await agent.close()  # ... while the agent moves to the other hub
+        await wait_for(lambda: origin.session_of("mover") is None, what="mover off origin")
+        moved, _ = await RawAgent.hello(url(other), "mover")
+        await connected(other, "mover")
+        proxy.resume()
+        cmd = await moved.recv_type("cmd")
+        assert cmd["id"] == handle.id
+        await moved.send({"t": "result", "id": cmd["id"], "data": "found"})
+        assert await asyncio.wait_for(handle.result(), WAIT) == "found"
+        await moved.close()
+    finally:
+        await proxy.close()
+
+
 async def test_timeout_on_origin_cancels_on_the_agents_hub(cluster: Any) -> None:
     h0, h1 = await cluster(2)
     agent, _ = await RawAgent.hello(url(h1), "slow")

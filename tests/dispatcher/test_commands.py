@@ -1000,3 +1000,28 @@ async def test_a_callers_timeout_does_not_end_the_command(make_hub: Any) -> None
     assert await second.cancel() is True  # still cancellable after the caller gave up
     assert (await agent.recv_type("cancel"))["id"] == second.id
     await agent.close()
+
+
+async def test_a_hub_made_id_never_overwrites_a_callers_command(make_hub: Any) -> None:
+    """Hub-made ids are predictable (a prefix and a counter) and callers may choose
+    any ``command_id``: a hub-made id that a caller took first is an idempotent
+    submit of the caller's command, never a new record over it."""
+    hub = await make_hub()
+    bob, _ = await RawAgent.hello(ws_url(hub), "bob")
+    alice, _ = await RawAgent.hello(ws_url(hub), "alice")
+    first = hub.execute_on_agent("bob", "warm", None)
+    await bob.recv_type("cmd")
+    prefix, counter = first.id.rsplit("-", 1)
+    taken = f"{prefix}-{int(counter, 16) + 1:0{len(counter)}x}"  # the hub's next id
+    bobs = hub.execute_on_agent("bob", "bobs-job", 1, command_id=taken)
+    assert (await bob.recv_type("cmd"))["id"] == taken
+    await bobs.submitted()
+    collided = hub.execute_on_agent("alice", "alices-job", 2)
+    assert collided.id == taken
+    await collided.submitted()
+    stored = await hub.get_command(taken)
+    assert stored is not None
+    assert (stored.agent_id, stored.key, stored.payload) == ("bob", "bobs-job", 1)
+    await alice.expect_silence(0.2)  # alice is not sent bob's command
+    await bob.close()
+    await alice.close()

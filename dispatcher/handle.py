@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
@@ -32,11 +32,6 @@ def outcome_exception(info: CommandInfo) -> DispatcherError | None:
     )
 
 
-def _relay(outer: asyncio.Future[None], _inner: asyncio.Future[Any]) -> None:
-    if not outer.done():
-        outer.set_result(None)
-
-
 def _consume(fut: asyncio.Future[Any]) -> None:
     # Nobody has to await a handle (fire-and-forget is legitimate), so its
     # exception is marked retrieved instead of being logged at garbage collection.
@@ -54,7 +49,7 @@ class CommandHandle:
 
     __slots__ = (
         "_canceller", "_deadline", "_progress", "_progress_seq", "_progress_waiter",
-        "_result", "_submit_state", "_submitted", "agent_id", "id", "key",
+        "_result", "_submit_state", "_submitted", "_waiters", "agent_id", "id", "key",
     )
 
     def __init__(
@@ -69,6 +64,7 @@ class CommandHandle:
         self.agent_id = agent_id
         self.key = key
         self._result: asyncio.Future[Any] = loop.create_future()
+        self._waiters: list[asyncio.Future[None]] | None = None  # see __await__
         # Created only if someone asks (most callers never do): a future less
         # per command on the hot path. True/exception once known.
         self._submitted: asyncio.Future[None] | None = None
@@ -88,20 +84,33 @@ class CommandHandle:
     def __await__(self) -> Generator[Any, None, Any]:
         # Shielded: a caller's timeout (asyncio.wait_for) or cancellation ends
         # its wait, never the command's outcome. Done by hand rather than with
-        # asyncio.shield (hot path: one future and one callback per wait, and
-        # none once the command is done): the caller waits on its own future,
-        # which is what a cancellation cancels.
+        # asyncio.shield (hot path): the caller waits on a future of its own,
+        # which is what a cancellation cancels, and the hub wakes it directly
+        # when the command completes (a done-callback relay would cost one
+        # more event-loop turn per command).
         inner = self._result
         if not inner.done():
             outer: asyncio.Future[None] = inner.get_loop().create_future()
-            relay = functools.partial(_relay, outer)
-            inner.add_done_callback(relay)
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = []
+            waiters.append(outer)
             try:
                 yield from outer.__await__()
             except BaseException:
-                inner.remove_done_callback(relay)
+                with contextlib.suppress(ValueError):  # already woken
+                    waiters.remove(outer)
                 raise
         return inner.result()
+
+    def _wake(self) -> None:
+        """The outcome is set: wake every ``await handle``."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def done(self) -> bool:
         return self._result.done()
@@ -184,6 +193,7 @@ class CommandHandle:
         exc = outcome_exception(info)
         if exc is None:
             self._result.set_result(info.result)
+            self._wake()
         else:
             self._set_exception(exc)
 
@@ -192,6 +202,7 @@ class CommandHandle:
         # the exception retrieved so it is not logged at garbage collection.
         self._result.set_exception(exc)
         self._result.exception()
+        self._wake()
 
     def _fail(self, exc: BaseException) -> None:
         self._stop_timer()

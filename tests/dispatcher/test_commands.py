@@ -1025,3 +1025,30 @@ async def test_a_hub_made_id_never_overwrites_a_callers_command(make_hub: Any) -
     await alice.expect_silence(0.2)  # alice is not sent bob's command
     await bob.close()
     await alice.close()
+
+
+async def test_waits_that_end_early_leave_nothing_behind(make_hub: Any) -> None:
+    """Each ``await handle`` has a future of its own: a cancelled or timed-out wait
+    drops it at once (no growth however often a caller polls with a timeout), and
+    the other waiters still get the outcome."""
+    hub = await make_hub()
+    agent, _ = await RawAgent.hello(ws_url(hub), "polled")
+    handle = hub.execute_on_agent("polled", "work", 1, timeout=WAIT)
+    cmd = await agent.recv_type("cmd")
+    for _ in range(50):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handle, 0.001)
+    assert not handle._waiters  # white box: the polls' futures are gone
+    patient = asyncio.ensure_future(_await(handle))
+    impatient = asyncio.ensure_future(_await(handle))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    await agent.send({"t": "result", "id": cmd["id"], "data": "both"})
+    assert await asyncio.wait_for(patient, WAIT) == "both"
+    assert impatient.cancelled()
+    assert await asyncio.wait_for(handle, WAIT) == "both"
+    await agent.close()
+
+
+async def _await(handle: CommandHandle) -> Any:
+    return await handle

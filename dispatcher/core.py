@@ -280,17 +280,7 @@ class HubCore(EventEmitter):
         takes it). Returns the dropped group leaders whose groups need their next
         member released."""
         handle._set_submitted()
-        if res.created and not res.dropped:  # the common case, spelled out (hot path)
-            self.metrics.commands_submitted += 1
-            if not res.coalesced:
-                self._deliver(res.command, location, frame)
-            return _NO_HEADS
-        heads: dict[str, CommandInfo] = {}
-        for dropped in res.dropped:
-            self._settled(dropped, tell_agent=True)
-            head = heads.get(dropped.group or "")
-            if dropped.group is not None and (head is None or _older(dropped, head)):
-                heads[dropped.group] = dropped
+        heads = self._drops_settled(res.dropped) if res.dropped else _NO_HEADS
         stored = res.command
         if not res.created:
             # Idempotent submit of a command this hub was not waiting for
@@ -305,6 +295,16 @@ class HubCore(EventEmitter):
         self.metrics.command_submitted()
         if not res.coalesced:
             self._deliver(stored, location, frame)
+        return heads
+
+    def _drops_settled(self, dropped: list[CommandInfo]) -> dict[str, CommandInfo]:
+        """Settle the commands a submit dropped; returns each group's oldest dropped one."""
+        heads: dict[str, CommandInfo] = {}
+        for info in dropped:
+            self._settled(info, tell_agent=True)
+            head = heads.get(info.group or "")
+            if info.group is not None and (head is None or _older(info, head)):
+                heads[info.group] = info
         return heads
 
     async def _release_groups(self, heads: dict[str, CommandInfo], new_id: str) -> None:
@@ -889,7 +889,7 @@ class HubCore(EventEmitter):
         await self._close_emitter()
 
 
-# What _after_create returns when no group needs releasing (never mutated).
+# What _after_create returns when nothing was dropped (never mutated).
 _NO_HEADS: dict[str, CommandInfo] = {}
 
 

@@ -86,11 +86,9 @@ class Deadlines:
         return handle is not None and handle._deadline == entry[0]
 
     def _compact(self) -> None:
-        handles = self._handles
-        self._fifo = deque([e for e in self._fifo
-                            if (h := handles.get(e[1])) is not None and h._deadline == e[0]])
-        self._heap = [e for e in self._heap
-                      if (h := handles.get(e[1])) is not None and h._deadline == e[0]]
+        live = self._live
+        self._fifo = deque([e for e in self._fifo if live(e)])
+        self._heap = [e for e in self._heap if live(e)]
         heapq.heapify(self._heap)
         # Stale entries may reach 3 times the live ones: compaction then costs
         # about one check per added deadline.

@@ -187,7 +187,7 @@ class CommandHandle:
 
     def _resolve(self, info: CommandInfo) -> None:
         self._set_submitted()
-        self._stop_timer()
+        self._forget_deadline()
         if self._result.done():
             return
         exc = outcome_exception(info)
@@ -205,7 +205,7 @@ class CommandHandle:
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
-        self._stop_timer()
+        self._forget_deadline()
         if self._submit_state is False:
             self._submit_state = exc
             if self._submitted is not None and not self._submitted.done():
@@ -213,5 +213,5 @@ class CommandHandle:
         if not self._result.done():
             self._set_exception(exc)
 
-    def _stop_timer(self) -> None:
+    def _forget_deadline(self) -> None:
         self._deadline = None

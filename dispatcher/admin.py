@@ -50,7 +50,7 @@ from .errors import (
 from .models import CommandInfo
 
 if TYPE_CHECKING:
-    from .core import HubCore
+    from .hub import Dispatcher
 
 __all__ = ["ROUTES", "AdminServer", "ApiError", "Route", "jsonable", "openapi_document",
            "validate"]
@@ -389,8 +389,8 @@ def _list(name: str) -> JSON:
 
 async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
     """Liveness plus store reachability: 503 while the store is down."""
-    core = admin.core
-    store = core.store
+    hub = admin.hub
+    store = hub.store
     ok = store.healthy
     if ok:
         try:
@@ -399,20 +399,20 @@ async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.S
         except (StoreUnavailable, TimeoutError):
             ok = False
     answer: JSON = {"status": "ok" if ok else "store_unavailable", "engine": store.engine,
-                    "hub": core.hub_id, "agents": core.connected_count}
-    cluster = core.cluster
-    if cluster.enabled:
+                    "hub": hub.hub_id, "agents": hub.connected_count}
+    bus = hub.bus_status
+    if bus is not None:
         # A subscriber that hears nothing (not even its own probes) loses other
         # hubs' frames: not useful, even with Redis answering.
-        answer["bus"] = "deaf" if cluster.deaf else "ok"
-        if ok and cluster.deaf:
+        answer["bus"] = bus
+        if ok and bus == "deaf":
             ok = False
             answer["status"] = "bus_deaf"
     return _json(answer, 200 if ok else 503)
 
 
 async def _metrics(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    return web.Response(body=admin.core.metrics.render(),
+    return web.Response(body=admin.hub.metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -421,28 +421,28 @@ async def _openapi(admin: AdminServer, request: web.Request, body: Any) -> web.S
 
 
 async def _agents(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    agents = await admin.core.list_connected_agents()
+    agents = await admin.hub.list_connected_agents()
     return _json([jsonable(a.to_dict()) for a in agents])
 
 
 async def _agent(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
     agent_id = request.match_info["id"]
-    agent = await admin.core.get_agent(agent_id)
+    agent = await admin.hub.get_agent(agent_id)
     if agent is None:
         raise ApiError(404, "not_found", f"agent {agent_id!r} is not connected")
     return _json(jsonable(agent.to_dict()))
 
 
 async def _pending(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    pending = await admin.core.list_pending_commands(request.match_info["id"])
+    pending = await admin.hub.list_pending_commands(request.match_info["id"])
     return _json([_command(c) for c in pending])
 
 
 async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    core = admin.core
+    hub = admin.hub
     agent_id = request.match_info["id"]
     try:
-        handle = core.execute_on_agent(
+        handle = hub.execute_on_agent(
             agent_id, body["key"], body.get("payload"), timeout=body.get("timeout"),
             group=body.get("group"), command_id=body.get("command_id"),
         )
@@ -452,7 +452,7 @@ async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
     await admin.wait(handle.submitted())
     clog.info("admin_command_submitted", wait=body.get("wait", True))
     if not body.get("wait", True):
-        stored = await core.get_command(handle.id)
+        stored = await hub.get_command(handle.id)
         status = stored.status if stored is not None else "PENDING"
         return _json({"id": handle.id, "status": status}, 202)
     result: Any = None
@@ -464,7 +464,7 @@ async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
                        ) from None
     except (CommandFailed, CommandCancelled) as exc:
         failure = exc
-    info = await core.get_command(handle.id)
+    info = await hub.get_command(handle.id)
     if info is None:  # already gone (a retention shorter than the request)
         info = _finished(handle.id, agent_id, handle.key, result, failure)
     return _json(_command(info))
@@ -473,29 +473,29 @@ async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
 async def _get_command(admin: AdminServer, request: web.Request, body: Any
                        ) -> web.StreamResponse:
     cmd_id = request.match_info["id"]
-    info = await admin.core.get_command(cmd_id)
+    info = await admin.hub.get_command(cmd_id)
     if info is None:
         raise ApiError(404, "not_found", f"no command {cmd_id!r}")
     return _json(_command(info))
 
 
 async def _cancel(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    core = admin.core
+    hub = admin.hub
     cmd_id = request.match_info["id"]
-    info = await core.get_command(cmd_id)
+    info = await hub.get_command(cmd_id)
     if info is None:
         raise ApiError(404, "not_found", f"no command {cmd_id!r}")
-    if info.status == "COMPLETE" or not await core.cancel_command(cmd_id):
+    if info.status == "COMPLETE" or not await hub.cancel_command(cmd_id):
         raise ApiError(409, "already_complete", f"command {cmd_id} is already COMPLETE")
     log.info("admin_command_cancelled", command_id=cmd_id, agent_id=info.agent_id)
-    info = await core.get_command(cmd_id) or info
+    info = await hub.get_command(cmd_id) or info
     return _json(_command(info))
 
 
 async def _emit(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
     agent_id = request.match_info["id"]
     try:
-        await admin.wait(admin.core.emit_to(agent_id, body["key"], body.get("data"),
+        await admin.wait(admin.hub.emit_to(agent_id, body["key"], body.get("data"),
                                             timeout=body.get("timeout")))
     except (ValueError, TypeError) as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
@@ -508,7 +508,7 @@ async def _emit(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
 async def _broadcast(admin: AdminServer, request: web.Request, body: Any
                      ) -> web.StreamResponse:
     try:
-        sent = await admin.core.broadcast(body["key"], body.get("data"))
+        sent = await admin.hub.broadcast(body["key"], body.get("data"))
     except (ValueError, TypeError) as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
     return _json({"agents": sent}, 202)
@@ -654,25 +654,25 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden",
 class AdminServer:
     """Serves the HTTP admin API of API.md for one hub."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
+    def __init__(self, hub: Dispatcher) -> None:
+        self.hub = hub
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._closing = False
         self._waiting: set[asyncio.Future[Any]] = set()
-        token = core.config.admin_token
+        token = hub.config.admin_token
         self._token = token.encode() if token else None
         self.openapi = openapi_document(token=self._token is not None)
         # A body is a frame's content plus a little JSON around it.
         app = web.Application(middlewares=[self._middleware],
-                              client_max_size=core.config.max_frame + 64 * 1024)
+                              client_max_size=hub.config.max_frame + 64 * 1024)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._endpoint(route),
                                  name=route.name)
         self.app = app
 
     async def start(self) -> int:
-        config = self.core.config
+        config = self.hub.config
         # Requests still waiting at close answer 503 at once (see close), so
         # a short shutdown bound only covers a slow client reading its answer.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
@@ -766,7 +766,7 @@ class AdminServer:
             log.exception("admin_request_failed", route=route)
             response = ApiError(500, "internal", f"internal error: {type(exc).__name__}"
                                 ).response()
-        self.core.metrics.admin_request(route, request.method, response.status)
+        self.hub.metrics.admin_request(route, request.method, response.status)
         log.debug("admin_request", method=request.method, path=request.path,
                   status=response.status, ms=round((time.perf_counter() - start) * 1000, 2))
         return response

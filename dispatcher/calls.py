@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -22,12 +22,13 @@ from agent_client.errors import (
     CommandTimeout,
 )
 
+from .commands import Commands
+from .connections import Connections, Session
 from .errors import HubClosed
+from .events import Events
 from .handle import outcome_exception
 from .models import CommandInfo
-
-if TYPE_CHECKING:
-    from .core import HubCore, Session
+from .tasks import TaskOwner
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "Calls", "reply_error"]
 
@@ -68,9 +69,18 @@ def reply_error(exc: BaseException) -> dict[str, Any]:
 class Calls:
     """Runs agents' calls as commands and answers them."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
+    def __init__(self, *, commands: Commands, connections: Connections, events: Events,
+                 tasks: TaskOwner) -> None:
+        self.commands = commands
+        self.connections = connections
+        self.events = events
+        self.tasks = tasks
         self._in_flight: dict[str, int] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Calls waiting for their target, from every agent of this hub."""
+        return sum(self._in_flight.values())
 
     async def on_call(self, session: Session, frame: P.CallFrame) -> None:
         caller = session.agent_id
@@ -86,12 +96,12 @@ class Calls:
         # agent sends again after a reconnect (its reply may have been lost with
         # the old connection) finds the same command instead of running twice.
         command_id = call_command_id(caller, frame.id)
-        existing = await self.core.store.get_command(command_id)
+        existing = await self.commands.store.get_command(command_id)
         if existing is not None and existing.status == "COMPLETE":
             session.send(_reply_bytes(frame.id, existing))
             return
         try:
-            handle = self.core.execute_on_agent(
+            handle = self.commands.submit(
                 frame.agent, frame.key, frame.payload, timeout=frame.timeout,
                 command_id=command_id, require_online=existing is None)
         except (ValueError, TypeError) as exc:
@@ -119,10 +129,10 @@ class Calls:
         else:
             reply = P.ReplyFrame(call_id, ok=False, error=reply_error(exc))
         data = P.encode(reply)
-        if not self.core.send_to_agent(caller, data):
+        if not self.connections.send(caller, data):
             # The caller moved to another hub or is away: route or queue it like an event.
-            self.core._spawn(self._route_reply(caller, data), name=f"reply:{call_id}")
+            self.tasks.spawn(self._route_reply(caller, data), name=f"reply:{call_id}")
 
     async def _route_reply(self, caller: str, data: bytes) -> None:
-        if not await self.core.events.deliver(caller, data):
+        if not await self.events.deliver(caller, data):
             log.warning("reply_dropped_queue_full", agent_id=caller)

@@ -4,192 +4,325 @@ ARCHITECTURE.md, Scale: a frame for an agent on another hub goes only to that
 hub's channel; an answer or progress goes back only to the hub that submitted
 the command; only agent-emitted events (and ``broadcast``) go to every hub.
 Each hub refreshes its alive key; when one dies, the others forget its agents.
-With the in-memory engine there is one hub and this component does nothing.
 
-Messages are msgpack arrays whose first item names them:
-``["cmd", agent, cmd_id, frame]``, ``["frame", agent, event_id|nil, frame]``,
-``["cancel", agent, cmd_id]``, ``["done", cmd_id, agent, key, outcome, result, error]``,
-``["progress", cmd_id, data]``, ``["received", event_id, agent]``,
-``["kick", agent, session]`` on ``P:hub:HUB_ID``; ``["emit", hub, sender|nil, key,
-frame]`` on ``P:events``.
+:class:`Cluster` implements :class:`~dispatcher.peers.Peers` over the store's
+bus (a hub whose engine has no bus uses :class:`~dispatcher.peers.NoPeers`).
+Messages between hubs are the typed values below, each a msgpack array on the
+wire whose first item is its ``KIND``: ``cmd``, ``frame``, ``cancel``,
+``done``, ``progress``, ``received`` and ``kick`` on ``P:hub:HUB_ID``;
+``emit`` on ``P:events``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+from typing import Any, ClassVar
 
 import structlog
 
 from agent_client import protocol as P
 
 from .clock import now_ms
-from .errors import StoreUnavailable
+from .commands import Commands, cmd_frame
+from .config import HubConfig
+from .connections import Connections
+from .errors import DispatcherError
+from .events import Events
 from .lifecycle import redeliverable
 from .models import CommandInfo
-from .store.base import Bus
+from .sessions import Sessions
+from .store.base import Bus, Store
+from .tasks import TaskOwner
 
-if TYPE_CHECKING:
-    from .core import HubCore
-
-
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "Message", "decode_message", "encode_message"]
 
 log = structlog.get_logger(__name__)
 
 
-class Cluster:
-    """One hub's view of the cluster; owned by the core."""
+# -- messages between hubs -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CmdMsg:
+    """Deliver a stored command to an agent connected to the receiving hub."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
-        self.store = core.store
-        self.me = core.hub_id
-        self.enabled = core.store.shared
+    KIND: ClassVar[str] = "cmd"
+    agent: str
+    cmd_id: str
+    frame: bytes
+    deadline: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FrameMsg:
+    """Send a frame (an event, a call's reply) to an agent of the receiving hub."""
+
+    KIND: ClassVar[str] = "frame"
+    agent: str
+    event_id: str | None
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelMsg:
+    KIND: ClassVar[str] = "cancel"
+    agent: str
+    cmd_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DoneMsg:
+    """A command submitted by the receiving hub is COMPLETE."""
+
+    KIND: ClassVar[str] = "done"
+    cmd_id: str
+    agent: str
+    key: str
+    outcome: str
+    result: Any
+    error: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressMsg:
+    KIND: ClassVar[str] = "progress"
+    cmd_id: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMsg:
+    KIND: ClassVar[str] = "received"
+    event_id: str
+    agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class KickMsg:
+    """The agent connected elsewhere: close its connection ``session`` here (4409)."""
+
+    KIND: ClassVar[str] = "kick"
+    agent: str
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmitMsg:
+    """An agent-emitted event (or a broadcast, without sender) for every hub."""
+
+    KIND: ClassVar[str] = "emit"
+    hub: str
+    sender: str | None
+    key: str
+    frame: bytes
+
+
+Message = CmdMsg | FrameMsg | CancelMsg | DoneMsg | ProgressMsg | ReceivedMsg | KickMsg | EmitMsg
+
+# kind -> (class, accepted argument counts, type checks of the leading fields)
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_BYTES = (bytes,)
+_ANY = (object,)
+_MESSAGES: dict[str, tuple[type[Any], tuple[int, ...], tuple[tuple[type, ...], ...]]] = {
+    "cmd": (CmdMsg, (3, 4), (_STR, _STR, _BYTES, (int, type(None)))),
+    "frame": (FrameMsg, (3,), (_STR, _OPT_STR, _BYTES)),
+    "cancel": (CancelMsg, (2,), (_STR, _STR)),
+    "done": (DoneMsg, (6,), (_STR, _STR, _STR, _STR, _ANY, _ANY)),
+    "progress": (ProgressMsg, (2,), (_STR, _ANY)),
+    "received": (ReceivedMsg, (2,), (_STR, _STR)),
+    "kick": (KickMsg, (2,), (_STR, _STR)),
+    "emit": (EmitMsg, (4,), (_STR, _OPT_STR, _STR, _BYTES)),
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    return P.pack([msg.KIND, *astuple(msg)])
+
+
+def decode_message(body: Any) -> Message | None:
+    """The message a bus payload holds, or None when it is not a valid one."""
+    if not isinstance(body, list) or not body or not isinstance(body[0], str):
+        return None
+    spec = _MESSAGES.get(body[0])
+    if spec is None:
+        return None
+    cls, counts, types = spec
+    args = body[1:]
+    if len(args) not in counts or not all(isinstance(a, t) for a, t in zip(args, types,
+                                                                          strict=False)):
+        return None
+    msg: Message = cls(*args)
+    return msg
+
+
+class Cluster:
+    """One hub's view of the cluster: the :class:`~dispatcher.peers.Peers` of a
+    shared store, its inbox, its alive key and the reaping of dead hubs."""
+
+    def __init__(self, *, config: HubConfig, hub_id: str, store: Store, tasks: TaskOwner,
+                 emit: Callable[..., bool]) -> None:
+        self.store = store
+        self.me = hub_id
+        self.tasks = tasks
+        self._emit = emit
         self.bus: Bus | None = None
         self.sent = 0
         self.received = 0
-        ttl = core.config.hub_ttl
+        ttl = config.hub_ttl
         self._ttl_ms = int(ttl * 1000)
         self._refresh = max(ttl / 3, 0.05)
+        self._commands: Commands | None = None
+        self._connections: Connections | None = None
+        self._events: Events | None = None
+        self._sessions: Sessions | None = None
 
     @property
     def deaf(self) -> bool:
         return self.bus is not None and self.bus.deaf
 
-    async def start(self) -> None:
-        if not self.enabled:
-            return
-        with contextlib.suppress(StoreUnavailable):  # the liveness loop keeps trying
+    def bind(self, *, commands: Commands, connections: Connections, events: Events,
+             sessions: Sessions) -> None:
+        """The parts that messages from other hubs are applied to."""
+        self._commands = commands
+        self._connections = connections
+        self._events = events
+        self._sessions = sessions
+
+    async def start(self, bus: Bus) -> None:
+        with contextlib.suppress(DispatcherError):  # the liveness loop keeps trying
             await self.store.hub_alive(self.me, self._ttl_ms)
-        self.bus = self.store.make_bus(self.me)
-        if self.bus is not None:
-            await self.bus.start(self._on_message, self._on_subscribed)
-        self.core._spawn(self._liveness_forever(), name="hub-liveness")
+        self.bus = bus
+        await bus.start(self._on_message, self._on_subscribed)
+        self.tasks.spawn(self._liveness_forever(), name="hub-liveness")
 
     async def close(self) -> None:
         if self.bus is not None:
             await self.bus.close()
             self.bus = None
-        if self.enabled:
-            with contextlib.suppress(StoreUnavailable):  # its alive key expires by itself
-                await self.store.hub_gone(self.me)
+        with contextlib.suppress(DispatcherError):  # its alive key expires by itself
+            await self.store.hub_gone(self.me)
 
-    # -- outgoing ------------------------------------------------------------------
-    def _to_hub(self, hub_id: str, message: list[Any]) -> None:
+    # -- Peers: outgoing ----------------------------------------------------------------
+    def _to_hub(self, hub_id: str, msg: Message) -> None:
         self.sent += 1
-        self.store.publish(self.store.hub_channel(hub_id), P.pack(message))
+        self.store.publish(self.store.hub_channel(hub_id), encode_message(msg))
 
-    async def locate(self, agent_id: str) -> str | None:
-        """The hub another agent is connected to, or None."""
+    async def _locate(self, agent_id: str) -> str | None:
+        """The other hub the agent is connected to, or None."""
         info = await self.store.get_agent(agent_id)
-        return info.hub_id if info is not None else None
+        if info is None or info.hub_id == self.me:
+            return None
+        return info.hub_id
 
-    def send_cmd(self, hub_id: str, cmd: CommandInfo, frame: bytes) -> None:
-        self._to_hub(hub_id, ["cmd", cmd.agent_id, cmd.id, frame])
+    def route_cmd(self, cmd: CommandInfo, frame: bytes, hub_id: str | None) -> None:
+        msg = CmdMsg(cmd.agent_id, cmd.id, frame, cmd.deadline)
+        if hub_id is not None:
+            self._to_hub(hub_id, msg)
+        else:
+            self.tasks.spawn(self._route(cmd.agent_id, msg), name=f"route:{cmd.id}")
 
-    async def route_cmd(self, cmd: CommandInfo, frame: bytes) -> None:
-        hub_id = await self.locate(cmd.agent_id)
-        if hub_id is not None and hub_id != self.me:
-            self.send_cmd(hub_id, cmd, frame)
+    def route_cancel(self, agent_id: str, cmd_id: str) -> None:
+        self.tasks.spawn(self._route(agent_id, CancelMsg(agent_id, cmd_id)),
+                         name=f"route-cancel:{cmd_id}")
 
-    async def route_cancel(self, agent_id: str, cmd_id: str) -> None:
-        hub_id = await self.locate(agent_id)
-        if hub_id is not None and hub_id != self.me:
-            self._to_hub(hub_id, ["cancel", agent_id, cmd_id])
+    async def _route(self, agent_id: str, msg: Message) -> None:
+        with contextlib.suppress(DispatcherError):  # nowhere to send it: it stays stored
+            hub_id = await self._locate(agent_id)
+            if hub_id is not None:
+                self._to_hub(hub_id, msg)
 
     async def route_frame(self, agent_id: str, frame: bytes, event_id: str | None) -> bool:
-        """Send to the agent on another hub; False if it is connected nowhere."""
-        hub_id = await self.locate(agent_id)
-        if hub_id is None or hub_id == self.me:
+        hub_id = await self._locate(agent_id)
+        if hub_id is None:
             return False
-        self._to_hub(hub_id, ["frame", agent_id, event_id, frame])
+        self._to_hub(hub_id, FrameMsg(agent_id, event_id, frame))
         return True
 
     def notify_done(self, info: CommandInfo) -> None:
         if info.origin and info.origin != self.me:
-            self._to_hub(info.origin, ["done", info.id, info.agent_id, info.key, info.outcome,
-                                       info.result, info.error])
+            self._to_hub(info.origin, DoneMsg(info.id, info.agent_id, info.key,
+                                              info.outcome or "", info.result, info.error))
 
     def notify_progress(self, origin: str, cmd_id: str, data: Any) -> None:
         if origin and origin != self.me:
-            self._to_hub(origin, ["progress", cmd_id, data])
+            self._to_hub(origin, ProgressMsg(cmd_id, data))
 
     def notify_received(self, event_id: str, agent_id: str) -> None:
         # Event ids are "e.<hub id>.<n>" (events.py): the waiting hub is in the id.
         if event_id.startswith("e.") and event_id.count(".") >= 2:
             hub_id = event_id[2:].rsplit(".", 1)[0]
             if hub_id != self.me:
-                self._to_hub(hub_id, ["received", event_id, agent_id])
+                self._to_hub(hub_id, ReceivedMsg(event_id, agent_id))
 
     def kick(self, hub_id: str, agent_id: str, session: str) -> None:
-        """The agent connected here: its older connection on ``hub_id`` is replaced (4409)."""
-        self._to_hub(hub_id, ["kick", agent_id, session])
+        self._to_hub(hub_id, KickMsg(agent_id, session))
 
     def publish_emit(self, sender: str | None, key: str, frame: bytes) -> None:
-        if self.enabled:
-            self.sent += 1
-            self.store.publish(self.store.events_channel,
-                               P.pack(["emit", self.me, sender, key, frame]))
+        self.sent += 1
+        self.store.publish(self.store.events_channel,
+                           encode_message(EmitMsg(self.me, sender, key, frame)))
 
-    # -- incoming ------------------------------------------------------------------
+    # -- incoming ----------------------------------------------------------------
     def _on_message(self, channel: str, body: Any) -> None:
-        if not isinstance(body, list) or not body or not isinstance(body[0], str):
+        msg = decode_message(body)
+        if msg is None:
             log.warning("cluster_bad_message", channel=channel)
             return
         self.received += 1
-        kind, args = body[0], body[1:]
-        core = self.core
-        if kind == "cmd" and len(args) == 3:
-            agent_id, cmd_id, frame = args
-            core.send_to_agent(agent_id, frame, cmd_id)
-        elif kind == "frame" and len(args) == 3:
-            agent_id, event_id, frame = args
-            if core.send_to_agent(agent_id, frame):
-                if event_id is not None:
-                    core.events.sent(agent_id, frame)
+        commands, connections, events, sessions = (
+            self._commands, self._connections, self._events, self._sessions)
+        assert commands is not None and connections is not None and events is not None \
+            and sessions is not None, "Cluster.bind() first"
+        if isinstance(msg, CmdMsg):
+            # Never deliver a command past its deadline (ARCHITECTURE.md).
+            if msg.deadline is None or msg.deadline > now_ms():
+                connections.send(msg.agent, msg.frame, msg.cmd_id)
+        elif isinstance(msg, FrameMsg):
+            if connections.send(msg.agent, msg.frame):
+                if msg.event_id is not None:
+                    events.sent(msg.agent, msg.frame)
             else:  # it moved on meanwhile: it gets the frame from its queue
-                core._spawn(core.events.deliver(agent_id, frame, event_id, route=False))
-        elif kind == "cancel" and len(args) == 2:
-            core.send_to_agent(args[0], P.encode(P.CancelFrame(args[1])))
-        elif kind == "done" and len(args) == 6:
-            cmd_id, agent_id, key, outcome, result, error = args
-            core._completed(CommandInfo(id=cmd_id, agent_id=agent_id, key=key,
-                                        status="COMPLETE", outcome=outcome, result=result,
-                                        error=error, origin=self.me), tell_agent=False)
-        elif kind == "progress" and len(args) == 2:
-            core.push_progress(args[0], args[1])
-        elif kind == "received" and len(args) == 2:
-            core.events.receipt(args[0], args[1])
-        elif kind == "kick" and len(args) == 2:
-            core.kick_local(args[0], args[1])
-        elif kind == "emit" and len(args) == 4:
-            hub_id, sender, key, frame = args
-            if hub_id != self.me:
-                core.events.fan_out_local(sender, key, frame)
-        else:
-            log.warning("cluster_bad_message", channel=channel, kind=kind)
+                self.tasks.spawn(events.deliver(msg.agent, msg.frame, msg.event_id,
+                                                route=False))
+        elif isinstance(msg, CancelMsg):
+            connections.send(msg.agent, P.encode(P.CancelFrame(msg.cmd_id)))
+        elif isinstance(msg, DoneMsg):
+            commands.resolve(CommandInfo(
+                id=msg.cmd_id, agent_id=msg.agent, key=msg.key, status="COMPLETE",
+                outcome=msg.outcome,  # type: ignore[arg-type]
+                result=msg.result, error=msg.error, origin=self.me))
+        elif isinstance(msg, ProgressMsg):
+            commands.push_progress(msg.cmd_id, msg.data)
+        elif isinstance(msg, ReceivedMsg):
+            events.receipt(msg.event_id, msg.agent)
+        elif isinstance(msg, KickMsg):
+            sessions.kick(msg.agent, msg.session)
+        elif msg.hub != self.me:  # EmitMsg: our own comes back to us too
+            events.fan_out_local(msg.sender, msg.key, msg.frame)
 
     def _on_subscribed(self, first: bool) -> None:
         if not first:
             # Pub/sub kept nothing while we were not listening: catch up from the store.
-            self.core._spawn(self.resync(), name="cluster-resync")
+            self.tasks.spawn(self.resync(), name="cluster-resync")
 
     async def resync(self) -> None:
         """Redeliver what local agents may have missed and resolve finished handles."""
-        core = self.core
+        commands, connections = self._commands, self._connections
+        assert commands is not None and connections is not None
         try:
-            for agent_id in core.connected_ids():
-                for cmd in redeliverable(await self.store.list_pending(agent_id)):
-                    core.send_to_agent(agent_id, core.cmd_frame(cmd), cmd.id)
-            for cmd_id in list(core.waiting_ids()):
+            for agent_id in connections.ids():
+                pending = await self.store.list_pending(agent_id)
+                for cmd in redeliverable(pending, now_ms()):
+                    connections.send(agent_id, cmd_frame(cmd), cmd.id)
+            for cmd_id in commands.waiting_ids():
                 info = await self.store.get_command(cmd_id)
                 if info is not None and info.status == "COMPLETE":
-                    core._completed(info, tell_agent=False)
-        except StoreUnavailable:
+                    commands.resolve(info)
+        except DispatcherError:
             return
-        log.info("cluster_resynced", agents=len(core.connected_ids()))
+        log.info("cluster_resynced", agents=len(connections))
 
     async def _liveness_forever(self) -> None:
         reap_every = 2
@@ -204,6 +337,6 @@ class Cluster:
                         log.warning("agent_reaped", agent_id=info.id, hub_id=info.hub_id,
                                     reason="hub_dead")
                         info.last_seen = now_ms()
-                        self.core._emit("agent-disconnected", info, "hub_dead")
-            except StoreUnavailable:
+                        self._emit("agent-disconnected", info, "hub_dead")
+            except DispatcherError:
                 continue

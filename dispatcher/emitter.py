@@ -18,7 +18,7 @@ Handler = Callable[..., Any]
 
 class EventEmitter:
     """Node-style emitter. Sync handlers run inline; async ones run as tasks
-    this emitter owns, cancelled by :meth:`_close_emitter`. A failing handler
+    this emitter owns, cancelled by :meth:`close`. A failing handler
     is logged and never disturbs the emitter or the other handlers."""
 
     def __init__(self) -> None:
@@ -53,7 +53,7 @@ class EventEmitter:
     def listener_count(self, key: str) -> int:
         return len(self._listeners.get(key, ()))
 
-    def _emit(self, key: str, *args: Any) -> bool:
+    def emit(self, key: str, *args: Any) -> bool:
         entries = self._listeners.get(key)
         if not entries:
             return False
@@ -78,7 +78,7 @@ class EventEmitter:
         if not task.cancelled() and task.exception() is not None:
             log.error("event_handler_failed", exc_info=task.exception())
 
-    async def _close_emitter(self) -> None:
+    async def close(self) -> None:
         tasks = list(self._handler_tasks)
         for task in tasks:
             task.cancel()

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from agent_client import protocol as P
 
 from .clock import now_ms
-from .errors import DeliveryTimeout, StoreUnavailable
-
-if TYPE_CHECKING:
-    from .core import HubCore, Session
+from .config import HubConfig
+from .connections import Connections, Session
+from .errors import DeliveryTimeout, DispatcherError
+from .peers import Peers
+from .store.base import Store
 
 __all__ = ["Events", "MAX_SUBSCRIPTIONS"]
 
@@ -44,10 +46,16 @@ class _Receipts:
 
 
 class Events:
-    """The hub's event routing; owned by the core, one per hub."""
+    """The hub's event routing, one per hub."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
+    def __init__(self, *, config: HubConfig, hub_id: str, store: Store,
+                 connections: Connections, peers: Peers,
+                 emit: Callable[..., bool]) -> None:
+        self.config = config
+        self.store = store
+        self.connections = connections
+        self.peers = peers
+        self._emit = emit  # the hub's emitter: agent events raise there too
         self._exact: dict[str, set[str]] = {}
         self._prefix: dict[str, set[str]] = {}
         self._agent_subs: dict[str, set[str]] = {}
@@ -56,8 +64,13 @@ class Events:
         # agent id -> {event id: frame} sent on its connection, not yet received
         self._unacked: dict[str, dict[str, bytes]] = {}
         self._ids = itertools.count(1)
-        self._id_prefix = f"e.{core.hub_id}."
+        self._id_prefix = f"e.{hub_id}."
         self.dropped = 0  # frames refused by full queues or expired in them
+
+    @property
+    def awaiting_receipt(self) -> int:
+        """Events sent by ``emit_to`` on this hub still waiting for a ``received``."""
+        return len(self._waiting)
 
     # -- subscriptions -----------------------------------------------------------
     def subscribe(self, agent_id: str, keys: tuple[str, ...]) -> None:
@@ -106,7 +119,7 @@ class Events:
     # -- sending -----------------------------------------------------------------------
     def _send_or_none(self, agent_id: str, data: bytes, event_id: str | None) -> bool:
         """Send to an agent connected here; remember it until ``received`` if it has an id."""
-        if not self.core.send_to_agent(agent_id, data):
+        if not self.connections.send(agent_id, data):
             return False
         if event_id is not None:
             self._track(agent_id, event_id, data)
@@ -116,7 +129,7 @@ class Events:
         """Remember a sent event until ``received``, at most ``max_event_queue`` per
         agent like its queue: an agent that never answers must not grow the hub."""
         unacked = self._unacked.setdefault(agent_id, {})
-        if event_id in unacked or len(unacked) < self.core.config.max_event_queue:
+        if event_id in unacked or len(unacked) < self.config.max_event_queue:
             unacked[event_id] = data
         else:
             self.dropped += 1
@@ -127,12 +140,10 @@ class Events:
         False when the agent's queue is full."""
         if self._send_or_none(agent_id, data, event_id):
             return True
-        if route and self.core.cluster.enabled and await self.core.cluster.route_frame(
-            agent_id, data, event_id
-        ):
+        if route and await self.peers.route_frame(agent_id, data, event_id):
             return True
-        config = self.core.config
-        queued = await self.core.store.queue_frame(
+        config = self.config
+        queued = await self.store.queue_frame(
             agent_id, data, now=now_ms(), max_len=config.max_event_queue,
             ttl_ms=int(config.event_queue_ttl * 1000),
         )
@@ -161,7 +172,7 @@ class Events:
                 self._waiting[event_id] = (waiter, agent_id)
                 frame = P.encode(P.EventFrame(key, data, id=event_id))
                 await self.deliver(agent_id, frame, event_id)
-            limit = self.core.config.command_timeout if timeout is None else timeout
+            limit = self.config.command_timeout if timeout is None else timeout
             try:
                 async with asyncio.timeout(limit):
                     await waiter.future
@@ -176,14 +187,14 @@ class Events:
         many were sent from this hub."""
         _check_key(key)
         frame = P.encode(P.EventFrame(key, data))
-        self.core.cluster.publish_emit(None, key, frame)
+        self.peers.publish_emit(None, key, frame)
         return self.fan_out_local(None, key, frame)
 
     def fan_out_local(self, sender: str | None, key: str, frame: bytes) -> int:
         """An event for this hub's agents: subscribers of ``key`` other than the
         sender, or everyone when there is no sender (broadcast)."""
-        targets = self.core.connected_ids() if sender is None else self.subscribers(key)
-        return self.core.send_to_many(targets, frame, skip=sender)
+        targets = self.connections.ids() if sender is None else self.subscribers(key)
+        return self.connections.send_many(targets, frame, skip=sender)
 
     # -- frames from agents ---------------------------------------------------------------
     async def on_emit(self, session: Session, frame: P.EmitFrame) -> None:
@@ -191,7 +202,7 @@ class Events:
             raise P.ProtocolError(P.ErrorCode.RESERVED_KEY,
                                   f"key {frame.key!r} is reserved for the hub")
         sender = session.agent_id
-        self.core._emit(frame.key, frame.data, sender)
+        self._emit(frame.key, frame.data, sender)
         data = P.encode(P.EventFrame(frame.key, frame.data, sender=sender))
         if frame.to is not None:
             full = [a for a in dict.fromkeys(frame.to)
@@ -201,7 +212,7 @@ class Events:
                     "queue_full", f"queue full for agent(s) {', '.join(full[:10])}; "
                     "event not delivered to them")
             return
-        self.core.cluster.publish_emit(sender, frame.key, data)
+        self.peers.publish_emit(sender, frame.key, data)
         self.fan_out_local(sender, frame.key, data)
 
     def on_received(self, session: Session, event_id: str) -> None:
@@ -210,8 +221,8 @@ class Events:
             unacked.pop(event_id, None)
         if event_id in self._waiting:
             self.receipt(event_id, session.agent_id)
-        elif self.core.cluster.enabled:
-            self.core.cluster.notify_received(event_id, session.agent_id)
+        else:
+            self.peers.notify_received(event_id, session.agent_id)
 
     def receipt(self, event_id: str, agent_id: str) -> None:
         """``agent_id`` received event ``event_id`` (here or on another hub)."""
@@ -229,9 +240,8 @@ class Events:
     # -- connection lifecycle ---------------------------------------------------------------
     async def take_queued(self, agent_id: str) -> list[bytes]:
         """The frames queued while the agent was away, oldest first (expired ones dropped)."""
-        ttl_ms = int(self.core.config.event_queue_ttl * 1000)
-        frames, expired = await self.core.store.take_frames(agent_id, now=now_ms(),
-                                                            ttl_ms=ttl_ms)
+        ttl_ms = int(self.config.event_queue_ttl * 1000)
+        frames, expired = await self.store.take_frames(agent_id, now=now_ms(), ttl_ms=ttl_ms)
         if expired:
             self.dropped += expired
             log.warning("queued_events_expired", agent_id=agent_id, count=expired)
@@ -255,10 +265,9 @@ class Events:
         if not frames:
             return
         try:
-            await self.core.store.requeue_frames(
-                agent_id, frames, now=now_ms(),
-                ttl_ms=int(self.core.config.event_queue_ttl * 1000))
-        except StoreUnavailable:
+            await self.store.requeue_frames(
+                agent_id, frames, now=now_ms(), ttl_ms=int(self.config.event_queue_ttl * 1000))
+        except DispatcherError:
             self.dropped += len(frames)
             log.warning("events_lost_store_unavailable", agent_id=agent_id, count=len(frames))
 

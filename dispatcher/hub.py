@@ -1,19 +1,44 @@
-"""``Dispatcher``: the public hub, the core plus its servers and store."""
+"""``Dispatcher``: the public hub. It composes the hub's parts and owns their lifetime.
+
+The parts, bottom up (docs/design-notes.md draws them): the store; the
+connections registry; the command path (``commands``); events; routed calls;
+sessions (attach, detach, catch-up); the frame router; the cluster (or no
+peers); the agents' WebSocket server and the admin HTTP server. ``Dispatcher``
+wires them together and offers the public API of API.md, nothing else.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
+from typing import Any
 
 import structlog
 
+from agent_client import protocol as P
+
 from .admin import AdminServer
+from .calls import Calls
+from .cluster import Cluster
+from .commands import Commands
 from .config import HubConfig
-from .core import HubCore
+from .connections import Connections
+from .emitter import EventEmitter, Handler
+from .errors import DispatcherError
+from .events import Events
+from .handle import CommandHandle
+from .ids import new_hub_id
+from .metrics import Levels, Metrics
+from .models import AgentInfo, CommandInfo
+from .peers import NoPeers, Peers
+from .router import FrameRouter
+from .sessions import Sessions
 from .store.base import Store
 from .store.memory import MemoryStore
+from .tasks import TaskOwner
 from .transport import AgentServer
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "make_store"]
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +54,7 @@ def make_store(config: HubConfig) -> Store:
     return MemoryStore(retention=config.retention, max_retained=config.max_retained)
 
 
-class Dispatcher(HubCore):
+class Dispatcher:
     """A hub. ``await hub.listen()`` serves agents and the admin API; ``await hub.close()``.
 
     ``Dispatcher(HubConfig(...))``; with no config, settings come from the
@@ -38,15 +63,57 @@ class Dispatcher(HubCore):
 
     def __init__(self, config: HubConfig | None = None, *, store: Store | None = None) -> None:
         config = config if config is not None else HubConfig.from_env()
-        super().__init__(config, store if store is not None else make_store(config))
-        self._agents_server = AgentServer(self)
+        self.config = config
+        self.hub_id = config.hub_id or new_hub_id()
+        self._store = store if store is not None else make_store(config)
+        self._emitter = EventEmitter()
+        emit = self._emitter.emit
+        self._tasks = TaskOwner()
+        self._metrics = Metrics()
+        self._connections = Connections()
+        bus = self._store.make_bus(self.hub_id)
+        self._bus = bus
+        self._cluster = Cluster(config=config, hub_id=self.hub_id, store=self._store,
+                                tasks=self._tasks, emit=emit) if bus is not None else None
+        peers: Peers = self._cluster if self._cluster is not None else NoPeers()
+        parts: dict[str, Any] = {"config": config, "hub_id": self.hub_id, "store": self._store,
+                                 "connections": self._connections, "peers": peers}
+        self._commands = Commands(**parts, tasks=self._tasks, metrics=self._metrics)
+        self._events = Events(**parts, emit=emit)
+        self._calls = Calls(commands=self._commands, connections=self._connections,
+                            events=self._events, tasks=self._tasks)
+        self._sessions = Sessions(**parts, events=self._events, tasks=self._tasks,
+                                  metrics=self._metrics, emit=emit)
+        self._router = FrameRouter(commands=self._commands, events=self._events,
+                                   calls=self._calls, tasks=self._tasks)
+        if self._cluster is not None:
+            self._cluster.bind(commands=self._commands, connections=self._connections,
+                               events=self._events, sessions=self._sessions)
+        self._metrics.watch(self._levels, self._store)
+        self._store.set_health_listener(self._on_store_health)
+        self._agents_server = AgentServer(config=config, hub_id=self.hub_id,
+                                          sessions=self._sessions, router=self._router,
+                                          connections=self._connections,
+                                          metrics=self._metrics)
         self._admin_server = AdminServer(self) if config.admin_port is not None else None
         self._listening = False
         self._closed = False
 
+    # -- properties ---------------------------------------------------------------
     @property
     def engine(self) -> str:
-        return self.store.engine
+        """The store engine: ``memory`` or ``redis``."""
+        return self._store.engine
+
+    @property
+    def store(self) -> Store:
+        """The store this hub keeps its state in."""
+        return self._store
+
+    @property
+    def metrics(self) -> Metrics:
+        """This hub's metrics (``metrics.render()``: the Prometheus exposition)."""
+        return self._metrics
 
     @property
     def port(self) -> int | None:
@@ -61,11 +128,105 @@ class Dispatcher(HubCore):
     def auth_required(self) -> bool:
         return self._agents_server.auth_required
 
+    @property
+    def connected_count(self) -> int:
+        """Agents connected to this hub (``list_connected_agents`` covers the cluster)."""
+        return len(self._connections)
+
+    @property
+    def bus_status(self) -> str | None:
+        """The cluster bus: ``ok``, ``deaf`` (not known to deliver), or None when
+        the hub is alone (``/healthz``)."""
+        if self._cluster is None:
+            return None
+        return "deaf" if self._cluster.deaf else "ok"
+
+    # -- the emitter (API.md: hub.on, hub.once, hub.off) -----------------------------
+    def on(self, key: str, handler: Handler | None = None) -> Any:
+        """Register ``handler`` for ``key``; usable as a decorator when ``handler`` is omitted."""
+        return self._emitter.on(key, handler)
+
+    def once(self, key: str, handler: Handler) -> Handler:
+        return self._emitter.once(key, handler)
+
+    def off(self, key: str, handler: Handler | None = None) -> None:
+        """Remove ``handler`` (every handler of ``key`` when omitted)."""
+        self._emitter.off(key, handler)
+
+    # -- commands -------------------------------------------------------------------
+    def execute_on_agent(
+        self,
+        agent_id: str,
+        command_key: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        group: str | bool | None = None,
+        drop_all_pending: bool | str = False,
+        command_id: str | None = None,
+        require_online: bool = False,
+    ) -> CommandHandle:
+        """Submit a command; returns its handle at once (API.md)."""
+        return self._commands.submit(
+            agent_id, command_key, payload, timeout=timeout, group=group,
+            drop_all_pending=drop_all_pending, command_id=command_id,
+            require_online=require_online)
+
+    async def cancel_command(self, cmd_id: str) -> bool:
+        """Cancel a command that is not COMPLETE; False when it already was."""
+        return await self._commands.cancel(cmd_id)
+
+    async def apply_command_response(self, cmd_id: str, result: Any) -> bool:
+        """Apply a result as if its agent had sent it; ``UnknownCommand`` if not applicable."""
+        await self._commands.complete(cmd_id, "ok", result=result)
+        return True
+
+    async def apply_command_error(self, cmd_id: str, error: Any) -> bool:
+        """Apply a failure: a map with ``code``/``message``/``data``, or an exception."""
+        await self._commands.complete(cmd_id, "error", error=_error_map(error))
+        return True
+
+    async def apply_command_progress(self, cmd_id: str, data: Any) -> bool:
+        """Pass a progress update to the command's handle."""
+        fut = self._commands.progress(cmd_id, data, None)
+        if fut is not None:
+            await fut
+        return True
+
+    async def list_pending_commands(self, agent_id: str) -> list[CommandInfo]:
+        return await self._store.list_pending(agent_id)
+
+    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+        return await self._store.get_command(cmd_id)
+
+    # -- events -----------------------------------------------------------------
+    async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
+                      timeout: float | None = None) -> None:
+        """Send an event; resolves when every target answered ``received``.
+
+        Agents that are away get it from their queue when they connect.
+        Raises ``DeliveryTimeout`` (``.pending``: who did not receive) after
+        ``timeout`` seconds (default: ``command_timeout``).
+        """
+        await self._events.emit_to(agent_id, key, data, timeout)
+
+    async def broadcast(self, key: str, data: Any = None) -> int:
+        """Send an event to every connected agent, without receipts; returns how many."""
+        return self._events.broadcast(key, data)
+
+    # -- agents -----------------------------------------------------------------
+    async def list_connected_agents(self) -> list[AgentInfo]:
+        return await self._store.list_agents()
+
+    async def get_agent(self, agent_id: str) -> AgentInfo | None:
+        return await self._store.get_agent(agent_id)
+
+    # -- lifetime ---------------------------------------------------------------
     async def listen(self) -> None:
         """Start the store and both servers; resolves once agents can connect."""
         if self._listening:
             return
-        await self.store.start()
+        await self._store.start()
         try:
             await self._agents_server.start()
             if self._admin_server is not None:
@@ -78,8 +239,11 @@ class Dispatcher(HubCore):
             log.warning("agents_unauthenticated", hub_id=self.hub_id,
                         note="no agent_secret or agent_tokens: any client may connect as any "
                              "agent id")
-        await self.cluster.start()
-        self.start_sweeper()
+        if self._cluster is not None and self._bus is not None:
+            await self._cluster.start(self._bus)
+        # Deadlines from the store too (ARCHITECTURE.md, Guarantees): commands whose
+        # hub died, or that were submitted before this hub restarted, still time out.
+        self._tasks.spawn(self._sweep_forever(), name="deadline-sweeper")
         log.info(
             "hub_listening", hub_id=self.hub_id, engine=self.engine, port=self.port,
             admin_port=self.admin_port, auth=self.auth_required,
@@ -90,13 +254,16 @@ class Dispatcher(HubCore):
         if self._closed:
             return
         self._closed = True
-        self._closing = True
+        self._commands.close()
         await self._agents_server.close()
         if self._admin_server is not None:
             await self._admin_server.close()
-        await self.cluster.close()
-        await self._close_core()
-        await self.store.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+        self._events.close()
+        await self._tasks.close()
+        await self._emitter.close()
+        await self._store.close()
         log.info("hub_closed", hub_id=self.hub_id)
 
     async def __aenter__(self) -> Dispatcher:
@@ -108,3 +275,49 @@ class Dispatcher(HubCore):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # -- internals ----------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        interval = self.config.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._commands.sweep_once()
+            except DispatcherError:
+                continue  # reported by the health listener; try again next turn
+
+    def _on_store_health(self, ok: bool, exc: BaseException | None) -> None:
+        """The store's outage listener: ``internal.db.error`` once per outage."""
+        if not ok:
+            log.error("store_outage", error=str(exc))
+            self._emitter.emit("internal.db.error", exc)
+            return
+        log.info("store_recovered")
+        if not self._closed:
+            # Redis may have come back empty (no persistence): put this hub's
+            # agents back in the registry so the cluster view is right again.
+            self._tasks.spawn(self._sessions.reregister(), name="reregister-agents")
+
+    def _levels(self) -> Levels:
+        store = self._store
+        return Levels(
+            hub_id=self.hub_id, engine=store.engine, agents_connected=len(self._connections),
+            store_up=store.healthy, commands_waiting=self._commands.waiting,
+            events_awaiting_receipt=self._events.awaiting_receipt,
+            events_dropped=self._events.dropped, calls_in_flight=self._calls.in_flight,
+            send_buffer_bytes=sum(s.buffered() for s in self._connections.sessions()),
+            store_queue_depth=getattr(store, "queue_depth", None),
+            store_counters={name: getattr(store, name, 0)
+                            for name in ("round_trips", "operations", "errors", "outages")},
+            cluster_sent=self._cluster.sent if self._cluster is not None else 0,
+            cluster_received=self._cluster.received if self._cluster is not None else 0,
+        )
+
+
+def _error_map(error: Any) -> dict[str, Any]:
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return P.error_info(error["code"], str(error.get("message", "")), error.get("data"))
+    if isinstance(error, BaseException):
+        code = getattr(error, "code", None) or type(error).__name__
+        return P.error_info(str(code), str(error), getattr(error, "data", None))
+    return P.error_info("error", str(error))

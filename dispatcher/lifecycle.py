@@ -34,10 +34,11 @@ def next_status(status: Status, event: Event) -> Status:
         raise InvalidTransition(f"{event!r} is not allowed on a {status} command") from None
 
 
-def redeliverable(pending: list[CommandInfo]) -> list[CommandInfo]:
+def redeliverable(pending: list[CommandInfo], now: int) -> list[CommandInfo]:
     """Of an agent's commands not COMPLETE (oldest first), those sent to it again after
     a (re)connection (PROTOCOL.md, Redelivery): all, but one per group, whose
-    answer completes the rest."""
+    answer completes the rest, and none whose deadline passed (unix ms ``now``):
+    a command past its deadline is never delivered; a sweeper times it out."""
     out: list[CommandInfo] = []
     leaders: set[str] = set()
     for cmd in pending:
@@ -45,5 +46,6 @@ def redeliverable(pending: list[CommandInfo]) -> list[CommandInfo]:
             if cmd.group in leaders:
                 continue
             leaders.add(cmd.group)
-        out.append(cmd)
+        if cmd.deadline is None or cmd.deadline > now:
+            out.append(cmd)
     return out

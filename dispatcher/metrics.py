@@ -13,8 +13,9 @@ Every name starts with ``dispatcher_``; ``docs/admin-api.md`` lists them.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -27,10 +28,7 @@ from prometheus_client.registry import Collector
 
 from .models import TERMINAL_OUTCOMES, CommandInfo
 
-if TYPE_CHECKING:
-    from .core import HubCore
-
-__all__ = ["COMMAND_BUCKETS", "STORE_BUCKETS", "Metrics"]
+__all__ = ["COMMAND_BUCKETS", "STORE_BUCKETS", "Levels", "Metrics"]
 
 # Submit to terminal: from a millisecond echo to the default 60 s timeout and beyond.
 COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -47,10 +45,29 @@ _AGENT_FRAME_TYPES = ("hello", "ack", "progress", "result", "fail", "received", 
 _FIXMAP_T = b"\xa1t"  # msgpack: the fixstr "t", the first key of every encoded frame
 
 
-class Metrics:
-    """The metrics of one hub (``core.metrics``); ``render()`` gives the exposition text."""
+@dataclass(slots=True)
+class Levels:
+    """What the hub reports at scrape time (levels, not events)."""
 
-    def __init__(self, core: HubCore | None = None) -> None:
+    hub_id: str
+    engine: str
+    agents_connected: int
+    store_up: bool
+    commands_waiting: int
+    events_awaiting_receipt: int
+    events_dropped: int
+    calls_in_flight: int
+    send_buffer_bytes: int
+    store_queue_depth: int | None  # None: the engine has no write queue
+    store_counters: dict[str, int]  # round_trips, operations, errors, outages
+    cluster_sent: int | None  # None: the hub is alone
+    cluster_received: int | None
+
+
+class Metrics:
+    """The metrics of one hub; ``render()`` gives the exposition text."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections_opened = Counter(
@@ -87,9 +104,11 @@ class Metrics:
         self._closed: dict[str, Counter] = {}
         self._store_bound = False
         r.register(HotCollector(self))
-        if core is not None:
-            self.bind_store(core.store)
-            r.register(HubCollector(core))
+
+    def watch(self, levels: Callable[[], Levels], store: Any) -> None:
+        """Read the hub's levels at every scrape; time the store's round trips."""
+        self.bind_store(store)
+        self.registry.register(HubCollector(levels))
 
     # -- hooks on the hot paths ------------------------------------------------------
     def frame_in(self, frame_type: str) -> None:
@@ -198,51 +217,43 @@ def _bound(value: float) -> str:
 class HubCollector(Collector):
     """Levels read from the hub at scrape time: agents, queue depths, store counters."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
+    def __init__(self, levels: Callable[[], Levels]) -> None:
+        self.levels = levels
 
     def describe(self) -> Iterable[Metric]:
         return ()  # names are only known by collecting; nothing to check at register time
 
     def collect(self) -> Iterable[Metric]:
-        core = self.core
-        store = core.store
+        lv = self.levels()
         info = GaugeMetricFamily("dispatcher_hub_info", "This hub's id and store engine.",
                                  labels=["hub_id", "engine"])
-        info.add_metric([core.hub_id, store.engine], 1)
+        info.add_metric([lv.hub_id, lv.engine], 1)
         yield info
         yield GaugeMetricFamily("dispatcher_agents_connected",
-                                "Agents connected to this hub.", value=core.connected_count)
+                                "Agents connected to this hub.", value=lv.agents_connected)
         yield GaugeMetricFamily("dispatcher_store_up",
                                 "1 while the store answers, 0 during an outage.",
-                                value=1 if store.healthy else 0)
+                                value=1 if lv.store_up else 0)
         # Queue depths (PERFORMANCE.md): what waits in this hub, by stage.
         yield GaugeMetricFamily("dispatcher_commands_waiting",
                                 "Commands submitted here whose caller still waits for them.",
-                                value=len(core._handles))
-        events = core.events
+                                value=lv.commands_waiting)
         yield GaugeMetricFamily("dispatcher_events_awaiting_receipt",
                                 "Events sent by emit_to still waiting for a 'received'.",
-                                value=len(events._waiting))
+                                value=lv.events_awaiting_receipt)
         yield CounterMetricFamily("dispatcher_events_dropped",
                                   "Events refused by full queues or expired in them.",
-                                  value=events.dropped)
+                                  value=lv.events_dropped)
         yield GaugeMetricFamily("dispatcher_calls_in_flight",
                                 "Routed agent-to-agent calls waiting for their target.",
-                                value=sum(core.calls._in_flight.values()))
-        buffered = 0
-        for session in list(core._sessions.values()):
-            size = getattr(session, "buffered", None)
-            if size is not None:
-                buffered += size()
+                                value=lv.calls_in_flight)
         yield GaugeMetricFamily("dispatcher_send_buffer_bytes",
                                 "Bytes written to agents' connections, not yet sent.",
-                                value=buffered)
-        queue = getattr(store, "_queue", None)
-        if queue is not None:
+                                value=lv.send_buffer_bytes)
+        if lv.store_queue_depth is not None:
             yield GaugeMetricFamily("dispatcher_store_queue_depth",
                                     "Store operations waiting for the next pipelined write.",
-                                    value=len(queue))
+                                    value=lv.store_queue_depth)
         for attr, name, doc in (
             ("round_trips", "dispatcher_store_round_trips", "Pipelined writes to the store."),
             ("operations", "dispatcher_store_operations", "Operations sent to the store."),
@@ -250,12 +261,11 @@ class HubCollector(Collector):
              "(StoreUnavailable: unreachable, or an error reply)."),
             ("outages", "dispatcher_store_outages", "Times the store became unreachable."),
         ):
-            yield CounterMetricFamily(name, doc, value=getattr(store, attr, 0))
-        cluster = getattr(core, "cluster", None)
-        if cluster is not None:
+            yield CounterMetricFamily(name, doc, value=lv.store_counters.get(attr, 0))
+        if lv.cluster_sent is not None:
             messages = CounterMetricFamily(
                 "dispatcher_cluster_messages", "Messages on the hubs' pub/sub channels, by "
                 "direction: out (published by this hub), in (received).", labels=["direction"])
-            messages.add_metric(["out"], cluster.sent)
-            messages.add_metric(["in"], cluster.received)
+            messages.add_metric(["out"], lv.cluster_sent)
+            messages.add_metric(["in"], lv.cluster_received or 0)
             yield messages

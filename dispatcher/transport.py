@@ -1,10 +1,11 @@
 """The agents' WebSocket server: handshake, reader, non-blocking writer, liveness.
 
 Thin by design (ARCHITECTURE.md, Layers): it turns WebSocket messages into
-frames and frames into calls on the hub core, and maps every failure to the
-close code PROTOCOL.md names. Sending never blocks the hub: frames go straight
-into the connection's transport buffer, which is bounded (``max_send_buffer``);
-a reader that does not read is disconnected instead of growing memory.
+frames and frames into calls on the hub (sessions and the frame router), and
+maps every failure to the close code PROTOCOL.md names. Sending never blocks
+the hub: frames go straight into the connection's transport buffer, which is
+bounded (``max_send_buffer``); a reader that does not read is disconnected
+instead of growing memory.
 """
 
 from __future__ import annotations
@@ -36,16 +37,21 @@ except ImportError:  # pragma: no cover - websockets built without its C extensi
 
 from agent_client import protocol as P
 
-from .core import HubCore, now_ms
+from .clock import now_ms
+from .config import HubConfig
+from .connections import Connections
 from .errors import StoreUnavailable
 from .ids import new_session_id
+from .metrics import Metrics
 from .models import AgentInfo
+from .router import FrameRouter
+from .sessions import Sessions
 
 __all__ = ["AgentServer", "WsSession", "agent_token", "close_reason"]
 
 log = structlog.get_logger(__name__)
 
-# Frames of one connection being applied at once (networked store only).
+# Frames of one connection being applied at once (store calls not answered yet).
 MAX_FRAMES_IN_FLIGHT = 256
 # Seconds a connection may stay over its frame rate before it is closed (1008).
 RATE_LIMIT_GRACE = 5.0
@@ -360,7 +366,7 @@ class _TurnWriter:
 
 
 class WsSession:
-    """One authenticated agent connection (implements ``core.Session``)."""
+    """One authenticated agent connection (implements ``connections.Session``)."""
 
     __slots__ = ("_server", "agent_id", "info", "session_id", "ws")
 
@@ -405,12 +411,15 @@ class WsSession:
 class AgentServer:
     """Serves ``/ws`` (agents) and ``GET /healthz`` (load balancers) on one port."""
 
-    def __init__(self, core: HubCore) -> None:
-        self.core = core
-        config = core.config
+    def __init__(self, *, config: HubConfig, hub_id: str, sessions: Sessions,
+                 router: FrameRouter, connections: Connections, metrics: Metrics) -> None:
         self.config = config
+        self.hub_id = hub_id
+        self.sessions = sessions
+        self.router = router
+        self.connections = connections
         self.max_send_buffer = config.max_send_buffer
-        self.metrics = core.metrics
+        self.metrics = metrics
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
@@ -466,8 +475,8 @@ class AgentServer:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            body = json.dumps({"status": "ok", "hub": self.core.hub_id,
-                               "agents": self.core.connected_count}).encode()
+            body = json.dumps({"status": "ok", "hub": self.hub_id,
+                               "agents": len(self.connections)}).encode()
             return Response(http.HTTPStatus.OK, "OK",
                             Headers([("Content-Type", "application/json"),
                                      ("Content-Length", str(len(body)))]), body)
@@ -475,7 +484,7 @@ class AgentServer:
             return conn.respond(http.HTTPStatus.NOT_FOUND, "agents connect on /ws\n")
         # Limits (API.md, Security), answered before the upgrade costs anything.
         config = self.config
-        attached = self.core.connected_count
+        attached = len(self.connections)
         # Upgraded connections that have not said hello yet count too, or
         # concurrent handshakes could overshoot max_agents.
         opened = self._open  # a counter: websockets' Server.connections is O(n) per call
@@ -531,7 +540,7 @@ class AgentServer:
         finally:
             ws.inline = None
             await reader.drain()
-            await self.core.detach(session, ws.lost_reason
+            await self.sessions.detach(session, ws.lost_reason
                                    or close_reason(_close_code(ws), _close_text(ws)))
 
     async def _handshake(self, ws: AgentConnection) -> WsSession | None:
@@ -572,11 +581,11 @@ class AgentServer:
                                P.CloseCode.UNAUTHORIZED)
             return None
         now = now_ms()
-        info = AgentInfo(id=frame.agent, hub_id=self.core.hub_id, session=new_session_id(),
+        info = AgentInfo(id=frame.agent, hub_id=self.hub_id, session=new_session_id(),
                          connected_at=now, last_seen=now, meta=frame.meta or {})
         session = WsSession(self, ws, info)
         try:
-            await self.core.attach(session, frame.subs)
+            await self.sessions.attach(session, frame.subs)
         except StoreUnavailable:
             await self._refuse(ws, P.ErrorCode.INTERNAL,
                                "the hub's store is unavailable; try again later", 1013)
@@ -609,25 +618,24 @@ class AgentServer:
 
 
 class _Reader:
-    """One attached agent's frames into the hub core: answers inline from the
-    connection's ``data_received`` when possible, everything else in order in
+    """One attached agent's frames into the hub's frame router: answers inline from
+    the connection's ``data_received`` when possible, everything else in order in
     the connection's task (:meth:`handle`)."""
 
-    __slots__ = ("core", "dropped_at", "frame_in", "inflight", "last", "limited_since", "loop",
-                 "rate", "session", "shared", "tokens", "warned", "ws")
+    __slots__ = ("dropped_at", "frame_in", "inflight", "last", "limited_since", "loop",
+                 "rate", "router", "session", "tokens", "warned", "ws")
 
     def __init__(self, server: AgentServer, session: WsSession) -> None:
-        self.core = server.core
+        self.router = server.router
         self.session = session
         self.ws = session.ws
         self.loop = asyncio.get_running_loop()
         self.frame_in = server.metrics.frame_in
-        # With a networked store, frames are applied concurrently so that one
-        # agent's answers share pipelined writes instead of waiting one Redis
-        # round trip each. The store applies their writes in arrival order;
-        # error replies may come back out of order (they carry ``ref``).
+        # Frames whose store calls are not answered yet: applied concurrently so
+        # that one agent's answers share pipelined writes instead of waiting one
+        # round trip each (the store applies their writes in arrival order;
+        # error replies may come back out of order: they carry ``ref``).
         # Bounded per connection (MAX_FRAMES_IN_FLIGHT).
-        self.shared = self.core.store.shared
         self.inflight: set[asyncio.Future[Any]] = set()
         # Frames per second (API.md, Security): a token bucket of one second's
         # worth. Over it, frames are dropped with one `rate_limited` error a
@@ -652,9 +660,14 @@ class _Reader:
             self.limited_since = None
         return True
 
+    def _track(self, pending: asyncio.Future[Any] | None) -> None:
+        if pending is not None:
+            self.inflight.add(pending)
+            pending.add_done_callback(self.inflight.discard)
+
     def apply_inline(self, message: bytes) -> bool:
-        """Apply an answer (result, fail, ack; progress too on a networked store)
-        now; False, having done nothing, for anything else."""
+        """Apply an answer (result, fail, ack, progress) now; False, having done
+        nothing, for anything else."""
         try:
             obj = P.loads(message)
             fields = P.result_fields(obj)
@@ -663,40 +676,23 @@ class _Reader:
             return False  # the task answers it with the error frame
         if frame is not None and not isinstance(frame, _ANSWERS):
             return False
-        shared = self.shared
-        if not shared and isinstance(frame, P.ProgressFrame):
-            return False  # in-process store: applied by on_frame, in the task
-        if shared and len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
+        if len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
             return False  # the task waits for room first
         # Last: a frame left to the task must not have taken a token here.
         if self.rate and not self._token(self.loop.time()):
             return False  # the task drops it (and counts, warns, closes)
-        if shared:
-            inflight = self.inflight
-            if frame is None:
-                assert fields is not None
-                self.frame_in("result")
-                pending = self.core.on_result_nowait(self.session, fields[0], fields[1])
-            else:
-                nowait = self.core.on_answer_nowait(self.session, frame)
-                assert nowait is not None
-                self.frame_in(frame.TYPE)
-                pending = nowait
-            inflight.add(pending)
-            pending.add_done_callback(inflight.discard)
-            return True
         if frame is None:
             assert fields is not None
             self.frame_in("result")
-            self.core.result_now(self.session, fields[0], fields[1])
-            return True
-        self.frame_in(frame.TYPE)
-        self.core.answer_now(self.session, frame)
+            self._track(self.router.apply_result(self.session, fields[0], fields[1]))
+        else:
+            self.frame_in(frame.TYPE)
+            self._track(self.router.apply(self.session, frame))
         return True
 
     async def handle(self, message: Data) -> bool:
         """Apply one message in the connection's task; False to end the connection."""
-        session, core = self.session, self.core
+        session = self.session
         if self.rate:
             now = self.loop.time()
             if not self._token(now):
@@ -724,22 +720,9 @@ class _Reader:
             session.send(P.encode(exc.to_frame()))
             return True
         self.frame_in(frame.TYPE)
-        if not self.shared:
-            # In-process store: answers complete right here, without a
-            # coroutine; anything else goes through on_frame.
-            if not core.answer_now(session, frame):
-                await core.on_frame(session, frame)
-            return True
-        # Answers chain a callback on the store's future; anything else runs
-        # as a task. Both count as in flight.
-        pending = core.on_answer_nowait(session, frame)
-        if pending is None:
-            pending = self.loop.create_task(core.on_frame(session, frame))
-        inflight = self.inflight
-        inflight.add(pending)
-        pending.add_done_callback(inflight.discard)
-        if len(inflight) >= MAX_FRAMES_IN_FLIGHT:
-            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+        self._track(self.router.apply(session, frame))
+        if len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
+            await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
         return True
 
     async def drain(self) -> None:

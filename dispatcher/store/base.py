@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..errors import UnknownCommand
 from ..models import AgentInfo, CommandInfo, Outcome
 
 __all__ = ["Bus", "CreateResult", "DropSpec", "Store"]
@@ -60,57 +59,16 @@ class CreateResult:
 
 
 class Store(ABC):
-    """Command, agent and event-queue state shared by the hubs using it."""
+    """Command, agent and event-queue state shared by the hubs using it.
+
+    One calling convention: every data method returns an :class:`asyncio.Future`
+    (the in-memory engine's is already finished when returned; the Redis
+    engine's resolves when its pipelined reply is read). Failures arrive through
+    the future, never as an exception from the call itself. Only ``start`` and
+    ``close`` are coroutines.
+    """
 
     engine: ClassVar[str]
-    # True when other hubs (or this hub after a restart) share the state, so
-    # deadlines must also be swept from the store, not only timed locally.
-    shared: ClassVar[bool] = False
-    # True when the engine can answer at once, without I/O: the core then calls
-    # the ``*_now`` methods on its hot path instead of awaiting a task per
-    # command (measured: a task per command cost a third of the throughput).
-    sync: ClassVar[bool] = False
-
-    def create_command_now(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
-    ) -> CreateResult:
-        """``create_command`` without awaiting; only when ``sync`` is True."""
-        raise NotImplementedError
-
-    def complete_now(
-        self, cmd_id: str, outcome: Outcome, *, now: int, result: Any = None,
-        error: dict[str, Any] | None = None, agent_id: str | None = None,
-    ) -> CommandInfo:
-        """``complete`` without awaiting; only when ``sync`` is True."""
-        raise NotImplementedError
-
-    def mark_active_now(self, cmd_id: str, agent_id: str, now: int) -> None:
-        """``mark_active`` without awaiting; only when ``sync`` is True."""
-        raise NotImplementedError
-
-    # Futures instead of coroutines, for the hot paths of networked engines:
-    # the core chains a callback instead of running a task per command. These
-    # defaults wrap the coroutines; the Redis engine answers from its batcher.
-    def create_command_start(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        locate: bool = True,
-    ) -> asyncio.Future[CreateResult]:
-        """``create_command`` as a future. ``locate`` False: the caller does not need
-        ``CreateResult.location`` (an engine may leave it None without looking)."""
-        return asyncio.ensure_future(self.create_command(cmd, drop=drop, max_pending=max_pending))
-
-    def complete_start(
-        self, cmd_id: str, outcome: Outcome, *, now: int, result: Any = None,
-        error: dict[str, Any] | None = None, agent_id: str | None = None,
-    ) -> asyncio.Future[CommandInfo]:
-        return asyncio.ensure_future(self.complete(cmd_id, outcome, now=now, result=result,
-                                                   error=error, agent_id=agent_id))
-
-    def mark_active_start(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.mark_active(cmd_id, agent_id, now))
-
-    def progress_origin_start(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
-        return asyncio.ensure_future(self.progress_origin(cmd_id, agent_id))
 
     @property
     def healthy(self) -> bool:
@@ -130,15 +88,19 @@ class Store(ABC):
         """Release connections; idempotent."""
 
     @abstractmethod
-    async def ping(self) -> None:
+    def ping(self) -> asyncio.Future[None]:
         """Raise ``StoreUnavailable`` unless the store answers."""
 
     # -- commands ----------------------------------------------------------
     @abstractmethod
-    async def create_command(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
-    ) -> CreateResult:
+    def create_command(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
+        locate: bool = True,
+    ) -> asyncio.Future[CreateResult]:
         """Store a new PENDING command and index it, atomically.
+
+        ``locate`` False: the caller does not need ``CreateResult.location``
+        (an engine may leave it None without looking it up).
 
         When ``cmd.id`` exists already, return it with ``created=False`` and
         change nothing. Otherwise first complete the agent's PENDING commands
@@ -148,7 +110,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
+    def mark_active(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
         """PENDING or ACTIVE → ACTIVE (the agent's ``ack``).
 
         Raises ``UnknownCommand`` when the id is unknown, COMPLETE, or not
@@ -156,7 +118,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def complete(
+    def complete(
         self,
         cmd_id: str,
         outcome: Outcome,
@@ -165,7 +127,7 @@ class Store(ABC):
         result: Any = None,
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
-    ) -> CommandInfo:
+    ) -> asyncio.Future[CommandInfo]:
         """Complete a command if it is not COMPLETE yet: the first answer wins.
 
         Removes it from the pending index and lets it expire after the
@@ -175,7 +137,7 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def complete_group(
+    def complete_group(
         self,
         agent_id: str,
         group: str,
@@ -184,50 +146,48 @@ class Store(ABC):
         now: int,
         result: Any = None,
         error: dict[str, Any] | None = None,
-    ) -> list[CommandInfo]:
+    ) -> asyncio.Future[list[CommandInfo]]:
         """Complete every PENDING command of the agent in ``group`` the same way."""
 
     @abstractmethod
-    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
+    def next_in_group(self, agent_id: str, group: str) -> asyncio.Future[CommandInfo | None]:
         """The oldest command of the agent's group that is not COMPLETE, if any."""
 
     @abstractmethod
-    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+    def get_command(self, cmd_id: str) -> asyncio.Future[CommandInfo | None]:
         """The command, while it exists (COMPLETE ones until retention passes)."""
 
     @abstractmethod
-    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
+    def list_pending(self, agent_id: str) -> asyncio.Future[list[CommandInfo]]:
         """The agent's commands that are not COMPLETE, oldest first."""
 
     @abstractmethod
-    async def count_pending(self, agent_id: str) -> int:
-        """How many of the agent's commands are not COMPLETE."""
-
-    @abstractmethod
-    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
+    def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         """Commands not COMPLETE whose deadline is at or before ``now``, soonest first."""
 
     # -- agents ------------------------------------------------------------
     @abstractmethod
-    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
+    def register_agent(self, info: AgentInfo) -> asyncio.Future[AgentInfo | None]:
         """Record a connected agent; return the record it replaces, if any."""
 
     @abstractmethod
-    async def unregister_agent(self, agent_id: str, session: str) -> bool:
+    def unregister_agent(self, agent_id: str, session: str) -> asyncio.Future[bool]:
         """Forget the agent if its record is still this ``session``'s."""
 
     @abstractmethod
-    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
-        """Refresh ``last_seen`` of the agent's record, if it is this session's."""
+    def get_agent(self, agent_id: str) -> asyncio.Future[AgentInfo | None]: ...
 
     @abstractmethod
-    async def get_agent(self, agent_id: str) -> AgentInfo | None: ...
+    def list_agents(self) -> asyncio.Future[list[AgentInfo]]: ...
 
     @abstractmethod
-    async def list_agents(self) -> list[AgentInfo]: ...
+    def progress_origin(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
+        """The origin hub of a command not COMPLETE (addressed to ``agent_id`` if given);
+        fails with ``UnknownCommand`` otherwise."""
 
-    # -- routing between hubs (shared stores only) -----------------------------
-    # The in-memory engine serves one hub: these are no-ops there.
+    # -- routing between hubs ---------------------------------------------------
+    # An engine that serves one hub has no bus: ``make_bus`` returns None and
+    # the hub then never calls the other methods of this section.
     def make_bus(self, hub_id: str) -> Bus | None:
         """The message bus between hubs, subscribed to ``hub_id``'s channels."""
         return None
@@ -239,33 +199,26 @@ class Store(ABC):
     def events_channel(self) -> str:
         return "events"
 
-    def publish(self, channel: str, data: bytes) -> Any:  # noqa: B027
-        """Send a message to a channel without waiting (fire and forget)."""
+    def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
+        """Send a message to a channel (fire and forget: the future holds the outcome)."""
+        raise NotImplementedError
 
-    async def hub_alive(self, hub_id: str, ttl_ms: int) -> None:  # noqa: B027
+    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[None]:
         """Refresh this hub's alive key."""
+        raise NotImplementedError
 
-    async def hub_gone(self, hub_id: str) -> None:  # noqa: B027
+    def hub_gone(self, hub_id: str) -> asyncio.Future[None]:
         """This hub leaves the cluster cleanly."""
+        raise NotImplementedError
 
-    async def reap_dead_hubs(self, me: str) -> list[AgentInfo]:
+    def reap_dead_hubs(self, me: str) -> asyncio.Future[list[AgentInfo]]:
         """Forget the agents of hubs whose alive key expired; returns them."""
-        return []
-
-    async def progress_origin(self, cmd_id: str, agent_id: str | None) -> str:
-        """The origin hub of a command not COMPLETE (addressed to ``agent_id`` if given);
-        raises ``UnknownCommand`` otherwise."""
-        info = await self.get_command(cmd_id)
-        if info is None or info.status == "COMPLETE" or (
-            agent_id is not None and info.agent_id != agent_id
-        ):
-            raise UnknownCommand(f"no command {cmd_id!r} for this agent that is not COMPLETE")
-        return info.origin
+        raise NotImplementedError
 
     # -- frames queued for agents that are away ---------------------------------
     @abstractmethod
-    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
-                          ttl_ms: int) -> bool:
+    def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                    ttl_ms: int) -> asyncio.Future[bool]:
         """Append a frame (an event, a call's reply) to the agent's queue.
 
         Returns False, changing nothing, when the queue already holds
@@ -274,11 +227,12 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
+    def take_frames(self, agent_id: str, *, now: int,
+                    ttl_ms: int) -> asyncio.Future[tuple[list[bytes], int]]:
         """Remove and return the agent's queued frames, oldest first, and how
         many were dropped for being older than ``ttl_ms``."""
 
     @abstractmethod
-    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
-                             ttl_ms: int = 3_600_000) -> None:
+    def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
+                       ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
         """Put frames back at the head of the queue, in order (sent but not received)."""

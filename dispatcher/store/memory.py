@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections import deque
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from agent_client.protocol import pack, unpack
 
-from ..errors import TooManyCommands, UnknownCommand
+from ..errors import DispatcherError, TooManyCommands, UnknownCommand
+from ..futures import failed, resolved
 from ..lifecycle import next_status
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
 
 __all__ = ["MemoryStore"]
+
+T = TypeVar("T")
 
 
 class MemoryStore(Store):
@@ -27,7 +32,6 @@ class MemoryStore(Store):
     """
 
     engine: ClassVar[str] = "memory"
-    sync: ClassVar[bool] = True
 
     def __init__(self, *, retention: float = 3600.0, max_retained: int = 1_000_000) -> None:
         self._retention_ms = int(retention * 1000)
@@ -51,9 +55,32 @@ class MemoryStore(Store):
         self._expiry: deque[tuple[int, str]] = deque()
         self._agents: dict[str, AgentInfo] = {}
         self._frames: dict[str, deque[tuple[int, bytes]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def ping(self) -> None:
-        return None
+    # Every answer is a finished future (the store's calling convention, base.py).
+    def _ok(self, value: T) -> asyncio.Future[T]:
+        loop = self._loop
+        if loop is None:
+            # Cached: on Python 3.11 get_running_loop() costs a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
+        return resolved(loop, value)
+
+    def _failed(self, exc: DispatcherError) -> asyncio.Future[Any]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return failed(loop, exc)
+
+    def _run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``fn()``'s value, or the store error it raised, as a finished future."""
+        try:
+            value = fn()
+        except DispatcherError as exc:
+            return self._failed(exc)
+        return self._ok(value)
+
+    def ping(self) -> asyncio.Future[None]:
+        return self._ok(None)
 
     # -- commands ----------------------------------------------------------
     def _expire(self, now: int) -> None:
@@ -85,14 +112,14 @@ class MemoryStore(Store):
             _, oldest = expiry.popleft()
             done.pop(oldest, None)
 
-    async def create_command(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
-    ) -> CreateResult:
-        return self.create_command_now(cmd, drop=drop, max_pending=max_pending)
+    def create_command(
+        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
+        locate: bool = True,
+    ) -> asyncio.Future[CreateResult]:
+        return self._run(lambda: self._create(cmd, drop, max_pending))
 
-    def create_command_now(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
-    ) -> CreateResult:
+    def _create(self, cmd: CommandInfo, drop: DropSpec, max_pending: int | None,
+                ) -> CreateResult:
         self._expire(cmd.ts)
         if cmd.id in self._commands or cmd.id in self._done:
             existing = self._get(cmd.id)
@@ -155,15 +182,15 @@ class MemoryStore(Store):
             raise UnknownCommand(f"command {cmd_id!r} is already COMPLETE")
         return cmd
 
-    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
-        self.mark_active_now(cmd_id, agent_id, now)
+    def mark_active(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
+        return self._run(lambda: self._mark_active(cmd_id, agent_id, now))
 
-    def mark_active_now(self, cmd_id: str, agent_id: str, now: int) -> None:
+    def _mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
         cmd = self._addressed(cmd_id, agent_id)
         cmd.status = next_status(cmd.status, "ack")
         cmd.updated = now
 
-    async def complete(
+    def complete(
         self,
         cmd_id: str,
         outcome: Outcome,
@@ -172,26 +199,17 @@ class MemoryStore(Store):
         result: Any = None,
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
-    ) -> CommandInfo:
-        return self.complete_now(cmd_id, outcome, now=now, result=result, error=error,
-                                 agent_id=agent_id)
-
-    def complete_now(
-        self,
-        cmd_id: str,
-        outcome: Outcome,
-        *,
-        now: int,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        agent_id: str | None = None,
-    ) -> CommandInfo:
+    ) -> asyncio.Future[CommandInfo]:
+        # Spelled out rather than through _run (hot path: no closure per answer).
         self._expire(now)
-        cmd = self._addressed(cmd_id, agent_id)
+        try:
+            cmd = self._addressed(cmd_id, agent_id)
+        except UnknownCommand as exc:
+            return self._failed(exc)
         self._finish(cmd, outcome, now, result, error)
-        return cmd
+        return self._ok(cmd)
 
-    async def complete_group(
+    def complete_group(
         self,
         agent_id: str,
         group: str,
@@ -200,14 +218,14 @@ class MemoryStore(Store):
         now: int,
         result: Any = None,
         error: dict[str, Any] | None = None,
-    ) -> list[CommandInfo]:
+    ) -> asyncio.Future[list[CommandInfo]]:
         done: list[CommandInfo] = []
         for cmd_id in list(self._pending.get(agent_id, ())):
             cmd = self._commands[cmd_id]
             if cmd.group == group and cmd.status == "PENDING":
                 self._finish(cmd, outcome, now, result, error)
                 done.append(cmd.copy())
-        return done
+        return self._ok(done)
 
     def _oldest_first(self, agent_id: str) -> list[CommandInfo]:
         # The index keeps insertion order; the contract is ts order (as
@@ -216,25 +234,25 @@ class MemoryStore(Store):
         cmds.sort(key=lambda c: (c.ts, c.id))
         return cmds
 
-    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
+    def next_in_group(self, agent_id: str, group: str) -> asyncio.Future[CommandInfo | None]:
         for cmd in self._oldest_first(agent_id):
             if cmd.group == group:
-                return cmd.copy()
-        return None
+                return self._ok(cmd.copy())
+        return self._ok(None)
 
-    async def get_command(self, cmd_id: str) -> CommandInfo | None:
+    def get_command(self, cmd_id: str) -> asyncio.Future[CommandInfo | None]:
         # Retention holds for readers too, as Redis's TTL does: without this
         # a COMPLETE command stayed readable until the next write swept it.
         self._expire(int(time.time() * 1000))
-        return self._get(cmd_id)
+        return self._ok(self._get(cmd_id))
 
-    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
-        return [cmd.copy() for cmd in self._oldest_first(agent_id)]
+    def list_pending(self, agent_id: str) -> asyncio.Future[list[CommandInfo]]:
+        return self._ok([cmd.copy() for cmd in self._oldest_first(agent_id)])
 
-    async def count_pending(self, agent_id: str) -> int:
-        return len(self._pending.get(agent_id, ()))
+    def progress_origin(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
+        return self._run(lambda: self._addressed(cmd_id, agent_id).origin)
 
-    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
+    def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         if self._deadlines is None:
             self._compact_deadlines()
         heap = self._deadlines
@@ -249,55 +267,52 @@ class MemoryStore(Store):
         for cmd in out:  # still overdue until someone completes them
             assert cmd.deadline is not None
             heapq.heappush(heap, (cmd.deadline, cmd.id))
-        return out
+        return self._ok(out)
 
     # -- agents ------------------------------------------------------------
-    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
+    def register_agent(self, info: AgentInfo) -> asyncio.Future[AgentInfo | None]:
         previous = self._agents.get(info.id)
         self._agents[info.id] = info.copy()
-        return previous
+        return self._ok(previous)
 
-    async def unregister_agent(self, agent_id: str, session: str) -> bool:
+    def unregister_agent(self, agent_id: str, session: str) -> asyncio.Future[bool]:
         current = self._agents.get(agent_id)
         if current is None or current.session != session:
-            return False
+            return self._ok(False)
         del self._agents[agent_id]
-        return True
+        return self._ok(True)
 
-    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
-        current = self._agents.get(agent_id)
-        if current is not None and current.session == session:
-            current.last_seen = last_seen
-
-    async def get_agent(self, agent_id: str) -> AgentInfo | None:
+    def get_agent(self, agent_id: str) -> asyncio.Future[AgentInfo | None]:
         info = self._agents.get(agent_id)
-        return None if info is None else info.copy()
+        return self._ok(None if info is None else info.copy())
 
-    async def list_agents(self) -> list[AgentInfo]:
-        return [a.copy() for a in self._agents.values()]
+    def list_agents(self) -> asyncio.Future[list[AgentInfo]]:
+        return self._ok([a.copy() for a in self._agents.values()])
 
     # -- queued frames ---------------------------------------------------------
-    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
-                          ttl_ms: int) -> bool:
+    def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                    ttl_ms: int) -> asyncio.Future[bool]:
         queue = self._frames.setdefault(agent_id, deque())
         while queue and queue[0][0] + ttl_ms <= now:
             queue.popleft()  # expired: make room before refusing
         if len(queue) >= max_len:
-            return False
+            return self._ok(False)
         queue.append((now, frame))
-        return True
+        return self._ok(True)
 
-    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
+    def take_frames(self, agent_id: str, *, now: int,
+                    ttl_ms: int) -> asyncio.Future[tuple[list[bytes], int]]:
         queue = self._frames.pop(agent_id, None)
         if not queue:
-            return [], 0
+            return self._ok(([], 0))
         fresh = [f for ts, f in queue if ts + ttl_ms > now]
-        return fresh, len(queue) - len(fresh)
+        return self._ok((fresh, len(queue) - len(fresh)))
 
-    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
-                             ttl_ms: int = 3_600_000) -> None:
+    def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
+                       ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
         queue = self._frames.setdefault(agent_id, deque())
         queue.extendleft((now, f) for f in reversed(frames))
+        return self._ok(None)
 
 
 def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:

@@ -41,6 +41,7 @@ from redis.retry import Retry
 from agent_client.protocol import pack, unpack
 
 from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
+from ..futures import resolved
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
 from .redis_bus import RedisBus
@@ -84,7 +85,6 @@ class RedisStore(Store):
     """The store on Redis (one URL: ``redis://``, ``rediss://``, ``unix://``)."""
 
     engine: ClassVar[str] = "redis"
-    shared: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -148,6 +148,11 @@ class RedisStore(Store):
     def healthy(self) -> bool:
         return self._healthy
 
+    @property
+    def queue_depth(self) -> int:
+        """Operations waiting for the next pipelined write (``/metrics``)."""
+        return len(self._queue)
+
     def set_health_listener(self, listener: HealthListener | None) -> None:
         self._listener = listener
 
@@ -186,8 +191,8 @@ class RedisStore(Store):
         await self._drop_connection()
         await self._pool.disconnect()
 
-    async def ping(self) -> None:
-        await self._call(None, ("PING",))
+    def ping(self) -> asyncio.Future[None]:
+        return self._call(None, ("PING",), _nothing)
 
     # -- batching -----------------------------------------------------------
     def _call(self, script: str | None, args: tuple[Any, ...],
@@ -404,12 +409,7 @@ class RedisStore(Store):
         return f"{self.prefix}:agents"
 
     # -- commands ---------------------------------------------------------------
-    async def create_command(
-        self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None
-    ) -> CreateResult:
-        return await self.create_command_start(cmd, drop=drop, max_pending=max_pending)
-
-    def create_command_start(
+    def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
         locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
@@ -444,30 +444,14 @@ class RedisStore(Store):
         return CreateResult(stored, created=True, dropped=dropped, coalesced=bool(res[1]),
                             location=location)
 
-    async def mark_active(self, cmd_id: str, agent_id: str, now: int) -> None:
-        await self.mark_active_start(cmd_id, agent_id, now)
-
-    def mark_active_start(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
+    def mark_active(self, cmd_id: str, agent_id: str, now: int) -> asyncio.Future[None]:
         def check(res: Any) -> None:
             if res != 1:
                 raise UnknownCommand(_REJECTIONS[res].format(id=cmd_id, agent=agent_id))
 
         return self._call("mark_active", (1, self._k_cmd(cmd_id), agent_id, now), check)
 
-    async def complete(
-        self,
-        cmd_id: str,
-        outcome: Outcome,
-        *,
-        now: int,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        agent_id: str | None = None,
-    ) -> CommandInfo:
-        return await self.complete_start(cmd_id, outcome, now=now, result=result, error=error,
-                                         agent_id=agent_id)
-
-    def complete_start(
+    def complete(
         self,
         cmd_id: str,
         outcome: Outcome,
@@ -484,7 +468,7 @@ class RedisStore(Store):
         ), lambda res: _completed(cmd_id, outcome, res, now=now, result=result, error=error,
                                   agent_id=agent_id))
 
-    async def complete_group(
+    def complete_group(
         self,
         agent_id: str,
         group: str,
@@ -493,50 +477,45 @@ class RedisStore(Store):
         now: int,
         result: Any = None,
         error: dict[str, Any] | None = None,
-    ) -> list[CommandInfo]:
-        res = await self._call("complete_group", (
+    ) -> asyncio.Future[list[CommandInfo]]:
+        def parse(res: Any) -> list[CommandInfo]:
+            return [
+                CommandInfo(id=_s(d[0]), agent_id=agent_id, key=_s(d[1]), status="COMPLETE",
+                            outcome=outcome, group=group, ts=_i(d[3]), updated=now,
+                            origin=_s(d[2]), result=result, error=error)
+                for d in res
+            ]
+
+        return self._call("complete_group", (
             2, self._k_pending(agent_id), self._k_deadlines, self.prefix, group, outcome, now,
             pack(result), b"" if error is None else pack(error), self._retention_ms,
-        ))
-        return [
-            CommandInfo(id=_s(d[0]), agent_id=agent_id, key=_s(d[1]), status="COMPLETE",
-                        outcome=outcome, group=group, ts=_i(d[3]), updated=now,
-                        origin=_s(d[2]), result=result, error=error)
-            for d in res
-        ]
+        ), parse)
 
-    async def next_in_group(self, agent_id: str, group: str) -> CommandInfo | None:
-        res = await self._call("next_in_group", (1, self._k_pending(agent_id), self.prefix, group))
-        return _command_from_hash(res) if res else None
+    def next_in_group(self, agent_id: str, group: str) -> asyncio.Future[CommandInfo | None]:
+        return self._call("next_in_group", (1, self._k_pending(agent_id), self.prefix, group),
+                          _command_or_none)
 
-    async def get_command(self, cmd_id: str) -> CommandInfo | None:
-        res = await self._call(None, ("HGETALL", self._k_cmd(cmd_id)))
-        return _command_from_hash(res) if res else None
+    def get_command(self, cmd_id: str) -> asyncio.Future[CommandInfo | None]:
+        return self._call(None, ("HGETALL", self._k_cmd(cmd_id)), _command_or_none)
 
-    async def list_pending(self, agent_id: str) -> list[CommandInfo]:
-        res = await self._call("list_pending", (1, self._k_pending(agent_id), self.prefix))
-        return [_command_from_hash(h) for h in res]
+    def list_pending(self, agent_id: str) -> asyncio.Future[list[CommandInfo]]:
+        return self._call("list_pending", (1, self._k_pending(agent_id), self.prefix),
+                          _commands)
 
-    async def count_pending(self, agent_id: str) -> int:
-        return int(await self._call(None, ("ZCARD", self._k_pending(agent_id))))
-
-    async def overdue(self, now: int, limit: int = 100) -> list[CommandInfo]:
-        res = await self._call("overdue", (1, self._k_deadlines, self.prefix, now, limit))
-        return [_command_from_hash(h) for h in res]
+    def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
+        return self._call("overdue", (1, self._k_deadlines, self.prefix, now, limit), _commands)
 
     # -- agents -------------------------------------------------------------------
-    async def register_agent(self, info: AgentInfo) -> AgentInfo | None:
-        res = await self._call("register_agent", (
+    def register_agent(self, info: AgentInfo) -> asyncio.Future[AgentInfo | None]:
+        return self._call("register_agent", (
             3, self._k_agent(info.id), self._k_agents, self._k_hub_agents(info.hub_id),
             info.id, info.hub_id, info.session, info.connected_at, info.last_seen,
             pack(info.meta), self.prefix,
-        ))
-        return _agent_from_hash(res) if res else None
+        ), _agent_or_none)
 
-    async def unregister_agent(self, agent_id: str, session: str) -> bool:
-        res = await self._call("unregister_agent", (
-            2, self._k_agent(agent_id), self._k_agents, agent_id, session, self.prefix))
-        return bool(res)
+    def unregister_agent(self, agent_id: str, session: str) -> asyncio.Future[bool]:
+        return self._call("unregister_agent", (
+            2, self._k_agent(agent_id), self._k_agents, agent_id, session, self.prefix), bool)
 
     # -- cluster membership ---------------------------------------------------------
     def _k_hub_agents(self, hub_id: str) -> str:
@@ -555,24 +534,21 @@ class RedisStore(Store):
     def events_channel(self) -> str:
         return f"{self.prefix}:events"
 
-    async def hub_alive(self, hub_id: str, ttl_ms: int) -> None:
-        await self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
-                                       f"{self.prefix}:hubs", hub_id, ttl_ms))
+    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[None]:
+        return self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
+                                        f"{self.prefix}:hubs", hub_id, ttl_ms), _nothing)
 
-    async def hub_gone(self, hub_id: str) -> None:
-        await self._call("hub_gone", (3, f"{self.prefix}:hub:{hub_id}:alive",
-                                      f"{self.prefix}:hubs", self._k_hub_agents(hub_id), hub_id))
+    def hub_gone(self, hub_id: str) -> asyncio.Future[None]:
+        return self._call("hub_gone", (3, f"{self.prefix}:hub:{hub_id}:alive",
+                                       f"{self.prefix}:hubs", self._k_hub_agents(hub_id),
+                                       hub_id), _nothing)
 
-    async def reap_dead_hubs(self, me: str) -> list[AgentInfo]:
-        res = await self._call("reap_dead_hubs", (2, f"{self.prefix}:hubs", self._k_agents,
-                                                  self.prefix, me))
-        return [_agent_from_hash(h) for h in res]
+    def reap_dead_hubs(self, me: str) -> asyncio.Future[list[AgentInfo]]:
+        return self._call("reap_dead_hubs", (2, f"{self.prefix}:hubs", self._k_agents,
+                                             self.prefix, me), _agents)
 
-    async def progress_origin(self, cmd_id: str, agent_id: str | None) -> str:
+    def progress_origin(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
         """The origin hub of a command that takes progress from ``agent_id``."""
-        return await self.progress_origin_start(cmd_id, agent_id)
-
-    def progress_origin_start(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
         def check(res: Any) -> str:
             if res[0] != 1:
                 raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
@@ -587,47 +563,65 @@ class RedisStore(Store):
         fut.add_done_callback(_consume)
         return fut
 
-    async def touch_agent(self, agent_id: str, session: str, last_seen: int) -> None:
-        await self._call("touch_agent", (1, self._k_agent(agent_id), session, last_seen))
+    def get_agent(self, agent_id: str) -> asyncio.Future[AgentInfo | None]:
+        return self._call(None, ("HGETALL", self._k_agent(agent_id)), _agent_or_none)
 
-    async def get_agent(self, agent_id: str) -> AgentInfo | None:
-        res = await self._call(None, ("HGETALL", self._k_agent(agent_id)))
-        return _agent_from_hash(res) if res else None
-
-    async def list_agents(self) -> list[AgentInfo]:
-        res = await self._call("list_agents", (1, self._k_agents, self.prefix))
-        return [_agent_from_hash(h) for h in res]
+    def list_agents(self) -> asyncio.Future[list[AgentInfo]]:
+        return self._call("list_agents", (1, self._k_agents, self.prefix), _agents)
 
     # -- queued frames ----------------------------------------------------------------
     def _k_frames(self, agent_id: str) -> str:
         return f"{self.prefix}:agent:{agent_id}:events"
 
-    async def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
-                          ttl_ms: int) -> bool:
-        res = await self._call("queue_frame", (1, self._k_frames(agent_id), pack([now, frame]),
-                                               max_len, ttl_ms, now - ttl_ms))
-        return bool(res)
+    def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
+                    ttl_ms: int) -> asyncio.Future[bool]:
+        return self._call("queue_frame", (1, self._k_frames(agent_id), pack([now, frame]),
+                                          max_len, ttl_ms, now - ttl_ms), bool)
 
-    async def take_frames(self, agent_id: str, *, now: int, ttl_ms: int) -> tuple[list[bytes], int]:
-        entries = await self._call("take_frames", (1, self._k_frames(agent_id)))
-        fresh: list[bytes] = []
-        for raw in entries:
-            ts, frame = unpack(raw)
-            if ts + ttl_ms > now:
-                fresh.append(frame)
-        return fresh, len(entries) - len(fresh)
+    def take_frames(self, agent_id: str, *, now: int,
+                    ttl_ms: int) -> asyncio.Future[tuple[list[bytes], int]]:
+        def parse(entries: Any) -> tuple[list[bytes], int]:
+            fresh: list[bytes] = []
+            for raw in entries:
+                ts, frame = unpack(raw)
+                if ts + ttl_ms > now:
+                    fresh.append(frame)
+            return fresh, len(entries) - len(fresh)
 
-    async def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
-                             ttl_ms: int = 3_600_000) -> None:
-        if frames:
-            key = self._k_frames(agent_id)
-            push = self._call(None, ("LPUSH", key, *(pack([now, f]) for f in reversed(frames))))
-            # Same expiry as queue_frame: an agent that never returns leaves nothing.
-            expire = self._call(None, ("PEXPIRE", key, ttl_ms))
-            await asyncio.gather(push, expire)
+        return self._call("take_frames", (1, self._k_frames(agent_id)), parse)
+
+    def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
+                       ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
+        if not frames:
+            return resolved(asyncio.get_running_loop(), None)
+        # One script: the push and the expiry (same as queue_frame's, so an agent
+        # that never returns leaves nothing) in one step and one reply.
+        return self._call("requeue_frames", (
+            1, self._k_frames(agent_id), ttl_ms, *(pack([now, f]) for f in reversed(frames))),
+            _nothing)
 
 
 # -- decoding ---------------------------------------------------------------------
+
+def _nothing(res: Any) -> None:
+    return None
+
+
+def _command_or_none(res: Any) -> CommandInfo | None:
+    return _command_from_hash(res) if res else None
+
+
+def _commands(res: Any) -> list[CommandInfo]:
+    return [_command_from_hash(h) for h in res]
+
+
+def _agent_or_none(res: Any) -> AgentInfo | None:
+    return _agent_from_hash(res) if res else None
+
+
+def _agents(res: Any) -> list[AgentInfo]:
+    return [_agent_from_hash(h) for h in res]
+
 
 def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any,
                error: dict[str, Any] | None, agent_id: str | None) -> CommandInfo:

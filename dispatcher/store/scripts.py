@@ -252,13 +252,12 @@ if f[1] == 'COMPLETE' then return {-2} end
 return {1, f[3]}
 """
 
-# KEYS: 1 P:agent:ID.  ARGV: 1 session, 2 last_seen.
-TOUCH_AGENT: Final = """
-if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
-  return 1
-end
-return 0
+# KEYS: 1 P:agent:ID:events.  ARGV: 1 ttl ms, 2.. entries, newest first (LPUSH order).
+# Puts frames back at the head of the queue, with the queue's own expiry.
+REQUEUE_FRAMES: Final = """
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 # KEYS: 1 P:agents.  ARGV: 1 prefix.  Returns {HGETALL...}; forgets ids whose hash is gone.
@@ -326,6 +325,6 @@ SCRIPTS: Final = {
     "overdue": OVERDUE,
     "register_agent": REGISTER_AGENT,
     "unregister_agent": UNREGISTER_AGENT,
-    "touch_agent": TOUCH_AGENT,
+    "requeue_frames": REQUEUE_FRAMES,
     "list_agents": LIST_AGENTS,
 }

@@ -460,7 +460,7 @@ async def test_connected_flag_hooks_and_wait_connected(
     assert agent.connected is True
     assert events == [("connect", True)]
     assert agent.hub_id == hub.hub_id
-    session = hub.session_of("hooks-1")
+    session = hub._connections.get("hooks-1")
     assert session is not None
     assert agent.session == session.session_id
     [info] = [a for a in await hub.list_connected_agents() if a.id == "hooks-1"]
@@ -469,7 +469,7 @@ async def test_connected_flag_hooks_and_wait_connected(
     assert agent.connected is False
     await wait_event(disconnected, "on_disconnect")
     assert events == [("connect", True), ("disconnect", False)]
-    await wait_for(lambda: hub.session_of("hooks-1") is None, what="the hub to see the agent go")
+    await wait_for(lambda: hub._connections.get("hooks-1") is None, what="the hub to see the agent go")
 
 
 async def test_failing_hook_does_not_break_the_connection(
@@ -713,7 +713,7 @@ async def test_replaced_agent_raises_and_stops_reconnecting(
             await run_task
     assert old.connected is False
     assert proxy.connections == 1  # it never tried again
-    session = hub.session_of("dup-1")
+    session = hub._connections.get("dup-1")
     assert session is not None
     assert session.session_id == new.session
     assert new.connected
@@ -753,7 +753,7 @@ async def test_stop_is_idempotent_and_ends_every_task(
     await agent.stop()  # idempotent
     await agent.stop()
     assert agent.connected is False
-    await wait_for(lambda: hub.session_of("stop-1") is None, what="the hub to see the agent go")
+    await wait_for(lambda: hub._connections.get("stop-1") is None, what="the hub to see the agent go")
 
 
 async def test_restart_after_stop_does_not_rerun_an_interrupted_command(

@@ -103,7 +103,7 @@ async def test_on_handler_gets_data_and_context_with_automatic_receipts(
     listener = make_agent(ws_url(hub), "listener")
     got = collect(listener, "config.*")
     await started(hub, listener)
-    assert hub.events.subscriptions("listener") == {"config.*"}
+    assert hub._events.subscriptions("listener") == {"config.*"}
 
     # emit_to resolves on the library's own 'received': no user code sends it.
     await bounded(hub.emit_to("listener", "config.db", {"pool": 5}, timeout=WAIT), "emit_to")
@@ -162,7 +162,7 @@ async def test_subscribe_and_unsubscribe_at_runtime(
     sender = await started(hub, make_agent(ws_url(hub), "sender"))
 
     await listener.unsubscribe("news")
-    await wait_for(lambda: hub.events.subscriptions("listener") == {"marker"},
+    await wait_for(lambda: hub._events.subscriptions("listener") == {"marker"},
                    what="the hub to drop the subscription")
     await sender.emit("news", 1)
     await sender.emit("marker", None)
@@ -170,7 +170,7 @@ async def test_subscribe_and_unsubscribe_at_runtime(
     assert news.empty(), "an unsubscribed key must not be delivered"
 
     await listener.subscribe("news", "late.*")
-    await wait_for(lambda: hub.events.subscriptions("listener") == {"marker", "news", "late.*"},
+    await wait_for(lambda: hub._events.subscriptions("listener") == {"marker", "news", "late.*"},
                    what="the hub to add the subscriptions")
     await sender.emit("news", 2)
     data, ctx = await bounded(news.get(), "news after subscribe")
@@ -178,7 +178,7 @@ async def test_subscribe_and_unsubscribe_at_runtime(
 
     # @agent.on while connected subscribes at once.
     late = collect(listener, "later")
-    await wait_for(lambda: "later" in hub.events.subscriptions("listener"),
+    await wait_for(lambda: "later" in hub._events.subscriptions("listener"),
                    what="the hub to see the new handler's subscription")
     await sender.emit("later", 3)
     assert (await bounded(late.get(), "the late handler"))[0] == 3
@@ -195,7 +195,7 @@ async def test_subscriptions_restored_after_reconnect(
     await listener.subscribe("extra")
     extra: Received = asyncio.Queue()
     listener.on("extra")(lambda data, ctx: extra.put_nowait((data, ctx)))
-    await wait_for(lambda: hub.events.subscriptions("listener") == {"cfg.*", "extra"},
+    await wait_for(lambda: hub._events.subscriptions("listener") == {"cfg.*", "extra"},
                    what="the runtime subscription")
 
     proxy.refuse = True
@@ -208,7 +208,7 @@ async def test_subscriptions_restored_after_reconnect(
     await listener.subscribe("cfg.*")
     proxy.refuse = False
     await ready(attached, listener, "the reconnection")
-    assert hub.events.subscriptions("listener") == {"cfg.*", "extra", "offline.*"}, \
+    assert hub._events.subscriptions("listener") == {"cfg.*", "extra", "offline.*"}, \
         "the hello after a reconnect carries every subscription"
     sender = await started(hub, make_agent(ws_url(hub), "sender"))
     await sender.emit("cfg.x", 1)
@@ -404,17 +404,17 @@ async def test_redelivered_event_runs_its_handlers_once(hub: Dispatcher,
     await started(hub, listener)
     frame = P.encode(P.EventFrame("cfg.a", {"n": 1}, id="e.test.1"))
     acks: list[str] = []
-    original = hub.events.on_received
+    original = hub._events.on_received
 
     def spy(session: Any, event_id: str) -> None:
         acks.append(event_id)
         original(session, event_id)
 
-    hub.events.on_received = spy  # type: ignore[method-assign]
-    assert hub.send_to_agent("dedupe", frame)
-    assert hub.send_to_agent("dedupe", frame)  # as after a lost receipt
+    hub._events.on_received = spy  # type: ignore[method-assign]
+    assert hub._connections.send("dedupe", frame)
+    assert hub._connections.send("dedupe", frame)  # as after a lost receipt
     second = P.encode(P.EventFrame("cfg.b", {"n": 2}, id="e.test.2"))
-    assert hub.send_to_agent("dedupe", second)
+    assert hub._connections.send("dedupe", second)
     assert (await bounded(got.get(), "the first event"))[0] == {"n": 1}
     assert (await bounded(got.get(), "the second event"))[0] == {"n": 2}  # not {"n": 1} again
     await wait_for(lambda: acks == ["e.test.1", "e.test.1", "e.test.2"], what="three receipts")

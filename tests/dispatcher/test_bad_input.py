@@ -152,7 +152,7 @@ async def test_bad_frame_gets_its_error_and_the_connection_stays_usable(
     await agent.send_raw(message)
     await expect_error(agent, code, ref)
     await round_trip(hub, agent, "a", {"after": code})
-    assert hub.session_of("a") is not None
+    assert hub._connections.get("a") is not None
 
 
 def test_deep_helper_builds_the_intended_frame() -> None:
@@ -196,14 +196,14 @@ async def test_hub_only_frame_from_an_agent_is_refused(
 async def test_hello_after_the_handshake_is_refused_without_closing(
     hub: Dispatcher, agent: RawAgent, hello: dict[str, Any]
 ) -> None:
-    session = hub.session_of("a")
+    session = hub._connections.get("a")
     await agent.send(hello)
     reply = await agent.recv()
     assert reply["t"] == "error", reply
     assert reply["code"] in ("bad_frame", "bad_hello"), reply
     # The connection is neither closed nor re-identified.
-    assert hub.session_of("a") is session
-    assert hub.session_of("other") is None
+    assert hub._connections.get("a") is session
+    assert hub._connections.get("other") is None
     await round_trip(hub, agent, "a", "same session")
 
 

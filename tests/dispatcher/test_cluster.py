@@ -62,8 +62,7 @@ async def cluster(redis_url: str, prefix: str) -> AsyncIterator[Any]:
 
 async def connected(hub: Dispatcher, agent_id: str) -> None:
     """Wait until the agent is attached on ``hub`` (catch-up done)."""
-    await wait_for(lambda: hub.session_of(agent_id) is not None
-                   and hub._delivery[agent_id].ready, what=f"{agent_id} attached")
+    await wait_for(lambda: hub._connections.is_ready(agent_id), what=f"{agent_id} attached")
 
 
 async def test_command_goes_to_the_agents_hub_and_back(cluster: Any) -> None:
@@ -87,7 +86,7 @@ async def test_command_goes_to_the_agents_hub_and_back(cluster: Any) -> None:
     await asyncio.wait_for(follower, WAIT)
     assert updates == [0.5]
     # Only hub 2 got the command; hub 1 saw no traffic for it.
-    assert h1.cluster.received == 0
+    assert h1._cluster.received == 0
     info = await h1.get_command(handle.id)
     assert info is not None and info.outcome == "ok" and info.origin == h0.hub_id
     await agent.close()
@@ -111,7 +110,7 @@ async def test_agent_that_moves_while_its_command_is_stored_still_gets_it(
         proxy.pause()  # the origin's store write waits ...
         handle = origin.execute_on_agent("mover", "work", {"n": 1}, timeout=WAIT)
         await agent.close()  # ... while the agent moves to the other hub
-        await wait_for(lambda: origin.session_of("mover") is None, what="mover off origin")
+        await wait_for(lambda: origin._connections.get("mover") is None, what="mover off origin")
         moved, _ = await RawAgent.hello(url(other), "mover")
         await connected(other, "mover")
         proxy.resume()
@@ -210,11 +209,11 @@ async def test_bus_survives_a_redis_restart(cluster: Any, prefix: str) -> None:
 
         await round_trip(1)
         redis.stop()
-        await wait_for(lambda: not h0.store.healthy or not h0.cluster.bus.subscribed,  # type: ignore[union-attr]
+        await wait_for(lambda: not h0.store.healthy or not h0._cluster.bus.subscribed,  # type: ignore[union-attr]
                        what="the hubs to notice")
         redis.start()
         for hub in (h0, h1):
-            await wait_for(lambda hub=hub: hub.store.healthy and hub.cluster.bus.subscribed,  # type: ignore[misc,union-attr]
+            await wait_for(lambda hub=hub: hub.store.healthy and hub._cluster.bus.subscribed,  # type: ignore[misc,union-attr]
                            timeout=15, what="store and bus back")
         # Redis came back empty: h1 registered its agent again, so routing works.
         async def located() -> bool:
@@ -238,7 +237,7 @@ async def test_deaf_bus_is_noticed_and_rebuilt(cluster: Any) -> None:
     proxy = await TcpProxy(redis.port).start()
     try:
         (hub,) = await cluster(1, redis=f"redis://127.0.0.1:{proxy.port}/0")
-        bus = hub.cluster.bus
+        bus = hub._cluster.bus
         assert bus is not None and not bus.deaf
         proxy.pause()  # the subscriber's path goes silent: no error, no bytes
         await wait_for(lambda: bus.deaf, timeout=5, what="the bus to notice it is deaf")

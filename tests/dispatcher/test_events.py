@@ -455,14 +455,14 @@ async def test_sub_and_unsub_frames(hub: Dispatcher, connect: Connect) -> None:
     a = await connect(hub, "a")
     b = await connect(hub, "b", subs=["marker"])
     await b.send({"t": "sub", "keys": ["k.*", "exact"]})
-    await wait_for(lambda: hub.events.subscriptions("b") == {"marker", "k.*", "exact"},
+    await wait_for(lambda: hub._events.subscriptions("b") == {"marker", "k.*", "exact"},
                    what="b's subscriptions")
     await a.send({"t": "emit", "key": "k.1", "data": 1})
     await a.send({"t": "emit", "key": "exact", "data": 2})
     assert [(f["key"], f["data"]) for f in await recv_events(b, 2)] == [("k.1", 1), ("exact", 2)]
 
     await b.send({"t": "unsub", "keys": ["k.*", "not-subscribed"]})
-    await wait_for(lambda: hub.events.subscriptions("b") == {"marker", "exact"},
+    await wait_for(lambda: hub._events.subscriptions("b") == {"marker", "exact"},
                    what="b's subscriptions after unsub")
     await a.send({"t": "emit", "key": "k.2", "data": 3})
     await a.send({"t": "emit", "key": "marker", "data": None})
@@ -472,7 +472,7 @@ async def test_sub_and_unsub_frames(hub: Dispatcher, connect: Connect) -> None:
 async def test_subscriptions_end_with_the_connection(hub: Dispatcher, connect: Connect) -> None:
     b1 = await connect(hub, "b", subs=["k"])
     await go_offline(hub, b1, "b")
-    assert hub.events.subscriptions("b") == set()
+    assert hub._events.subscriptions("b") == set()
     a = await connect(hub, "a")
     await a.send({"t": "emit", "key": "k", "data": 1})
     b2 = await connect(hub, "b")  # no subs this time: nothing was queued for it
@@ -652,7 +652,7 @@ async def test_emit_flood_stays_bounded_and_commands_still_run(
     await bounded(flooding, "the flood to be sent")
     assert await bounded(events, "the subscriber's events") == list(range(n))
     assert await bounded(errors, "the refusals") == n - limit
-    assert hub.events.dropped == n - limit
+    assert hub._events.dropped == n - limit
 
     ghost = await connect(hub, "ghost")
     got = [(await ghost.recv_type("event"))["data"] for _ in range(limit)]

@@ -53,7 +53,7 @@ async def write(agent: RawAgent, data: bytes) -> None:
 
 
 def hub_connection(hub: Dispatcher, agent_id: str) -> AgentConnection:
-    session: Any = hub.session_of(agent_id)
+    session: Any = hub._connections.get(agent_id)
     assert session is not None
     ws = session.ws
     assert isinstance(ws, AgentConnection)
@@ -109,7 +109,7 @@ async def test_a_mixed_stream_in_one_write(make_hub: HubFactory) -> None:
     await write(agent, masked(0x8, struct.pack("!H", 1000) + b"bye"))
     code, _ = await agent.closed()
     assert code == 1000
-    await wait_for(lambda: hub.session_of("mixed") is None, what="the agent to leave")
+    await wait_for(lambda: hub._connections.get("mixed") is None, what="the agent to leave")
 
 
 async def test_frames_cut_at_every_byte(make_hub: HubFactory) -> None:
@@ -195,7 +195,7 @@ async def test_nothing_after_a_close_frame_is_applied(make_hub: HubFactory) -> N
     await write(agent, masked(0x8, struct.pack("!H", 1000) + b"bye")
                 + binary({"t": "result", "id": cmd["id"], "data": "after close"}))
     assert (await agent.closed())[0] == 1000
-    await wait_for(lambda: hub.session_of("closer") is None, what="the agent to leave")
+    await wait_for(lambda: hub._connections.get("closer") is None, what="the agent to leave")
     stored = await hub.get_command(handle.id)
     assert stored is not None and stored.status != "COMPLETE"
 
@@ -218,7 +218,7 @@ async def test_nothing_after_a_protocol_error_is_applied(make_hub: HubFactory,
         stream = masked(0x2, first[:2], fin=False) + result + masked(0x0, first[2:])
     await write(agent, stream)
     assert (await agent.closed())[0] == 1002
-    await wait_for(lambda: hub.session_of("broken") is None, what="the agent to leave")
+    await wait_for(lambda: hub._connections.get("broken") is None, what="the agent to leave")
     stored = await hub.get_command(handle.id)
     assert stored is not None and stored.status != "COMPLETE"
 

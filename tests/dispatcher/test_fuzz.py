@@ -320,12 +320,12 @@ async def run_example(pre: list[bytes | str], post: list[bytes | str]) -> None:
             # Once the hostile connections are gone, nothing of theirs is left.
             await evil.close()
             await probe.close()
-            await wait_for(lambda: hub.connected_ids() == ["good"],
+            await wait_for(lambda: hub._connections.ids() == ["good"],
                            what="the hostile connections to be gone")
             await wait_for(lambda: len(asyncio.all_tasks()) <= baseline,
                            what=f"the task count to settle back to {baseline}")
-            await wait_for(lambda: not hub.waiting_ids(), what="no command left waiting")
-            assert hub.session_of("good") is not None
+            await wait_for(lambda: not hub._commands.waiting_ids(), what="no command left waiting")
+            assert hub._connections.get("good") is not None
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
     failures = [e for e in logs if e.get("log_level") in ("error", "critical")]
@@ -492,7 +492,7 @@ async def test_a_flood_from_one_source_leaves_another_agents_latency_close_to_no
         assert p50["during"] < max(20 * p50["before"], 0.050), summary
         assert max(during) < 1.0, summary
         assert p50["after"] < max(5 * p50["before"], 0.010), summary
-        assert hub.session_of("good") is not None
+        assert hub._connections.get("good") is not None
 
 
 async def test_a_burst_from_one_connection_is_handled_in_slices() -> None:

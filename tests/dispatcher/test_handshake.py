@@ -250,7 +250,7 @@ async def test_second_connection_replaces_the_first(hub: Dispatcher) -> None:
 
     # Commands now go to the new connection, and the old one's end is not
     # reported a second time.
-    session = hub.session_of("a1")
+    session = hub._connections.get("a1")
     assert session is not None
     assert session.session_id == w_new["session"]
     await round_trip(hub, new, "a1", "to the new one")
@@ -356,7 +356,7 @@ async def test_oversized_hello_is_closed_with_1009(make_hub: HubFactory) -> None
                       "meta": {"junk": "x" * 8192}})
     code, _ = await agent.closed()
     assert code == 1009
-    assert hub.session_of("a1") is None
+    assert hub._connections.get("a1") is None
     events.assert_none()
 
 
@@ -390,11 +390,11 @@ async def test_silent_agent_is_dropped_within_two_heartbeats(make_hub: HubFactor
         check_info(info, hub, "silent", welcome["session"], {"via": "proxy"}, since)
         assert isinstance(reason, str)
         assert reason not in ("", "replaced", "closed")
-        assert hub.session_of("silent") is None
+        assert hub._connections.get("silent") is None
 
         # An agent that answers pings is kept, however long it says nothing.
         await healthy.expect_silence(max(0.0, healthy_since + 3 * heartbeat - loop.time()))
-        assert hub.session_of("healthy") is not None
+        assert hub._connections.get("healthy") is not None
         await round_trip(hub, healthy, "healthy", "alive")
         events.assert_none()
     finally:

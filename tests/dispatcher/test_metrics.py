@@ -62,7 +62,7 @@ async def _worker(hub: Dispatcher, make_agent: Callable[..., Agent], agent_id: s
 
     await agent.start()
     await agent.wait_connected(WAIT)
-    await wait_for(lambda: hub.session_of(agent_id) is not None, what="attach")
+    await wait_for(lambda: hub._connections.get(agent_id) is not None, what="attach")
     return agent
 
 
@@ -141,7 +141,7 @@ async def test_invalid_frames_and_queue_depths(make_hub: HubFactory) -> None:
     waiting = hub.execute_on_agent("away", "echo", timeout=30)
     await waiting.submitted()
     emit = asyncio.ensure_future(hub.emit_to("away", "hello", timeout=30))
-    await wait_for(lambda: len(hub.events._waiting) == 1, what="the event to wait")
+    await wait_for(lambda: len(hub._events._waiting) == 1, what="the event to wait")
     s = await scrape(hub)
     assert value(s, "dispatcher_frames_in_total", type="invalid") == 1
     assert value(s, "dispatcher_commands_waiting") == 1
@@ -196,7 +196,7 @@ async def test_cluster_messages_are_counted(redis_url: str, prefix: str) -> None
 
     async with Dispatcher(config()) as origin, Dispatcher(config()) as home:
         agent, _ = await RawAgent.hello(ws_url(home), "far")
-        await wait_for(lambda: home.session_of("far") is not None, what="attach")
+        await wait_for(lambda: home._connections.get("far") is not None, what="attach")
         handle = origin.execute_on_agent("far", "work", timeout=WAIT)
         cmd = await agent.recv_type("cmd")
         await agent.send({"t": "result", "id": cmd["id"], "data": 7})

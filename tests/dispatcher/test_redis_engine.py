@@ -160,7 +160,7 @@ async def test_outage_fails_fast_reports_once_and_recovers(hubs: list[Dispatcher
             with pytest.raises(StoreUnavailable):
                 await handle
     assert len(outages) == 1  # once per outage, not once per call
-    assert hub.session_of("steady") is not None  # agents stay connected
+    assert hub._connections.get("steady") is not None  # agents stay connected
     async with aiohttp.ClientSession() as http, http.get(health) as resp:
         assert resp.status == 503
         assert (await resp.json())["status"] == "store_unavailable"

@@ -174,7 +174,7 @@ async def test_each_agent_is_admitted_with_its_own_token_only(
 
     # No refused hello disturbed the agent already connected under that id.
     assert not gone.seen("a1")
-    session = hub.session_of("a1")
+    session = hub._connections.get("a1")
     assert session is not None and session.session_id == welcome["session"]
     await round_trip(hub, a1, "a1", "still the same connection")
     a2, _ = await RawAgent.hello(ws_url(hub), "a2", token=token_of("a2"))
@@ -499,7 +499,7 @@ async def test_frame_rate_limit_answers_rate_limited_then_closes_1008(
     assert await gone.reason("flooder") == "policy_violation"
     # The other connection never noticed.
     await round_trip(hub, calm, "calm", "unaffected")
-    assert hub.session_of("calm") is not None
+    assert hub._connections.get("calm") is not None
 
 
 async def test_a_burst_over_the_frame_rate_that_ends_is_forgiven(
@@ -585,7 +585,7 @@ async def test_a_reader_that_does_not_read_is_disconnected(memory_hub: MemoryHub
         assert broadcasts < 400, f"not disconnected after {broadcasts} broadcasts (peak {peak})"
         await hub.broadcast("blob", blob)
         broadcasts += 1
-        session = hub.session_of("sloth")
+        session = hub._connections.get("sloth")
         if session is not None:
             assert isinstance(session, WsSession)
             peak = max(peak, session.buffered())
@@ -595,16 +595,16 @@ async def test_a_reader_that_does_not_read_is_disconnected(memory_hub: MemoryHub
     assert await gone.reason("sloth") == "send_buffer_overflow"
     # Memory for the sloth never grew past the bound plus the frame that crossed it.
     assert peak <= limit + frame_size, (peak, limit)
-    assert hub.session_of("sloth") is None
+    assert hub._connections.get("sloth") is None
     assert b'reason="send_buffer_overflow"' in hub.metrics.render()
 
     # Later broadcasts hold nothing for it; the reader still gets every one.
     for _ in range(20):
         await hub.broadcast("blob", blob)
         assert (await reader.recv_type("event"))["data"] == blob
-        sessions = [hub.session_of(agent_id) for agent_id in hub.connected_ids()]
+        sessions = [hub._connections.get(agent_id) for agent_id in hub._connections.ids()]
         assert sum(s.buffered() for s in sessions if isinstance(s, WsSession)) <= limit
-    assert hub.connected_ids() == ["reader"]
+    assert hub._connections.ids() == ["reader"]
     await round_trip(hub, reader, "reader", "fine")
     sloth.ws.transport.abort()  # its side; the hub's side is long gone
 
@@ -695,7 +695,7 @@ async def test_an_agent_cannot_emit_reserved_keys(make_hub: HubFactory, key: str
     await listener.expect_silence(0.1)
     # Only the hub raised it (with an AgentInfo), never the agent (data, sender).
     assert all(isinstance(args[0], AgentInfo) for args in raised), raised
-    assert hub.session_of("mallory") is not None  # refused, not disconnected
+    assert hub._connections.get("mallory") is not None  # refused, not disconnected
 
 
 async def test_an_agent_cannot_take_another_agents_session(memory_hub: MemoryHubFactory) -> None:

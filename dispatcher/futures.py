@@ -1,0 +1,48 @@
+"""Futures as the store's one calling convention, and continuing after them.
+
+Every store method returns an :class:`asyncio.Future`: the Redis engine's
+resolves when its pipelined reply is read, the in-memory engine's is already
+finished when returned. The hub core continues after a store call with
+:func:`then`, never by asking which engine it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["failed", "resolved", "then"]
+
+T = TypeVar("T")
+
+
+def then(fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]) -> None:
+    """Call ``fn(fut)`` once ``fut`` is done.
+
+    The one shortcut of the command path (benchmark rows "roundtrip 100x10" and
+    "1x1 p50" of the in-memory engine): a future that is already finished, as
+    the in-memory engine's always are, continues at once instead of one
+    event-loop turn later through ``add_done_callback``. Same order either
+    way: nothing else of this command can run in between.
+    """
+    if fut.done():
+        fn(fut)
+    else:
+        fut.add_done_callback(fn)
+
+
+def resolved(loop: asyncio.AbstractEventLoop, value: T) -> asyncio.Future[T]:
+    """A future that already holds ``value``."""
+    fut: asyncio.Future[T] = loop.create_future()
+    fut.set_result(value)
+    return fut
+
+
+def failed(loop: asyncio.AbstractEventLoop, exc: BaseException) -> asyncio.Future[Any]:
+    """A future that already holds ``exc``, marked retrieved: a caller that never
+    awaits it (fire and forget) leaves no "never retrieved" log behind."""
+    fut: asyncio.Future[Any] = loop.create_future()
+    fut.set_exception(exc)
+    fut.exception()
+    return fut

@@ -229,14 +229,13 @@ class RedisStore(Store):
             if left:
                 log.warning("store_close_tasks_left", url=_safe_url(self.url),
                             tasks=sorted(t.get_name() for t in left))
-        try:
-            async with asyncio.timeout(_CLOSE_WAIT):
-                await self._drop_connection()
-            async with asyncio.timeout(_CLOSE_WAIT):
-                await self._pool.disconnect()
-        except _UNAVAILABLE as exc:  # TimeoutError included: the sockets are dropped anyway
-            log.warning("store_close_disconnect_failed", url=_safe_url(self.url),
-                        error=str(exc) or type(exc).__name__)
+        for step in (self._drop_connection, self._pool.disconnect):
+            try:
+                async with asyncio.timeout(_CLOSE_WAIT):
+                    await step()
+            except _UNAVAILABLE as exc:  # TimeoutError included: give up on that socket
+                log.warning("store_close_disconnect_failed", url=_safe_url(self.url),
+                            error=str(exc) or type(exc).__name__)
 
     def _fail_waiting(self, err: StoreUnavailable) -> None:
         """Every operation not answered yet (sent, being written, queued) fails now."""

@@ -55,6 +55,9 @@ class HubConfig:
     bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
     bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
+    # Redis engine (docs/redis.md)
+    redis_fast_path: bool = True  # read replies straight from hiredis when the check allows
+    redis_max_queued: int = 100_000  # operations waiting for a write; more fail at once
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
@@ -66,6 +69,8 @@ class HubConfig:
             raise ValueError("HubConfig.max_retained must be 0 or more")
         if self.max_frame < 1024:
             raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
+        if self.redis_max_queued < 1:
+            raise ValueError("HubConfig.redis_max_queued must be at least 1")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):
             raise ValueError("HubConfig.prefix must be a non-empty word")
 
@@ -97,7 +102,19 @@ class HubConfig:
         return cls(**values)
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _convert(name: str, type_name: str, raw: str) -> Any:
+    if type_name == "bool":
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ValueError(f"DISPATCHER_{name.upper()}={raw!r} is not a boolean "
+                         "(use 0/1, true/false, yes/no or on/off)")
     try:
         if type_name.startswith("int"):
             return int(raw)

@@ -50,7 +50,9 @@ def make_store(config: HubConfig) -> Store:
 
         return RedisStore(config.redis_url, prefix=config.prefix, retention=config.retention,
                           probe_interval=config.bus_probe_interval,
-                          probe_timeout=config.bus_probe_timeout)
+                          probe_timeout=config.bus_probe_timeout,
+                          fast_path=config.redis_fast_path,
+                          max_queued=config.redis_max_queued)
     return MemoryStore(retention=config.retention, max_retained=config.max_retained)
 
 

@@ -11,7 +11,7 @@ import pytest
 from agent_client import Agent
 from dispatcher import Dispatcher, HubConfig
 
-from .support import RedisProcess, external_redis_url
+from .support import RedisProcess, external_redis_url, redis_fast_path
 
 HubFactory = Callable[..., Awaitable[Dispatcher]]
 
@@ -65,6 +65,7 @@ async def make_hub(
                                    "hello_timeout": 5.0, "prefix": prefix}
         if engine == "redis" and "redis_url" not in overrides:
             options["redis_url"] = request.getfixturevalue("redis_url")
+        options["redis_fast_path"] = redis_fast_path()
         options.update(overrides)
         hub = Dispatcher(HubConfig(**options))
         await hub.listen()
@@ -104,6 +105,11 @@ async def make_agent() -> AsyncIterator[Callable[..., Agent]]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not redis_fast_path():
+        # Hubs configured from the environment (CLI subprocesses) follow the switch too.
+        import os
+
+        os.environ["DISPATCHER_REDIS_FAST_PATH"] = "0"
     # Library code logs through structlog's defaults; keep test output at info.
     import logging
 

@@ -241,6 +241,13 @@ class RedisProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def redis_fast_path() -> bool:
+    """``DISPATCHER_TEST_REDIS_FAST_PATH=0`` runs the suite's Redis stores and hubs with
+    redis-py's public reply reader instead of the fast one (CI runs both ways)."""
+    raw = os.environ.get("DISPATCHER_TEST_REDIS_FAST_PATH", "1").strip().lower()
+    return raw not in ("0", "false", "no", "off")
+
+
 def external_redis_url() -> str | None:
     """DISPATCHER_TEST_REDIS_URL points the suite at a Redis it did not start."""
     return os.environ.get("DISPATCHER_TEST_REDIS_URL") or None
@@ -262,4 +269,4 @@ async def wait_for(predicate: Any, timeout: float = WAIT, what: str = "condition
 
 
 __all__ = ["WAIT", "P", "RawAgent", "RedisProcess", "TcpProxy", "external_redis_url",
-           "free_port", "pack", "redis_server_binary", "wait_for"]
+           "free_port", "pack", "redis_fast_path", "redis_server_binary", "wait_for"]

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import structlog
-from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -45,6 +44,8 @@ from ..futures import resolved
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
 from .redis_bus import RedisBus
+from .redis_fastpath import ReplyReader, read_replies, read_replies_public
+from .redis_fastpath import check as fast_path_check
 from .redis_url import make_pool
 from .scripts import SCRIPTS
 
@@ -55,10 +56,20 @@ log = structlog.get_logger(__name__)
 HealthListener = Callable[[bool, BaseException | None], None]
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+# Operations per pipelined write. Past a few hundred the per-write cost is
+# already negligible per operation, while a larger write only delays the
+# first replies in it and grows one buffer; not a tuning knob.
 _MAX_BATCH = 1024
-_MAX_BATCHES_IN_FLIGHT = 32  # written, replies not read yet (bounds memory and latency)
-# Operations waiting for a write; beyond this, calls fail at once.
-MAX_QUEUED = 100_000
+# Batches written whose replies are not read yet: bounds the memory held for
+# them and the latency a new batch queues behind (32 x 1024 operations is far
+# beyond what one hub's event loop produces in a round trip).
+_MAX_BATCHES_IN_FLIGHT = 32
+# The default bound of operations waiting for a write (``max_queued``).
+DEFAULT_MAX_QUEUED = 100_000
+# Bound of each wait in close(): cancelled tasks end within a loop turn or two,
+# and closing sockets is local work. Generous for a loaded machine, and well
+# inside a hub's drain_timeout (10 s by default).
+_CLOSE_WAIT = 2.0
 _PACKED_DROPPED = pack(DROPPED_RESULT)
 _REJECTIONS = {
     0: "no command {id!r}",
@@ -97,7 +108,11 @@ class RedisStore(Store):
         reconnect_interval: float = 0.5,
         probe_interval: float = 2.0,
         probe_timeout: float = 5.0,
+        fast_path: bool = True,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
+        if max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
         self.url = url
         self.prefix = prefix
         self._retention_ms = str(int(retention * 1000))
@@ -119,6 +134,13 @@ class RedisStore(Store):
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
         self._sha_bytes = {name: sha.encode() for name, sha in self._sha.items()}
         self._queue: list[_Op] = []
+        # Operations waiting for a write; beyond this, calls fail at once.
+        self._max_queued = max_queued
+        # Replies are read by redis_fastpath.read_replies when start() finds it
+        # usable and ``fast_path`` allows it, else through redis-py's public API.
+        self._fast_path_allowed = fast_path
+        self.fast_path = False  # whether the fast reader is in use (set by start)
+        self._read_replies: ReplyReader = read_replies_public
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -134,6 +156,9 @@ class RedisStore(Store):
         self._healthy = True
         self._listener: HealthListener | None = None
         self._closed = False
+        # Why calls fail at once without being queued: the store is closed, or
+        # its writer or reader task ended (see _task_ended). One check per call.
+        self._refusal: str | None = None
         # Counters for tests and metrics: pipelined writes and operations sent,
         # operations failed (StoreUnavailable), outages begun.
         self.round_trips = 0
@@ -157,9 +182,12 @@ class RedisStore(Store):
         self._listener = listener
 
     async def start(self) -> None:
+        self._choose_reader()
         loop = asyncio.get_running_loop()
         self._runner = loop.create_task(self._run(), name="redis-writer")
         self._reader = loop.create_task(self._read(), name="redis-reader")
+        self._runner.add_done_callback(self._task_ended)
+        self._reader.add_done_callback(self._task_ended)
         try:
             conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
             async with asyncio.timeout(self._op_timeout):
@@ -174,22 +202,70 @@ class RedisStore(Store):
             # reconnects by itself (the probe is already running).
             log.warning("store_unavailable_at_start", url=_safe_url(self.url))
 
+    def _choose_reader(self) -> None:
+        if self._fast_path_allowed:
+            support = fast_path_check()
+            enabled, reason = support.enabled, support.reason
+        else:
+            enabled, reason = False, "turned off (redis_fast_path=False)"
+        self.fast_path = enabled
+        self._read_replies = read_replies if enabled else read_replies_public
+        log.info("redis_fast_path", enabled=enabled, reason=reason, url=_safe_url(self.url))
+
     async def close(self) -> None:
+        """Fail what is waiting, end the tasks, drop the connections; bounded.
+
+        Safe while the event loop shuts down (``asyncio.run`` cancels every
+        task at exit, the store's own included): every operation still waiting
+        fails with StoreUnavailable before the first await, and each wait after
+        that has a timeout, none on a task that may be gone already.
+        """
         if self._closed:
             return
         self._closed = True
+        self._refusal = "the store is closed"
         tasks = [t for t in (self._runner, self._reader, self._probe, *self._side_tasks)
-                 if t is not None]
+                 if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        writing = self._writing or []
-        for op in [op for batch, _, _ in self._sent for op in batch] + self._queue + writing:
+        self._fail_waiting(StoreUnavailable("the store is closed"))
+        if tasks:
+            _, left = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            if left:
+                log.warning("store_close_tasks_left", url=_safe_url(self.url),
+                            tasks=sorted(t.get_name() for t in left))
+        for step in (self._drop_connection, self._pool.disconnect):
+            try:
+                async with asyncio.timeout(_CLOSE_WAIT):
+                    await step()
+            except _UNAVAILABLE as exc:  # TimeoutError included: give up on that socket
+                log.warning("store_close_disconnect_failed", url=_safe_url(self.url),
+                            error=str(exc) or type(exc).__name__)
+
+    def _fail_waiting(self, err: StoreUnavailable) -> None:
+        """Every operation not answered yet (sent, being written, queued) fails now."""
+        ops = [op for batch, _, _ in self._sent for op in batch] + (self._writing or [])
+        ops += self._queue
+        self._sent.clear()
+        self._writing = None
+        self._queue = []
+        self._room.set()
+        for op in ops:
             if not op.future.done():
-                op.future.set_exception(StoreUnavailable("the store is closed"))
-        self._queue.clear()
-        await self._drop_connection()
-        await self._pool.disconnect()
+                op.future.set_exception(err)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """The writer or the reader ended. Unless close() ended it, the event loop
+        is shutting down (``asyncio.run`` cancels every task at exit) or it failed:
+        nothing would answer an operation any more, so everything waiting fails
+        and every later call fails at once (instead of waiting forever)."""
+        if self._closed:
+            return
+        self._refusal = f"the store's {task.get_name()} task ended (event loop shutting down?)"
+        error = None if task.cancelled() else task.exception()
+        log.warning("store_task_ended", url=_safe_url(self.url), task=task.get_name(),
+                    error=None if error is None else repr(error))
+        self._fail_waiting(StoreUnavailable(self._refusal))
 
     def ping(self) -> asyncio.Future[None]:
         return self._call(None, ("PING",), _nothing)
@@ -203,12 +279,12 @@ class RedisStore(Store):
             # Cached: on Python 3.11 get_running_loop() costs a getpid() system call.
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        if self._closed:
-            fut.set_exception(StoreUnavailable("the store is closed"))
+        if self._refusal is not None:
+            fut.set_exception(StoreUnavailable(self._refusal))
         elif not self._healthy:
             self.errors += 1
             fut.set_exception(StoreUnavailable("Redis is unreachable (reconnecting)"))
-        elif len(self._queue) >= MAX_QUEUED:
+        elif len(self._queue) >= self._max_queued:
             # Bounded: a Redis slower than the hub's callers fails them fast
             # instead of growing the hub's memory without limit.
             self.errors += 1
@@ -239,11 +315,11 @@ class RedisStore(Store):
                     # The probe owns reconnecting: nothing is written meanwhile.
                     self._fail_ops(batch, StoreUnavailable("Redis is unreachable (reconnecting)"))
                     continue
+                # Cleared only when the write is done: a writer cancelled
+                # mid-write leaves the batch for close() or _task_ended to fail.
                 self._writing = batch
-                try:
-                    await self._write(batch)
-                finally:
-                    self._writing = None
+                await self._write(batch)
+                self._writing = None
 
     def _command(self, op: _Op) -> tuple[Any, ...]:
         if op.script is None:
@@ -279,7 +355,7 @@ class RedisStore(Store):
                 batch, start, conn = self._sent[0]
                 try:
                     async with asyncio.timeout(self._op_timeout):
-                        results = await _read_replies(conn, len(batch))
+                        results = await self._read_replies(conn, len(batch))
                 except Exception as exc:  # the connection is no longer trustworthy
                     await self._fail_all(exc)
                     break
@@ -338,8 +414,10 @@ class RedisStore(Store):
         self._queue = []
         self._room.set()
         self._mark_unhealthy(exc)
-        await self._drop_connection()
+        # Failed before the await: a task cancelled while dropping the
+        # connection must not leave these waiting forever.
         self._fail_ops(ops, StoreUnavailable(f"Redis is unreachable: {exc}"))
+        await self._drop_connection()
 
     async def _load_scripts(self, conn: AbstractConnection) -> None:
         for src in SCRIPTS.values():
@@ -354,7 +432,7 @@ class RedisStore(Store):
 
     # -- health ---------------------------------------------------------------
     def _mark_unhealthy(self, exc: BaseException) -> None:
-        if not self._healthy or self._closed:
+        if not self._healthy or self._refusal is not None:
             return
         self._healthy = False
         self.outages += 1
@@ -671,48 +749,6 @@ def _resp_python(commands: list[tuple[Any, ...]]) -> bytes:
             push(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
 
-
-async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
-    """The next ``count`` replies on ``conn``; a command's error reply is returned as its
-    ``ResponseError`` (the connection is still in sync), anything else raises.
-
-    With hiredis, replies already received are taken straight from its reader,
-    waiting only for more bytes: redis-py's ``read_response`` costs about a
-    microsecond of coroutines, timeouts and messages per reply, and the engine
-    reads two replies per command. The whole batch runs under the caller's timeout.
-    """
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None) if isinstance(parser, _AsyncHiredisParser) \
-        else None
-    results: list[Any] = []
-    if reader is None or parser is None:
-        for _ in range(count):
-            try:
-                results.append(await conn.read_response())
-            except ResponseError as exc:  # one command's; still in sync
-                results.append(exc)
-        return results
-    gets, more = reader.gets, parser.read_from_socket
-    for _ in range(count):
-        reply = gets()
-        while reply is _NOT_ENOUGH_DATA:
-            await more()
-            reply = gets()
-        if isinstance(reply, RedisConnectionError):
-            raise reply
-        if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
-            raise reply[0]  # as redis-py's parser does
-        results.append(reply)
-    return results
-
-
-# What redis-py's hiredis reader returns for "not a whole reply yet": its own
-# sentinel in recent releases, hiredis' default (False) in older ones.
-_NOT_ENOUGH_DATA: object
-try:
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - redis-py before the sentinel
-    _NOT_ENOUGH_DATA = False
 
 _pack_command: Callable[[tuple[Any, ...]], bytes] | None
 try:

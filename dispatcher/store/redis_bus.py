@@ -37,6 +37,10 @@ log = structlog.get_logger(__name__)
 
 MessageHandler = Callable[[str, Any], None]
 
+# Bound of the wait in close(): cancelled tasks end within a loop turn or two
+# (a listener's last step closes its sockets, bounded by the connect timeout).
+_CLOSE_WAIT = 2.0
+
 
 class RedisBus:
     """Subscribes one hub to its channels; ``deaf`` is True while messages do not flow."""
@@ -61,6 +65,8 @@ class RedisBus:
         self._on_subscribed: Callable[[bool], None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
+        # Listeners replaced by _restart_listener, until they have ended.
+        self._replaced: set[asyncio.Task[None]] = set()
         self._nonce = os.urandom(6).hex()
         self._probe_seq = 0
         self._last_probe_seen = time.monotonic()
@@ -88,11 +94,17 @@ class RedisBus:
             await asyncio.wait_for(self._subscribed.wait(), 5.0)
 
     async def close(self) -> None:
+        """End the listener and the prober; bounded, and safe while the event loop
+        shuts down (the tasks may be cancelled or done already)."""
         self._closed = True
-        tasks = [t for t in (self._listener, self._prober) if t is not None]
+        tasks = [t for t in (self._listener, self._prober, *self._replaced)
+                 if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, left = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            if left:
+                log.warning("bus_close_tasks_left", tasks=sorted(t.get_name() for t in left))
 
     # -- listening ---------------------------------------------------------------
     async def _listen_forever(self) -> None:
@@ -168,5 +180,8 @@ class RedisBus:
     def _restart_listener(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
+            if not self._listener.done():
+                self._replaced.add(self._listener)
+                self._listener.add_done_callback(self._replaced.discard)
         self._listener = asyncio.get_running_loop().create_task(
             self._listen_forever(), name="bus-listener")

@@ -22,7 +22,7 @@ from dispatcher import Dispatcher, HubConfig
 from dispatcher.admin import ROUTES, jsonable, openapi_document
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RedisProcess, wait_for
+from ..support import WAIT, RedisProcess, redis_fast_path, wait_for
 
 TOKEN = "admin-s3cret"
 
@@ -423,7 +423,8 @@ async def test_store_outage_answers_503_not_500(http: aiohttp.ClientSession, pre
     redis = RedisProcess()
     redis.start()
     try:
-        config = HubConfig(port=0, admin_port=0, redis_url=redis.url, prefix=prefix)
+        config = HubConfig(port=0, admin_port=0, redis_url=redis.url, prefix=prefix,
+                           redis_fast_path=redis_fast_path())
         async with Dispatcher(config) as hub:
             api = Api(http, hub, None)
             assert (await api.get("/agents"))[0] == 200

@@ -28,6 +28,7 @@ from ..support import (
     TcpProxy,
     external_redis_url,
     free_port,
+    redis_fast_path,
     wait_for,
 )
 
@@ -48,7 +49,8 @@ async def cluster(redis_url: str, prefix: str) -> AsyncIterator[Any]:
         started = []
         for _ in range(n):
             options: dict[str, Any] = {"port": 0, "admin_port": 0, "prefix": prefix,
-                                       "redis_url": redis or redis_url, **FAST, **overrides}
+                                       "redis_url": redis or redis_url, **FAST,
+                                       "redis_fast_path": redis_fast_path(), **overrides}
             hub = Dispatcher(HubConfig(**options))
             await hub.listen()
             hubs.append(hub)

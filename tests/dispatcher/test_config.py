@@ -27,3 +27,23 @@ def test_bad_values_are_refused(field: str, value: object) -> None:
 def test_bad_number_in_environment_names_the_variable() -> None:
     with pytest.raises(ValueError, match="DISPATCHER_PORT"):
         HubConfig.from_env({"DISPATCHER_PORT": "eighty"})
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("0", False), ("false", False), ("No", False), ("off", False),
+    ("1", True), ("TRUE", True), ("yes", True), (" on ", True),
+])
+def test_booleans_in_environment(raw: str, expected: bool) -> None:
+    config = HubConfig.from_env({"DISPATCHER_REDIS_FAST_PATH": raw})
+    assert config.redis_fast_path is expected
+
+
+def test_bad_boolean_in_environment_names_the_variable_and_the_words() -> None:
+    with pytest.raises(ValueError, match=r"DISPATCHER_REDIS_FAST_PATH='maybe'.*0/1"):
+        HubConfig.from_env({"DISPATCHER_REDIS_FAST_PATH": "maybe"})
+
+
+def test_redis_max_queued_is_checked() -> None:
+    assert HubConfig.from_env({"DISPATCHER_REDIS_MAX_QUEUED": "50"}).redis_max_queued == 50
+    with pytest.raises(ValueError, match="redis_max_queued"):
+        HubConfig(redis_max_queued=0)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from dispatcher import Dispatcher, HubConfig, StoreUnavailable
 from dispatcher.store.redis import RedisStore, _resp, _resp_python
 
-from ..support import RawAgent, RedisProcess, external_redis_url, wait_for
+from ..support import RawAgent, RedisProcess, external_redis_url, redis_fast_path, wait_for
 
 
 def url(hub: Dispatcher) -> str:
@@ -30,7 +30,8 @@ async def hubs(redis_url: str, prefix: str) -> AsyncIterator[list[Dispatcher]]:
 
 async def start_hub(hubs: list[Dispatcher], redis_url: str, prefix: str, **kw: object) -> Dispatcher:
     options: dict[str, object] = {"port": 0, "admin_port": 0, "redis_url": redis_url,
-                                  "prefix": prefix, "heartbeat": 5.0}
+                                  "prefix": prefix, "heartbeat": 5.0,
+                                  "redis_fast_path": redis_fast_path()}
     options.update(kw)
     hub = Dispatcher(HubConfig(**options))  # type: ignore[arg-type]
     await hub.listen()
@@ -63,7 +64,7 @@ async def test_restarted_hub_delivers_and_records(hubs: list[Dispatcher], redis_
     await wait_for(stored, what="the result to be stored")
     await agent.close()
     # Readable by anyone on the same Redis, the submitting hub long gone.
-    reader = RedisStore(redis_url, prefix=prefix)
+    reader = RedisStore(redis_url, prefix=prefix, fast_path=redis_fast_path())
     await reader.start()
     try:
         info = await reader.get_command(handle.id)
@@ -220,7 +221,7 @@ async def test_sentinel_url_finds_the_primary(hubs: list[Dispatcher], private_re
         await agent.send({"t": "result", "id": frame["id"], "data": "hi"})
         assert await handle == "hi"
         # The command really is in the primary behind the Sentinel.
-        direct = RedisStore(private_redis.url, prefix=prefix)
+        direct = RedisStore(private_redis.url, prefix=prefix, fast_path=redis_fast_path())
         await direct.start()
         try:
             info = await direct.get_command(handle.id)

@@ -15,7 +15,7 @@ from dispatcher.store.base import Store
 from dispatcher.store.memory import MemoryStore
 from dispatcher.store.redis import RedisStore
 
-from ...support import wait_for
+from ...support import redis_fast_path, wait_for
 
 NOW = int(time.time() * 1000)  # the stores expire COMPLETE commands by wall clock
 
@@ -25,7 +25,8 @@ async def store(request: pytest.FixtureRequest, engine: str, prefix: str) -> Asy
     retention = getattr(request, "param", 3600.0)
     s: Store
     if engine == "redis":
-        s = RedisStore(request.getfixturevalue("redis_url"), prefix=prefix, retention=retention)
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=prefix, retention=retention,
+                       fast_path=redis_fast_path())
     else:
         s = MemoryStore(retention=retention)
     await s.start()
@@ -213,15 +214,12 @@ async def test_returned_records_are_copies(store: Store) -> None:
     assert again is not None and again.status == "PENDING"
 
 
-async def test_redis_queue_is_bounded(redis_url: str, prefix: str,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_redis_queue_is_bounded(redis_url: str, prefix: str) -> None:
     """Operations waiting for the next pipelined write are bounded: past the bound
     a call fails at once with StoreUnavailable instead of growing memory."""
     from dispatcher.errors import StoreUnavailable
-    from dispatcher.store import redis as redis_store
 
-    monkeypatch.setattr(redis_store, "MAX_QUEUED", 2)
-    store = RedisStore(redis_url, prefix=prefix)
+    store = RedisStore(redis_url, prefix=prefix, max_queued=2, fast_path=redis_fast_path())
     await store.start()
     try:
         # Three calls queued in the same loop turn, before the writer runs.

@@ -83,19 +83,20 @@ async def test_replies_and_one_failed_command_in_a_batch(
     assert (await store.create_command(info)).created
     client = aioredis.from_url(redis_url)
     try:
-        await client.set(f"{prefix}:agent:bad:pending", "not a zset")  # ZCARD: -WRONGTYPE
+        await client.set(f"{prefix}:agent:bad:pending", "not a zset")  # ZRANGE: WRONGTYPE
     finally:
         await client.aclose()
     before = store.round_trips
-    got, bad, count, missing = await asyncio.gather(
-        store.get_command("c1"), store.count_pending("bad"), store.count_pending("a1"),
+    got, bad, pending, missing = await asyncio.gather(
+        store.get_command("c1"), store.list_pending("bad"), store.list_pending("a1"),
         store.get_command("nope"), return_exceptions=True)
     assert store.round_trips == before + 1  # one pipelined write
     assert isinstance(bad, StoreUnavailable) and "WRONGTYPE" in str(bad)
     assert isinstance(got, CommandInfo) and got.payload == {"n": [1, b"\x00"]}
-    assert (count, missing) == (1, None)
+    assert isinstance(pending, list) and [c.id for c in pending] == ["c1"]
+    assert missing is None
     assert store.healthy and store.errors == 1
-    assert await store.count_pending("a1") == 1  # still in sync
+    assert [c.id for c in await store.list_pending("a1")] == ["c1"]  # still in sync
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "public"])

@@ -35,8 +35,8 @@ class CommandFailed(DispatcherError):
         self.data = data
 
 
-class CommandTimeout(DispatcherError):
-    """The command's deadline passed before the agent answered."""
+class CommandTimeout(DispatcherError, TimeoutError):
+    """The command's deadline passed before the agent answered (also a ``TimeoutError``)."""
 
 
 class CommandCancelled(DispatcherError):

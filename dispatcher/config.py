@@ -14,7 +14,7 @@ __all__ = ["HubConfig"]
 MiB = 1024 * 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class HubConfig:
     """Settings of one hub. Times are seconds, sizes bytes.
 

@@ -1,4 +1,26 @@
-"""Exceptions the hub raises to the programs that embed it."""
+"""Exceptions the hub raises to the programs that embed it.
+
+Every one is a :class:`DispatcherError`; where Python has a matching built-in
+kind, it is that too, so ``except TimeoutError`` or ``except ConnectionError``
+in a caller's code does what it says::
+
+    Exception
+    └── DispatcherError
+        ├── CommandFailed           the agent answered ``fail`` (.code, .message, .data)
+        ├── CommandTimeout          + TimeoutError: the deadline passed
+        ├── CommandCancelled        cancelled by its caller, an operator, or a drop
+        ├── AgentOffline            require_online, or a routed call's target is away
+        ├── DeliveryTimeout         + TimeoutError: emit_to got no receipt (.pending)
+        ├── StoreUnavailable        + ConnectionError: the store cannot be reached
+        ├── UnknownCommand          + LookupError: no such command, COMPLETE, or not
+        │                             addressed to the agent that answered
+        ├── TooManyCommands         the agent has max_inflight_per_agent not COMPLETE
+        ├── HubClosed               the hub closed while the caller waited
+        └── InvalidTransition       a lifecycle move the state table forbids (a bug)
+
+The first four are shared with the agent library (``agent_client.errors``):
+``agent.call()`` raises exactly what awaiting a hub's command handle raises.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +47,11 @@ __all__ = [
 ]
 
 
-class StoreUnavailable(DispatcherError):
+class StoreUnavailable(DispatcherError, ConnectionError):
     """The store (Redis) cannot be reached; nothing was changed."""
 
 
-class UnknownCommand(DispatcherError):
+class UnknownCommand(DispatcherError, LookupError):
     """No such command, already COMPLETE, or not addressed to the agent that answered."""
 
 
@@ -45,7 +67,7 @@ class InvalidTransition(DispatcherError):
     """A command lifecycle event that the state table does not allow."""
 
 
-class DeliveryTimeout(DispatcherError):
+class DeliveryTimeout(DispatcherError, TimeoutError):
     """``emit_to`` timed out; ``pending`` lists the agents that did not answer ``received``."""
 
     def __init__(self, pending: list[str]) -> None:

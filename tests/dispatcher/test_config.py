@@ -47,3 +47,12 @@ def test_redis_max_queued_is_checked() -> None:
     assert HubConfig.from_env({"DISPATCHER_REDIS_MAX_QUEUED": "50"}).redis_max_queued == 50
     with pytest.raises(ValueError, match="redis_max_queued"):
         HubConfig(redis_max_queued=0)
+
+
+def test_config_is_frozen() -> None:
+    import dataclasses
+
+    config = HubConfig(port=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+    assert dataclasses.replace(config, port=2).port == 2

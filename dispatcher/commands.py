@@ -34,7 +34,7 @@ from .ids import IdFactory
 from .metrics import Metrics
 from .models import CommandInfo, Outcome
 from .peers import Peers
-from .store.base import CreateResult, DropSpec, Store
+from .store.base import Completion, CreateResult, DropSpec, Store
 from .tasks import TaskOwner
 
 __all__ = ["Commands", "cmd_frame"]
@@ -236,7 +236,7 @@ class Commands:
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
         tell_agent: bool = False,
-    ) -> asyncio.Future[CommandInfo]:
+    ) -> asyncio.Future[Completion]:
         """Complete in the store (first answer wins), then :meth:`settle` it.
 
         The future fails with ``UnknownCommand`` when nothing was applied (an
@@ -248,10 +248,17 @@ class Commands:
         then(fut, functools.partial(self._completed, tell_agent))
         return fut
 
-    def _completed(self, tell_agent: bool, fut: asyncio.Future[CommandInfo]) -> None:
+    def _completed(self, tell_agent: bool, fut: asyncio.Future[Completion]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        self.settle(fut.result(), tell_agent=tell_agent)
+        done = fut.result()
+        info = done.command
+        self.settle(info, tell_agent=tell_agent)
+        for other in done.group:
+            # The group's answer completed its PENDING members too. Only a group's
+            # oldest member is ever sent to the agent, so the ones younger than
+            # the answered command never were: no cancel for them.
+            self.settle(other, tell_agent=_older(other, info), move_group=False)
 
     def settle(self, info: CommandInfo, *, tell_agent: bool, move_group: bool = True) -> None:
         """This hub's store write completed ``info``: count it (here, so once),
@@ -280,25 +287,11 @@ class Commands:
 
     # -- groups -----------------------------------------------------------------
     def _group_after(self, info: CommandInfo) -> None:
-        """What a group member's completion (``info``) means for the rest of its group."""
-        assert info.group is not None and info.outcome is not None
-        if info.outcome in ("ok", "error"):
-            # The group's first answer completes every PENDING member.
-            then(self.store.complete_group(
-                info.agent_id, info.group, info.outcome, now=info.updated, result=info.result,
-                error=info.error), functools.partial(self._group_completed, info))
-        else:
-            # The leader ended without an answer: the next member runs.
+        """What a group member's completion (``info``) means for the rest of its group:
+        an answer completed the PENDING members with it (``Completion.group``); a
+        leader that ended without an answer lets the next member run."""
+        if info.outcome not in ("ok", "error"):
             self._release_group(info)
-
-    def _group_completed(self, info: CommandInfo,
-                         fut: asyncio.Future[list[CommandInfo]]) -> None:
-        if _failure(fut) is not None:
-            return  # the members stay PENDING and time out (their deadlines stand)
-        for other in fut.result():
-            # Only a group's oldest member is ever sent to the agent, so the
-            # ones younger than the answered command never were: no cancel.
-            self.settle(other, tell_agent=_older(other, info), move_group=False)
 
     def _release_group(self, head: CommandInfo, spare: str | None = None) -> None:
         """``head`` ended without an answer: if it led its group, the next member runs
@@ -318,7 +311,7 @@ class Commands:
 
     # -- answers from agents (the frame router's) ---------------------------------
     def answer(self, agent_id: str, cmd_id: str, outcome: Outcome, *, result: Any = None,
-               error: dict[str, Any] | None = None) -> asyncio.Future[CommandInfo]:
+               error: dict[str, Any] | None = None) -> asyncio.Future[Completion]:
         """An agent's ``result`` or ``fail``: only for a command addressed to it."""
         return self.complete(cmd_id, outcome, result=result, error=error, agent_id=agent_id)
 
@@ -363,7 +356,7 @@ class Commands:
             then(self.complete(cmd_id, "timeout", error=_TIMED_OUT, tell_agent=True),
                  functools.partial(self._expired, cmd_id))
 
-    def _expired(self, cmd_id: str, fut: asyncio.Future[CommandInfo]) -> None:
+    def _expired(self, cmd_id: str, fut: asyncio.Future[Completion]) -> None:
         exc = _failure(fut)
         handle = self._handles.get(cmd_id)
         if exc is None or handle is None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..models import AgentInfo, CommandInfo, Outcome
 
-__all__ = ["Bus", "CreateResult", "DropSpec", "Store"]
+__all__ = ["Bus", "Completion", "CreateResult", "DropSpec", "Store"]
 
 class Bus(Protocol):
     """Messages between hubs (see ``redis_bus.py``)."""
@@ -56,6 +56,15 @@ class CreateResult:
     dropped: list[CommandInfo] = field(default_factory=list)
     coalesced: bool = False
     location: str | None = None  # hub the agent is connected to (shared stores), if any
+
+
+@dataclass(slots=True)
+class Completion:
+    """What ``complete`` did: ``command`` as completed, and ``group``: the PENDING
+    members of its group that an answer completed in the same step, the same way."""
+
+    command: CommandInfo
+    group: list[CommandInfo] = field(default_factory=list)
 
 
 class Store(ABC):
@@ -127,27 +136,19 @@ class Store(ABC):
         result: Any = None,
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
-    ) -> asyncio.Future[CommandInfo]:
+    ) -> asyncio.Future[Completion]:
         """Complete a command if it is not COMPLETE yet: the first answer wins.
 
         Removes it from the pending index and lets it expire after the
         retention period. With ``agent_id``, only a command addressed to that
-        agent is completed. Returns the completed command; raises
-        ``UnknownCommand`` when nothing was applied.
+        agent is completed. An answer (``ok``/``error``) is refused once the
+        command's deadline is at or before ``now``: past its deadline a command
+        only ends ``timeout`` or ``cancelled``. An answer to a group member
+        completes, in the same atomic step, every PENDING member of the group
+        whose deadline has not passed, with the same result or error
+        (``Completion.group``). Fails with ``UnknownCommand`` when nothing was
+        applied.
         """
-
-    @abstractmethod
-    def complete_group(
-        self,
-        agent_id: str,
-        group: str,
-        outcome: Outcome,
-        *,
-        now: int,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-    ) -> asyncio.Future[list[CommandInfo]]:
-        """Complete every PENDING command of the agent in ``group`` the same way."""
 
     @abstractmethod
     def next_in_group(self, agent_id: str, group: str) -> asyncio.Future[CommandInfo | None]:

@@ -15,7 +15,7 @@ from ..errors import DispatcherError, TooManyCommands, UnknownCommand
 from ..futures import failed, resolved
 from ..lifecycle import next_status
 from ..models import AgentInfo, CommandInfo, Outcome
-from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
+from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, Store
 
 __all__ = ["MemoryStore"]
 
@@ -139,6 +139,9 @@ class MemoryStore(Store):
                 dropped.append(other.copy())
             elif cmd.group is not None and other.group == cmd.group:
                 coalesced = True
+        if dropped:
+            # _finish forgets an agent's index once empty: take it anew.
+            index = self._pending.setdefault(cmd.agent_id, {})
         # The store takes the caller's record as its own (no copy on the hot path).
         cmd.status = "PENDING"
         cmd.outcome = None
@@ -199,33 +202,27 @@ class MemoryStore(Store):
         result: Any = None,
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
-    ) -> asyncio.Future[CommandInfo]:
+    ) -> asyncio.Future[Completion]:
         # Spelled out rather than through _run (hot path: no closure per answer).
         self._expire(now)
         try:
             cmd = self._addressed(cmd_id, agent_id)
         except UnknownCommand as exc:
             return self._failed(exc)
+        answer = outcome in ("ok", "error")
+        if answer and cmd.deadline is not None and cmd.deadline <= now:
+            return self._failed(UnknownCommand(f"command {cmd_id!r} is past its deadline"))
         self._finish(cmd, outcome, now, result, error)
-        return self._ok(cmd)
-
-    def complete_group(
-        self,
-        agent_id: str,
-        group: str,
-        outcome: Outcome,
-        *,
-        now: int,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-    ) -> asyncio.Future[list[CommandInfo]]:
-        done: list[CommandInfo] = []
-        for cmd_id in list(self._pending.get(agent_id, ())):
-            cmd = self._commands[cmd_id]
-            if cmd.group == group and cmd.status == "PENDING":
-                self._finish(cmd, outcome, now, result, error)
-                done.append(cmd.copy())
-        return self._ok(done)
+        if not answer or cmd.group is None:
+            return self._ok(Completion(cmd))
+        members: list[CommandInfo] = []
+        for other_id in list(self._pending.get(cmd.agent_id, ())):
+            other = self._commands[other_id]
+            if other.group == cmd.group and other.status == "PENDING" \
+                    and (other.deadline is None or other.deadline > now):
+                self._finish(other, outcome, now, result, error)
+                members.append(other.copy())
+        return self._ok(Completion(cmd, members))
 
     def _oldest_first(self, agent_id: str) -> list[CommandInfo]:
         # The index keeps insertion order; the contract is ts order (as

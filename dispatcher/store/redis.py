@@ -42,7 +42,7 @@ from agent_client.protocol import pack, unpack
 from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
 from ..futures import resolved
 from ..models import AgentInfo, CommandInfo, Outcome
-from .base import DROPPED_RESULT, CreateResult, DropSpec, Store
+from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, Store
 from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
@@ -75,6 +75,7 @@ _REJECTIONS = {
     0: "no command {id!r}",
     -1: "command {id!r} is not addressed to agent {agent!r}",
     -2: "command {id!r} is already COMPLETE",
+    -3: "command {id!r} is past its deadline",
 }
 
 
@@ -538,36 +539,13 @@ class RedisStore(Store):
         result: Any = None,
         error: dict[str, Any] | None = None,
         agent_id: str | None = None,
-    ) -> asyncio.Future[CommandInfo]:
+    ) -> asyncio.Future[Completion]:
         return self._call("complete", (
             2, self._k_cmd(cmd_id), self._k_deadlines, self.prefix, outcome, now,
             pack(result), b"" if error is None else pack(error), agent_id or "",
             self._retention_ms,
         ), lambda res: _completed(cmd_id, outcome, res, now=now, result=result, error=error,
                                   agent_id=agent_id))
-
-    def complete_group(
-        self,
-        agent_id: str,
-        group: str,
-        outcome: Outcome,
-        *,
-        now: int,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-    ) -> asyncio.Future[list[CommandInfo]]:
-        def parse(res: Any) -> list[CommandInfo]:
-            return [
-                CommandInfo(id=_s(d[0]), agent_id=agent_id, key=_s(d[1]), status="COMPLETE",
-                            outcome=outcome, group=group, ts=_i(d[3]), updated=now,
-                            origin=_s(d[2]), result=result, error=error)
-                for d in res
-            ]
-
-        return self._call("complete_group", (
-            2, self._k_pending(agent_id), self._k_deadlines, self.prefix, group, outcome, now,
-            pack(result), b"" if error is None else pack(error), self._retention_ms,
-        ), parse)
 
     def next_in_group(self, agent_id: str, group: str) -> asyncio.Future[CommandInfo | None]:
         return self._call("next_in_group", (1, self._k_pending(agent_id), self.prefix, group),
@@ -702,16 +680,23 @@ def _agents(res: Any) -> list[AgentInfo]:
 
 
 def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any,
-               error: dict[str, Any] | None, agent_id: str | None) -> CommandInfo:
-    """The COMPLETE script's reply as the completed command."""
+               error: dict[str, Any] | None, agent_id: str | None) -> Completion:
+    """The COMPLETE script's reply as the completed command and group members."""
     if res[0] != 1:
         raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
-    _, agent, key, group, origin, ts, deadline = res
-    return CommandInfo(
-        id=cmd_id, agent_id=_s(agent), key=_s(key), status="COMPLETE", outcome=outcome,
-        group=_s(group) or None, ts=_i(ts), updated=now,
-        deadline=_i(deadline) if deadline else None, origin=_s(origin),
-        result=result, error=error,
+    _, agent, key, group, origin, ts, deadline, members = res
+    agent_s, group_s = _s(agent), _s(group) or None
+    return Completion(
+        CommandInfo(
+            id=cmd_id, agent_id=agent_s, key=_s(key), status="COMPLETE", outcome=outcome,
+            group=group_s, ts=_i(ts), updated=now,
+            deadline=_i(deadline) if deadline else None, origin=_s(origin),
+            result=result, error=error,
+        ),
+        [CommandInfo(id=_s(m[0]), agent_id=agent_s, key=_s(m[1]), status="COMPLETE",
+                     outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
+                     origin=_s(m[2]), result=result, error=error)
+         for m in members],
     )
 
 

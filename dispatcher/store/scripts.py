@@ -92,44 +92,48 @@ return 1
 """
 
 # Complete if not COMPLETE: the first answer wins (ARCHITECTURE.md).
+# An answer (outcome ok or error) is refused once the deadline passed: a command
+# past its deadline only ever ends timeout or cancelled. An answer to a group
+# member completes, in the same step, every PENDING member of its group whose
+# deadline has not passed (API.md, group): a member submitted after this step
+# is not part of it, and runs.
 # KEYS: 1 P:cmd:ID, 2 P:deadlines
 # ARGV: 1 prefix, 2 outcome, 3 now, 4 result, 5 error, 6 required agent ('' = any),
 #       7 retention ms
-# Returns {1, agent, key, group, origin, ts, deadline}, or {0} unknown,
-# {-1} other agent's, {-2} already COMPLETE.
+# Returns {1, agent, key, group, origin, ts, deadline, {{id, key, origin, ts}...members}},
+# or {0} unknown, {-1} other agent's, {-2} already COMPLETE, {-3} past its deadline.
 COMPLETE: Final = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'agent', 'key', 'group', 'origin', 'ts',
                      'deadline', 'id')
 if not f[1] then return {0} end
 if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return {-1} end
 if f[1] == 'COMPLETE' then return {-2} end
+local now = tonumber(ARGV[3])
+local answer = ARGV[2] == 'ok' or ARGV[2] == 'error'
+if answer and f[7] and f[7] ~= '' and tonumber(f[7]) <= now then return {-3} end
 redis.call('HSET', KEYS[1], 'status', 'COMPLETE', 'outcome', ARGV[2], 'updated', ARGV[3],
            'result', ARGV[4], 'error', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('ZREM', ARGV[1] .. ':agent:' .. f[2] .. ':pending', f[8])
+local pending = ARGV[1] .. ':agent:' .. f[2] .. ':pending'
+redis.call('ZREM', pending, f[8])
 redis.call('ZREM', KEYS[2], f[8])
-return {1, f[2], f[3], f[4], f[5], f[6], f[7]}
-"""
-
-# Complete every PENDING command of a group with the same answer.
-# KEYS: 1 P:agent:AGENT:pending, 2 P:deadlines
-# ARGV: 1 prefix, 2 group, 3 outcome, 4 now, 5 result, 6 error, 7 retention ms
-# Returns {{id, key, origin, ts}...}.
-COMPLETE_GROUP: Final = """
-local done = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local k = ARGV[1] .. ':cmd:' .. id
-  local f = redis.call('HMGET', k, 'status', 'group', 'key', 'origin', 'ts')
-  if f[1] == 'PENDING' and f[2] == ARGV[2] then
-    redis.call('HSET', k, 'status', 'COMPLETE', 'outcome', ARGV[3], 'updated', ARGV[4],
-               'result', ARGV[5], 'error', ARGV[6])
-    redis.call('PEXPIRE', k, ARGV[7])
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    table.insert(done, {id, f[3], f[4], f[5]})
+local members = {}
+if answer and f[4] and f[4] ~= '' then
+  for _, id in ipairs(redis.call('ZRANGE', pending, 0, -1)) do
+    local k = ARGV[1] .. ':cmd:' .. id
+    local m = redis.call('HMGET', k, 'status', 'group', 'key', 'origin', 'ts', 'deadline')
+    if m[1] == 'PENDING' and m[2] == f[4]
+        and not (m[6] and m[6] ~= '' and tonumber(m[6]) <= now) then
+      redis.call('HSET', k, 'status', 'COMPLETE', 'outcome', ARGV[2], 'updated', ARGV[3],
+                 'result', ARGV[4], 'error', ARGV[5])
+      redis.call('PEXPIRE', k, ARGV[7])
+      redis.call('ZREM', pending, id)
+      redis.call('ZREM', KEYS[2], id)
+      table.insert(members, {id, m[3], m[4], m[5]})
+    end
   end
 end
-return done
+return {1, f[2], f[3], f[4], f[5], f[6], f[7], members}
 """
 
 # KEYS: 1 P:agent:AGENT:pending.  ARGV: 1 prefix, 2 group.
@@ -319,7 +323,6 @@ SCRIPTS: Final = {
     "create": CREATE,
     "mark_active": MARK_ACTIVE,
     "complete": COMPLETE,
-    "complete_group": COMPLETE_GROUP,
     "next_in_group": NEXT_IN_GROUP,
     "list_pending": LIST_PENDING,
     "overdue": OVERDUE,

@@ -32,11 +32,16 @@ Received = asyncio.Queue[tuple[Any, EventContext]]
 
 # -- helpers -------------------------------------------------------------------
 async def bounded(aw: Awaitable[Any], what: str, timeout: float = WAIT) -> Any:
+    # The bound's own expiry only: CommandTimeout and DeliveryTimeout are
+    # TimeoutErrors too, and are what some callers wait for.
+    bound = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with bound:
             return await aw
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        if bound.expired():
+            raise AssertionError(f"timed out waiting for {what}") from None
+        raise
 
 
 def connections(hub: Dispatcher, agent_id: str) -> asyncio.Queue[None]:

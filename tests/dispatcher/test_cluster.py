@@ -8,10 +8,12 @@ run hubs as real ``dispatcher serve`` processes and kill them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -136,6 +138,38 @@ async def test_timeout_on_origin_cancels_on_the_agents_hub(cluster: Any) -> None
     with pytest.raises(Exception, match="timed out"):
         await handle
     await agent.close()
+
+
+async def test_overdue_commands_of_a_gone_hub_are_never_delivered(cluster: Any) -> None:
+    """Issue 13, defect 6: the submitting hub is gone and the deadlines pass while the
+    agent is away; the agent that connects then gets none of them, and the other
+    hub's sweeper times out the whole backlog at once (not 100 per sweep)."""
+    origin, survivor = await cluster(2)
+    handles = [origin.execute_on_agent("late", "work", i, timeout=0.5) for i in range(300)]
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*(h.submitted() for h in handles))
+    info = await survivor.get_command(handles[-1].id)
+    assert info is not None and info.deadline is not None
+    await origin.close()  # its local timers go with it
+    # Waiting for the clock itself: the deadlines must be behind us.
+    await asyncio.sleep(max(0.0, info.deadline / 1000 - time.time()) + 0.05)
+    agent, _ = await RawAgent.hello(url(survivor), "late")
+    got: list[dict[str, Any]] = []
+    try:
+        with contextlib.suppress(TimeoutError):
+            while True:  # for 0.3 s: cancels from the sweeper are fine, no cmd is
+                got.append(await agent.recv(timeout=0.3))
+    finally:
+        await agent.close()
+    assert not [f for f in got if f["t"] == "cmd"], got[:3]
+
+    async def all_timed_out() -> bool:
+        infos = await asyncio.gather(*(survivor.get_command(h.id) for h in handles))
+        return all(i is not None and i.outcome == "timeout" for i in infos)
+
+    async with asyncio.timeout(WAIT):
+        while not await all_timed_out():  # noqa: ASYNC110 - polling the store, bounded
+            await asyncio.sleep(0.05)
 
 
 async def test_cluster_view_and_replacement_across_hubs(cluster: Any) -> None:

@@ -538,6 +538,46 @@ async def test_drop_all_pending(hub: Dispatcher, connect: Connect) -> None:
     assert [c.id for c in await hub.list_pending_commands("a1")] == [active.id, newest.id]
 
 
+@pytest.mark.parametrize("selector", [{"drop_all_pending": True},
+                                      {"drop_all_pending": "resize"},
+                                      {"drop_all_pending": True, "group": "g"}])
+async def test_dropping_an_offline_agents_only_command_keeps_the_new_one(
+    hub: Dispatcher, connect: Connect, selector: dict[str, Any]
+) -> None:
+    """Issue 13, defect 1: the new command is listed, delivered and answered."""
+    old = hub.execute_on_agent("a1", "resize", 1)
+    async with asyncio.timeout(WAIT):
+        await old.submitted()
+    newest = hub.execute_on_agent("a1", "resize", 2, timeout=WAIT, **selector)
+    assert await outcome(old) == {"dropped": True}
+    assert [c.id for c in await hub.list_pending_commands("a1")] == [newest.id]
+    agent = await connect(hub, "a1")
+    assert (await agent.recv_type("cmd"))["id"] == newest.id
+    await agent.send({"t": "result", "id": newest.id, "data": "resized"})
+    assert await outcome(newest) == "resized"
+
+
+async def test_a_member_submitted_right_after_the_groups_answer_runs_itself(
+    hub: Dispatcher, connect: Connect
+) -> None:
+    """Issue 13, defect 2: the answer completes the group's PENDING members in the
+    same store step; a member submitted in the same event-loop turn as that answer
+    (the same pipelined write on Redis) is not one of them: it is sent and runs."""
+    agent = await connect(hub, "a1")
+    leader = hub.execute_on_agent("a1", "sync", 1, group="g")
+    assert (await agent.recv_type("cmd"))["id"] == leader.id
+    answered = asyncio.ensure_future(hub.apply_command_response(leader.id, "first"))
+    # One loop turn, not a wait: the answer's store call is made (on Redis, queued
+    # for the next pipelined write), the late member's creation comes right after.
+    await asyncio.sleep(0)
+    late = hub.execute_on_agent("a1", "sync", 2, group="g", timeout=WAIT)
+    assert await answered
+    assert await outcome(leader) == "first"
+    assert (await agent.recv_type("cmd"))["id"] == late.id
+    await agent.send({"t": "result", "id": late.id, "data": "second"})
+    assert await outcome(late) == "second"
+
+
 async def test_drop_all_pending_keeps_the_same_group(hub: Dispatcher, connect: Connect) -> None:
     same = hub.execute_on_agent("a1", "sync", 1, group="y")
     loose = hub.execute_on_agent("a1", "ping", 2)

@@ -65,11 +65,16 @@ def hub_event(hub: Dispatcher, key: str, agent_id: str) -> asyncio.Future[None]:
 
 
 async def bounded(aw: Awaitable[Any], what: str, timeout: float = WAIT) -> Any:
+    # The bound's own expiry only: CommandTimeout and DeliveryTimeout are
+    # TimeoutErrors too, and are what some callers wait for.
+    bound = asyncio.timeout(timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with bound:
             return await aw
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        if bound.expired():
+            raise AssertionError(f"timed out waiting for {what}") from None
+        raise
 
 
 async def go_offline(hub: Dispatcher, agent: RawAgent, agent_id: str) -> None:

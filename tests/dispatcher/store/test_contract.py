@@ -91,7 +91,8 @@ async def test_ack_rules(store: Store) -> None:
 
 async def test_first_answer_wins(store: Store) -> None:
     await store.create_command(cmd("c1"))
-    done = await store.complete("c1", "ok", now=NOW + 10, result={"v": 1}, agent_id="a1")
+    done = (await store.complete("c1", "ok", now=NOW + 10, result={"v": 1},
+                                 agent_id="a1")).command
     assert (done.status, done.outcome, done.result, done.agent_id) == ("COMPLETE", "ok", {"v": 1}, "a1")
     with pytest.raises(UnknownCommand):
         await store.complete("c1", "error", now=NOW + 11, error={"code": "x", "message": ""})
@@ -163,14 +164,63 @@ async def test_group_completion_and_next(store: Store) -> None:
     nxt = await store.next_in_group("a1", "g")
     assert nxt is not None and nxt.id == "g1"
     await store.mark_active("g1", "a1", NOW)
-    await store.complete("g1", "ok", now=NOW + 9, result="same")
-    done = await store.complete_group("a1", "g", "ok", now=NOW + 9, result="same")
-    assert sorted(d.id for d in done) == ["g2", "g3"]
+    completion = await store.complete("g1", "ok", now=NOW + 9, result="same")
+    assert completion.command.id == "g1"
+    assert sorted(d.id for d in completion.group) == ["g2", "g3"]
+    assert all((d.outcome, d.result, d.status) == ("ok", "same", "COMPLETE")
+               for d in completion.group)
     for cid in ("g2", "g3"):
         got = await store.get_command(cid)
         assert got is not None and got.outcome == "ok" and got.result == "same"
     assert await store.next_in_group("a1", "g") is None
     assert [c.id for c in await store.list_pending("a1")] == ["h1"]
+
+
+async def test_a_member_submitted_after_the_groups_answer_is_not_part_of_it(
+        store: Store) -> None:
+    """Issue 13, defect 2: the group's answer and the completion of its PENDING
+    members are one step, so a member created after it stays PENDING (it runs)."""
+    await store.create_command(cmd("g1", ts=NOW + 1, group="g"))
+    await store.mark_active("g1", "a1", NOW + 2)
+    assert (await store.complete("g1", "ok", now=NOW + 3, result=1)).group == []
+    late = await store.create_command(cmd("g2", ts=NOW + 4, group="g"))
+    assert late.created and not late.coalesced  # nothing else of the group is left
+    assert [c.id for c in await store.list_pending("a1")] == ["g2"]
+    got = await store.get_command("g2")
+    assert got is not None and got.status == "PENDING"
+
+
+async def test_no_answer_after_the_deadline(store: Store) -> None:
+    """Issue 13, defect 6: past its deadline a command only ends timeout or cancelled;
+    a group's answer leaves members whose deadline passed for the sweepers."""
+    await store.create_command(cmd("late", deadline=NOW + 10))
+    for outcome in ("ok", "error"):
+        with pytest.raises(UnknownCommand, match="deadline"):
+            await store.complete("late", outcome, now=NOW + 10, result=1,  # type: ignore[arg-type]
+                                 error={"code": "x", "message": ""})
+    got = await store.get_command("late")
+    assert got is not None and got.status == "PENDING"
+    done = await store.complete("late", "timeout", now=NOW + 11,
+                                error={"code": "timeout", "message": ""})
+    assert done.command.outcome == "timeout"
+    await store.create_command(cmd("g1", ts=NOW + 1, group="g", deadline=NOW + 1000))
+    await store.create_command(cmd("g2", ts=NOW + 2, group="g", deadline=NOW + 20))
+    await store.create_command(cmd("g3", ts=NOW + 3, group="g", deadline=NOW + 1000))
+    completion = await store.complete("g1", "ok", now=NOW + 30, result=1)
+    assert [c.id for c in completion.group] == ["g3"]
+    assert [c.id for c in await store.list_pending("a1")] == ["g2"]
+
+
+async def test_drop_of_an_agents_only_pending_command_keeps_the_new_one(store: Store) -> None:
+    """Issue 13, defect 1: the new command is indexed even when the drop emptied the
+    agent's pending index."""
+    await store.create_command(cmd("old", ts=NOW + 1))
+    for drop in (True, "k"):
+        res = await store.create_command(cmd(f"new-{drop}", ts=NOW + 2), drop=drop)
+        assert res.created and [d.id for d in res.dropped] in (["old"], ["new-True"])
+    assert [c.id for c in await store.list_pending("a1")] == ["new-k"]
+    await store.create_command(cmd("g-new", ts=NOW + 3, group="g"), drop=True)
+    assert [c.id for c in await store.list_pending("a1")] == ["g-new"]
 
 
 async def test_overdue(store: Store) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any, ClassVar
 
@@ -177,6 +177,10 @@ class Cluster:
         self._connections: Connections | None = None
         self._events: Events | None = None
         self._sessions: Sessions | None = None
+        # Recovery (see recover): one task at a time, run again if asked meanwhile.
+        self._recovering: asyncio.Task[None] | None = None
+        self._recover_again = False
+        self._reset_pending = True  # a previous life's agents are not forgotten yet
 
     @property
     def deaf(self) -> bool:
@@ -191,11 +195,25 @@ class Cluster:
         self._sessions = sessions
 
     async def start(self, bus: Bus) -> None:
-        with contextlib.suppress(DispatcherError):  # the liveness loop keeps trying
+        """Join the cluster, before this hub accepts agents: forget what a previous
+        life of this hub id left registered, say this hub is alive, listen."""
+        with contextlib.suppress(DispatcherError):  # retried by recover()
+            await self._reset()
             await self.store.hub_alive(self.me, self._ttl_ms)
         self.bus = bus
         await bus.start(self._on_message, self._on_subscribed)
+        if self._reset_pending:
+            self.recover("start")
         self.tasks.spawn(self._liveness_forever(), name="hub-liveness")
+
+    async def _reset(self) -> None:
+        if not self._reset_pending:
+            return
+        for info in await self.store.hub_reset(self.me):
+            log.warning("agent_forgotten", agent_id=info.id, hub_id=self.me,
+                        reason="hub_restarted")
+            self._emit("agent-disconnected", info, "hub_restarted")
+        self._reset_pending = False
 
     async def close(self) -> None:
         if self.bus is not None:
@@ -240,10 +258,13 @@ class Cluster:
         self._to_hub(hub_id, FrameMsg(agent_id, event_id, frame))
         return True
 
-    def notify_done(self, info: CommandInfo) -> None:
-        if info.origin and info.origin != self.me:
-            self._to_hub(info.origin, DoneMsg(info.id, info.agent_id, info.key,
-                                              info.outcome or "", info.result, info.error))
+    def notify_done(self, info: CommandInfo, watchers: Sequence[str] = ()) -> None:
+        hubs = {info.origin, *watchers} - {self.me, ""}
+        if hubs:
+            msg = DoneMsg(info.id, info.agent_id, info.key, info.outcome or "", info.result,
+                          info.error)
+            for hub_id in hubs:
+                self._to_hub(hub_id, msg)
 
     def notify_progress(self, origin: str, cmd_id: str, data: Any) -> None:
         if origin and origin != self.me:
@@ -305,24 +326,53 @@ class Cluster:
     def _on_subscribed(self, first: bool) -> None:
         if not first:
             # Pub/sub kept nothing while we were not listening: catch up from the store.
-            self.tasks.spawn(self.resync(), name="cluster-resync")
+            self.recover("bus_resubscribed")
 
-    async def resync(self) -> None:
-        """Redeliver what local agents may have missed and resolve finished handles."""
-        commands, connections = self._commands, self._connections
-        assert commands is not None and connections is not None
-        try:
-            for agent_id in connections.ids():
-                pending = await self.store.list_pending(agent_id)
-                for cmd in redeliverable(pending, now_ms()):
-                    connections.send(agent_id, cmd_frame(cmd), cmd.id)
-            for cmd_id in commands.waiting_ids():
-                info = await self.store.get_command(cmd_id)
-                if info is not None and info.status == "COMPLETE":
-                    commands.resolve(info)
-        except DispatcherError:
-            return
-        log.info("cluster_resynced", agents=len(connections))
+    def recover(self, reason: str) -> None:
+        """Make the store's view of this hub right again and catch up on what this
+        hub may have missed: after a store outage, a bus that reconnected, or an
+        alive key that lapsed (this hub was frozen or cut off longer than its ttl,
+        or Redis came back empty), when other hubs may have reaped its agents and
+        published frames nobody heard (ARCHITECTURE.md, Guarantees). Retried
+        until it succeeds; one run at a time."""
+        self._recover_again = True
+        if self._recovering is None or self._recovering.done():
+            self._recovering = self.tasks.spawn(self._recover_until_done(reason),
+                                                name="cluster-recover")
+
+    async def _recover_until_done(self, reason: str) -> None:
+        delay = 0.05
+        while self._recover_again:
+            self._recover_again = False
+            try:
+                await self._recover_once()
+            except DispatcherError as exc:
+                log.info("cluster_recover_retry", reason=reason, error=str(exc))
+                self._recover_again = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        log.info("cluster_recovered", reason=reason)
+
+    async def _recover_once(self) -> None:
+        commands, connections, sessions = self._commands, self._connections, self._sessions
+        assert commands is not None and connections is not None and sessions is not None
+        await self._reset()
+        # This hub's agents back in the registry, unless a newer connection of one
+        # registered elsewhere meanwhile: then the one here is stale (4409).
+        for session in connections.sessions():
+            if not await self.store.restore_agent(session.info):
+                log.info("agent_moved_meanwhile", agent_id=session.agent_id)
+                sessions.kick(session.agent_id, session.session_id)
+        # What local agents may have missed (their commands) and handles whose
+        # completion message was lost.
+        for agent_id in connections.ids():
+            pending = await self.store.list_pending(agent_id)
+            for cmd in redeliverable(pending, now_ms()):
+                connections.send(agent_id, cmd_frame(cmd), cmd.id)
+        for cmd_id in commands.waiting_ids():
+            info = await self.store.get_command(cmd_id)
+            if info is not None and info.status == "COMPLETE":
+                commands.resolve(info)
 
     async def _liveness_forever(self) -> None:
         reap_every = 2
@@ -331,7 +381,9 @@ class Cluster:
             await asyncio.sleep(self._refresh)
             turn += 1
             try:
-                await self.store.hub_alive(self.me, self._ttl_ms)
+                if not await self.store.hub_alive(self.me, self._ttl_ms):
+                    log.warning("hub_alive_lapsed", hub_id=self.me)
+                    self.recover("alive_lapsed")
                 if turn % reap_every == 0:
                     for info in await self.store.reap_dead_hubs(self.me):
                         log.warning("agent_reaped", agent_id=info.id, hub_id=info.hub_id,

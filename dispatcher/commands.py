@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -253,20 +254,22 @@ class Commands:
             return
         done = fut.result()
         info = done.command
-        self.settle(info, tell_agent=tell_agent)
+        self.settle(info, tell_agent=tell_agent, watchers=done.watchers)
         for other in done.group:
             # The group's answer completed its PENDING members too. Only a group's
             # oldest member is ever sent to the agent, so the ones younger than
             # the answered command never were: no cancel for them.
             self.settle(other, tell_agent=_older(other, info), move_group=False)
 
-    def settle(self, info: CommandInfo, *, tell_agent: bool, move_group: bool = True) -> None:
+    def settle(self, info: CommandInfo, *, tell_agent: bool, move_group: bool = True,
+               watchers: Sequence[str] = ()) -> None:
         """This hub's store write completed ``info``: count it (here, so once),
-        resolve its handle here or on its hub, stop the agent's work if asked,
-        log it, and (``move_group``) move its group on."""
+        resolve its handle here and on the hubs waiting for it (its origin and
+        ``watchers``), stop the agent's work if asked, log it, and
+        (``move_group``) move its group on."""
         self.metrics.command_completed(info)
         self.resolve(info)
-        self.peers.notify_done(info)  # a handle may wait on the submitting hub
+        self.peers.notify_done(info, watchers)
         if tell_agent:
             # Through Connections.send: during a catch-up the cancel waits behind
             # the redelivered commands instead of overtaking its own command.

@@ -230,6 +230,9 @@ class Dispatcher:
             return
         await self._store.start()
         try:
+            if self._cluster is not None and self._bus is not None:
+                # Before agents can connect: a previous life's registrations go first.
+                await self._cluster.start(self._bus)
             await self._agents_server.start()
             if self._admin_server is not None:
                 await self._admin_server.start()
@@ -241,8 +244,6 @@ class Dispatcher:
             log.warning("agents_unauthenticated", hub_id=self.hub_id,
                         note="no agent_secret or agent_tokens: any client may connect as any "
                              "agent id")
-        if self._cluster is not None and self._bus is not None:
-            await self._cluster.start(self._bus)
         # Deadlines from the store too (ARCHITECTURE.md, Guarantees): commands whose
         # hub died, or that were submitted before this hub restarted, still time out.
         self._tasks.spawn(self._sweep_forever(), name="deadline-sweeper")
@@ -295,10 +296,10 @@ class Dispatcher:
             self._emitter.emit("internal.db.error", exc)
             return
         log.info("store_recovered")
-        if not self._closed:
-            # Redis may have come back empty (no persistence): put this hub's
-            # agents back in the registry so the cluster view is right again.
-            self._tasks.spawn(self._sessions.reregister(), name="reregister-agents")
+        if not self._closed and self._cluster is not None:
+            # Redis may have come back empty (no persistence), and frames may have
+            # been published while this hub could not listen: catch up.
+            self._cluster.recover("store_recovered")
 
     def _levels(self) -> Levels:
         store = self._store

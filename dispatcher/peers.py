@@ -8,6 +8,7 @@ there are other hubs is the implementation's business, never a branch there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .models import CommandInfo
@@ -28,8 +29,9 @@ class Peers(Protocol):
     async def route_frame(self, agent_id: str, frame: bytes, event_id: str | None) -> bool:
         """Send a frame to the agent on another hub; False if it is connected nowhere."""
 
-    def notify_done(self, info: CommandInfo) -> None:
-        """A command completed here: wake its handle on the hub that submitted it."""
+    def notify_done(self, info: CommandInfo, watchers: Sequence[str] = ()) -> None:
+        """A command completed here: wake its handle on the hub that submitted it
+        and on the ``watchers`` (other hubs waiting on it)."""
 
     def notify_progress(self, origin: str, cmd_id: str, data: Any) -> None:
         """Progress for a command submitted on hub ``origin``."""
@@ -56,7 +58,7 @@ class NoPeers:
     async def route_frame(self, agent_id: str, frame: bytes, event_id: str | None) -> bool:
         return False
 
-    def notify_done(self, info: CommandInfo) -> None:
+    def notify_done(self, info: CommandInfo, watchers: Sequence[str] = ()) -> None:
         return None
 
     def notify_progress(self, origin: str, cmd_id: str, data: Any) -> None:

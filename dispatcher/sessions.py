@@ -141,12 +141,3 @@ class Sessions:
         if session is not None and session.session_id == session_id:
             carried = self._replace(session)
             self.tasks.spawn(self.events.requeue(agent_id, carried))
-
-    async def reregister(self) -> None:
-        """Put this hub's agents back in the store's registry (Redis came back empty,
-        or another hub reaped them while this one could not refresh its alive key)."""
-        for session in self.connections.sessions():
-            try:
-                await self.store.register_agent(session.info)
-            except DispatcherError:
-                return

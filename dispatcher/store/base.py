@@ -60,11 +60,14 @@ class CreateResult:
 
 @dataclass(slots=True)
 class Completion:
-    """What ``complete`` did: ``command`` as completed, and ``group``: the PENDING
-    members of its group that an answer completed in the same step, the same way."""
+    """What ``complete`` did: ``command`` as completed; ``group``: the PENDING
+    members of its group that an answer completed in the same step, the same way;
+    ``watchers``: hubs other than its origin that wait on it too (they submitted
+    it again with its id) and must be told."""
 
     command: CommandInfo
     group: list[CommandInfo] = field(default_factory=list)
+    watchers: list[str] = field(default_factory=list)
 
 
 class Store(ABC):
@@ -204,8 +207,20 @@ class Store(ABC):
         """Send a message to a channel (fire and forget: the future holds the outcome)."""
         raise NotImplementedError
 
-    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[None]:
-        """Refresh this hub's alive key."""
+    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[bool]:
+        """Refresh this hub's alive key; False when it had lapsed (the hub was frozen
+        or cut off longer than its ttl, or the store lost it): other hubs may have
+        reaped its agents."""
+        raise NotImplementedError
+
+    def hub_reset(self, hub_id: str) -> asyncio.Future[list[AgentInfo]]:
+        """A hub starts: forget (and return) the agents that a previous life of the
+        same hub id left registered."""
+        raise NotImplementedError
+
+    def restore_agent(self, info: AgentInfo) -> asyncio.Future[bool]:
+        """Register a connected agent again after its record may have been lost;
+        False (changing nothing) when another session of the agent holds it."""
         raise NotImplementedError
 
     def hub_gone(self, hub_id: str) -> asyncio.Future[None]:

@@ -590,9 +590,19 @@ class RedisStore(Store):
     def events_channel(self) -> str:
         return f"{self.prefix}:events"
 
-    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[None]:
+    def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[bool]:
         return self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
-                                        f"{self.prefix}:hubs", hub_id, ttl_ms), _nothing)
+                                        f"{self.prefix}:hubs", hub_id, ttl_ms), bool)
+
+    def hub_reset(self, hub_id: str) -> asyncio.Future[list[AgentInfo]]:
+        return self._call("hub_reset", (2, self._k_hub_agents(hub_id), self._k_agents,
+                                        self.prefix, hub_id), _agents)
+
+    def restore_agent(self, info: AgentInfo) -> asyncio.Future[bool]:
+        return self._call("restore_agent", (
+            3, self._k_agent(info.id), self._k_agents, self._k_hub_agents(info.hub_id),
+            info.id, info.hub_id, info.session, info.connected_at, info.last_seen,
+            pack(info.meta)), bool)
 
     def hub_gone(self, hub_id: str) -> asyncio.Future[None]:
         return self._call("hub_gone", (3, f"{self.prefix}:hub:{hub_id}:alive",
@@ -684,7 +694,7 @@ def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any
     """The COMPLETE script's reply as the completed command and group members."""
     if res[0] != 1:
         raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
-    _, agent, key, group, origin, ts, deadline, members = res
+    _, agent, key, group, origin, ts, deadline, members, watchers = res
     agent_s, group_s = _s(agent), _s(group) or None
     return Completion(
         CommandInfo(
@@ -697,6 +707,7 @@ def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any
                      outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
                      origin=_s(m[2]), result=result, error=error)
          for m in members],
+        [w for w in _s(watchers).split(",") if w],
     )
 
 

@@ -21,11 +21,20 @@ __all__ = ["SCRIPTS"]
 #       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
 #       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack),
 #       14 locate ('1': look up the agent's hub; '0' returns '' as location)
-# Returns {0, HGETALL} when the id exists (idempotent submit), {-1} over the
+# Returns {0, HGETALL} when the id exists (idempotent submit; a hub other than the
+# command's origin that submits it again while it is not COMPLETE is added to its
+# 'watchers' field, so it is told of the completion too), {-1} over the
 # limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}, location} with
 # location the hub the agent is connected to ('' if none).
 CREATE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  local f = redis.call('HMGET', KEYS[1], 'status', 'origin', 'watchers')
+  if f[1] ~= 'COMPLETE' and f[2] ~= ARGV[8] then
+    local w = f[3] or ''
+    if not string.find(',' .. w .. ',', ',' .. ARGV[8] .. ',', 1, true) then
+      redis.call('HSET', KEYS[1], 'watchers', w == '' and ARGV[8] or (w .. ',' .. ARGV[8]))
+    end
+  end
   return {0, redis.call('HGETALL', KEYS[1])}
 end
 local maxp = tonumber(ARGV[11])
@@ -100,11 +109,12 @@ return 1
 # KEYS: 1 P:cmd:ID, 2 P:deadlines
 # ARGV: 1 prefix, 2 outcome, 3 now, 4 result, 5 error, 6 required agent ('' = any),
 #       7 retention ms
-# Returns {1, agent, key, group, origin, ts, deadline, {{id, key, origin, ts}...members}},
-# or {0} unknown, {-1} other agent's, {-2} already COMPLETE, {-3} past its deadline.
+# Returns {1, agent, key, group, origin, ts, deadline, {{id, key, origin, ts}...members},
+# watchers}, or {0} unknown, {-1} other agent's, {-2} already COMPLETE, {-3} past its
+# deadline. ``watchers``: the other hubs waiting on it (comma-separated, see CREATE).
 COMPLETE: Final = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'agent', 'key', 'group', 'origin', 'ts',
-                     'deadline', 'id')
+                     'deadline', 'id', 'watchers')
 if not f[1] then return {0} end
 if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return {-1} end
 if f[1] == 'COMPLETE' then return {-2} end
@@ -133,7 +143,7 @@ if answer and f[4] and f[4] ~= '' then
     end
   end
 end
-return {1, f[2], f[3], f[4], f[5], f[6], f[7], members}
+return {1, f[2], f[3], f[4], f[5], f[6], f[7], members, f[9] or ''}
 """
 
 # KEYS: 1 P:agent:AGENT:pending.  ARGV: 1 prefix, 2 group.
@@ -208,9 +218,44 @@ return 1
 
 # A hub says it is alive (ARCHITECTURE.md, P:hub:HUB_ID:alive).
 # KEYS: 1 P:hub:HUB:alive, 2 P:hubs.  ARGV: 1 hub id, 2 ttl ms.
+# Returns 1 if the key was still there, 0 if it had lapsed (the hub was frozen or cut
+# off longer than its ttl, or Redis lost it): its agents may have been reaped.
 HUB_ALIVE: Final = """
+local was = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
+return was
+"""
+
+# A hub starts: forget the agents a previous life of the same hub id left registered.
+# KEYS: 1 P:hub:HUB:agents, 2 P:agents.  ARGV: 1 prefix, 2 hub id.
+# Returns {HGETALL...} of the agents removed.
+HUB_RESET: Final = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local k = ARGV[1] .. ':agent:' .. id
+  if redis.call('HGET', k, 'hub') == ARGV[2] then
+    table.insert(out, redis.call('HGETALL', k))
+    redis.call('DEL', k)
+    redis.call('SREM', KEYS[2], id)
+  end
+end
+redis.call('DEL', KEYS[1])
+return out
+"""
+
+# Register an agent again after its record may have been lost (reaped, Redis emptied),
+# unless another connection registered it meanwhile (a newer session elsewhere wins).
+# KEYS: 1 P:agent:ID, 2 P:agents, 3 P:hub:HUB:agents.
+# ARGV: 1 id, 2 hub, 3 session, 4 connected, 5 last_seen, 6 meta.
+# Returns 1 if written, 0 if another session holds the record.
+RESTORE_AGENT: Final = """
+local session = redis.call('HGET', KEYS[1], 'session')
+if session and session ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'hub', ARGV[2], 'session', ARGV[3],
+           'connected', ARGV[4], 'last_seen', ARGV[5], 'meta', ARGV[6])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -317,6 +362,8 @@ SCRIPTS: Final = {
     "hub_alive": HUB_ALIVE,
     "reap_dead_hubs": REAP_DEAD_HUBS,
     "hub_gone": HUB_GONE,
+    "hub_reset": HUB_RESET,
+    "restore_agent": RESTORE_AGENT,
     "progress_check": PROGRESS_CHECK,
     "queue_frame": QUEUE_FRAME,
     "take_frames": TAKE_FRAMES,

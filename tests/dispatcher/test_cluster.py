@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from agent_client import Agent
-from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+from dispatcher import AgentOffline, Dispatcher, HubConfig, StoreUnavailable
 
 from ..support import (
     WAIT,
@@ -138,6 +138,37 @@ async def test_timeout_on_origin_cancels_on_the_agents_hub(cluster: Any) -> None
     with pytest.raises(Exception, match="timed out"):
         await handle
     await agent.close()
+
+
+async def test_a_resubmit_on_another_hub_resolves_when_the_command_does(cluster: Any) -> None:
+    """Issue 13, defect 3: the same command_id submitted again on another hub, or
+    waited for over HTTP there, resolves when the command completes (not at its
+    deadline): that hub is told of the completion like the origin is."""
+    h0, h1 = await cluster(2)
+    first = h0.execute_on_agent("slow", "work", 1, command_id="job-1", timeout=30)
+    async with asyncio.timeout(WAIT):
+        await first.submitted()
+    again = h1.execute_on_agent("slow", "work", 1, command_id="job-1", timeout=30)
+    async with asyncio.timeout(WAIT):
+        await again.submitted()
+    async with aiohttp.ClientSession() as http:
+        waiting = asyncio.ensure_future(http.post(
+            f"http://127.0.0.1:{h1.admin_port}/agents/slow/commands",
+            json={"key": "work", "payload": 1, "command_id": "job-1", "timeout": 30}))
+        await wait_for(lambda: "job-1" in h1._commands.waiting_ids(), what="h1 to wait")
+        agent, _ = await RawAgent.hello(url(h0), "slow")
+        try:
+            cmd = await agent.recv_type("cmd")
+            assert cmd["id"] == "job-1"
+            await agent.send({"t": "result", "id": "job-1", "data": "done"})
+            async with asyncio.timeout(WAIT):  # well before the 30 s deadline
+                assert await first == "done"
+                assert await again == "done"
+                response = await waiting
+                body = await response.json()
+            assert response.status == 200 and body["result"] == "done", body
+        finally:
+            await agent.close()
 
 
 async def test_overdue_commands_of_a_gone_hub_are_never_delivered(cluster: Any) -> None:
@@ -263,6 +294,104 @@ async def test_bus_survives_a_redis_restart(cluster: Any, prefix: str) -> None:
         await agent.close()
     finally:
         redis.cleanup()
+
+
+async def test_commands_stored_right_after_a_redis_restart_are_delivered(
+        cluster: Any) -> None:
+    """Issue 13, defect 7: Redis comes back empty; commands stored at once, before the
+    agent's hub re-registered it and re-subscribed, still reach the agent: that hub
+    catches up (registry, then pending commands) and retries until it can."""
+    if external_redis_url():
+        pytest.skip("restarts its own redis-server")
+    redis = RedisProcess()
+    redis.start()
+    try:
+        h0, h1 = await cluster(2, redis=redis.url)
+        agent, _ = await RawAgent.hello(url(h1), "w")
+        await connected(h1, "w")
+        redis.stop()
+        await wait_for(lambda: not h0.store.healthy, what="h0 to notice")
+        redis.start()
+        await wait_for(lambda: h0.store.healthy, timeout=15, what="h0's store back")
+        handles = []
+        for n in range(20):  # as soon as h0 can store them, whatever h1's state
+            handle = h0.execute_on_agent("w", "echo", n, timeout=20)
+            try:
+                async with asyncio.timeout(WAIT):
+                    await handle.submitted()
+            except StoreUnavailable:
+                continue  # a stale connection found after the restart: not stored
+            handles.append(handle)
+        assert len(handles) >= 15
+        wanted = {h.id for h in handles}
+        seen: set[str] = set()
+        async with asyncio.timeout(15):
+            while not wanted <= seen:
+                frame = await agent.recv(timeout=15)
+                if frame["t"] == "cmd" and frame["id"] not in seen:
+                    seen.add(frame["id"])
+                    await agent.send({"t": "result", "id": frame["id"], "data": "ok"})
+            for handle in handles:
+                assert await handle == "ok"
+        assert await h0.get_agent("w") is not None  # registered again
+        await agent.close()
+    finally:
+        redis.cleanup()
+
+
+async def test_a_hub_whose_alive_key_lapsed_registers_its_agents_again(
+        cluster: Any, redis_url: str, prefix: str) -> None:
+    """Issue 13, defect 4: a hub frozen or cut off longer than hub_ttl has its agents
+    reaped by the others; once it can refresh its alive key it registers them again
+    and delivers what was stored for them meanwhile."""
+    import redis.asyncio as aioredis
+
+    from dispatcher.store.scripts import SCRIPTS
+
+    h0, h1 = await cluster(2)
+    agent, _ = await RawAgent.hello(url(h1), "w")
+    await connected(h1, "w")
+    client = aioredis.from_url(redis_url)
+    try:
+        # What a freeze longer than hub_ttl leaves: h1's alive key lapsed and h0 reaped
+        # its agents (both in one MULTI, so h1's own refresh cannot come in between).
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{prefix}:hub:{h1.hub_id}:alive")
+            pipe.eval(SCRIPTS["reap_dead_hubs"], 2, f"{prefix}:hubs", f"{prefix}:agents",
+                      prefix, h0.hub_id)
+            _, reaped = await pipe.execute()
+        assert len(reaped) == 1  # "w"
+    finally:
+        await client.aclose()
+    handle = h0.execute_on_agent("w", "echo", 1, timeout=20)
+    cmd = await agent.recv_type("cmd", timeout=WAIT)
+    assert cmd["id"] == handle.id
+    await agent.send({"t": "result", "id": cmd["id"], "data": 1})
+    async with asyncio.timeout(WAIT):
+        assert await handle == 1
+    info = await h0.get_agent("w")
+    assert info is not None and info.hub_id == h1.hub_id
+    await agent.close()
+
+
+async def test_a_hub_restarted_with_its_id_forgets_its_previous_lifes_agents(
+        cluster: Any, prefix: str) -> None:
+    """Issue 13, defect 5: what a killed hub left registered under its id is cleared
+    when a hub starts with that id, so those agents are not listed as connected."""
+    from dispatcher.models import AgentInfo
+
+    (other,) = await cluster(1)
+    ghost = AgentInfo(id="ghost", hub_id="hub-fixed", session="old", connected_at=1,
+                      last_seen=1, meta={})
+    await other.store.register_agent(ghost)  # what the killed life left behind
+    assert await other.get_agent("ghost") is not None
+    (restarted,) = await cluster(1, hub_id="hub-fixed")
+    assert await other.get_agent("ghost") is None
+    assert [a.id for a in await other.list_connected_agents()] == []
+    with pytest.raises(AgentOffline):
+        async with asyncio.timeout(WAIT):
+            await other.execute_on_agent("ghost", "echo", require_online=True)
+    assert restarted.hub_id == "hub-fixed"
 
 
 async def test_deaf_bus_is_noticed_and_rebuilt(cluster: Any) -> None:

@@ -47,6 +47,7 @@ class HubConfig:
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
     max_handshakes: int = 1000  # connections still in their handshake (more: HTTP 503)
     max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
+    rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
     max_event_queue: int = 1000  # events queued per offline agent
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
     # Operations
@@ -55,9 +56,13 @@ class HubConfig:
     bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
     bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
+    # The websockets fast path (dispatcher.ws_fastpath), used when the installed
+    # websockets has the internals it needs; off: websockets' public API only.
+    ws_fast_path: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
+        for name in ("heartbeat", "hello_timeout", "command_timeout", "retention",
+                     "rate_limit_grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:
@@ -97,7 +102,17 @@ class HubConfig:
         return cls(**values)
 
 
+_TRUE = frozenset(("1", "true", "yes", "on"))
+_FALSE = frozenset(("0", "false", "no", "off"))
+
+
 def _convert(name: str, type_name: str, raw: str) -> Any:
+    if type_name == "bool":
+        word = raw.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(f"DISPATCHER_{name.upper()}={raw!r} is not a boolean "
+                         f"(1/true/yes/on or 0/false/no/off)")
     try:
         if type_name.startswith("int"):
             return int(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import pytest
 
 from agent_client import Agent
-from dispatcher import Dispatcher, HubConfig
+from dispatcher import Dispatcher
 
-from .support import RedisProcess, external_redis_url
+from .support import FAST_PATH, RedisProcess, external_redis_url, hub_config
 
 HubFactory = Callable[..., Awaitable[Dispatcher]]
 
@@ -66,7 +67,7 @@ async def make_hub(
         if engine == "redis" and "redis_url" not in overrides:
             options["redis_url"] = request.getfixturevalue("redis_url")
         options.update(overrides)
-        hub = Dispatcher(HubConfig(**options))
+        hub = Dispatcher(hub_config(**options))
         await hub.listen()
         hubs.append(hub)
         return hub
@@ -103,7 +104,14 @@ async def make_agent() -> AsyncIterator[Callable[..., Agent]]:
         await agent.stop()
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"websockets fast path: {'on' if FAST_PATH else 'off'} (DISPATCHER_TEST_WS_FAST_PATH)"
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if not FAST_PATH:
+        # Hubs built from the environment (the CLI, subprocesses) follow the switch too.
+        os.environ["DISPATCHER_WS_FAST_PATH"] = "0"
     # Library code logs through structlog's defaults; keep test output at info.
     import logging
 

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from agent_client import Agent
-from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+from dispatcher import Dispatcher, StoreUnavailable
 
 from ..support import (
     WAIT,
@@ -28,6 +28,7 @@ from ..support import (
     TcpProxy,
     external_redis_url,
     free_port,
+    hub_config,
     wait_for,
 )
 
@@ -49,7 +50,7 @@ async def cluster(redis_url: str, prefix: str) -> AsyncIterator[Any]:
         for _ in range(n):
             options: dict[str, Any] = {"port": 0, "admin_port": 0, "prefix": prefix,
                                        "redis_url": redis or redis_url, **FAST, **overrides}
-            hub = Dispatcher(HubConfig(**options))
+            hub = Dispatcher(hub_config(**options))
             await hub.listen()
             hubs.append(hub)
             started.append(hub)

@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+from dispatcher import Dispatcher, StoreUnavailable
 from dispatcher.store.redis import RedisStore, _resp, _resp_python
 
-from ..support import RawAgent, RedisProcess, external_redis_url, wait_for
+from ..support import RawAgent, RedisProcess, external_redis_url, hub_config, wait_for
 
 
 def url(hub: Dispatcher) -> str:
@@ -32,7 +32,7 @@ async def start_hub(hubs: list[Dispatcher], redis_url: str, prefix: str, **kw: o
     options: dict[str, object] = {"port": 0, "admin_port": 0, "redis_url": redis_url,
                                   "prefix": prefix, "heartbeat": 5.0}
     options.update(kw)
-    hub = Dispatcher(HubConfig(**options))  # type: ignore[arg-type]
+    hub = Dispatcher(hub_config(**options))  # type: ignore[arg-type]
     await hub.listen()
     hubs.append(hub)
     return hub

@@ -26,6 +26,9 @@ from dispatcher import (
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, TcpProxy, wait_for
 
+# Run again with the websockets fast path off in CI (pytest -m transport).
+pytestmark = pytest.mark.transport
+
 AgentFactory = Callable[..., Agent]
 Received = asyncio.Queue[tuple[Any, EventContext]]
 

@@ -31,6 +31,7 @@ HubFactory = Any
 # websockets release it does not support (before 16; docs/deployment.md). A
 # newer release that breaks it fails test_answers_are_read_by_the_hub_itself.
 pytestmark = [
+    pytest.mark.transport,
     pytest.mark.skipif(not FAST_PATH, reason="websockets fast path off "
                        "(DISPATCHER_TEST_WS_FAST_PATH=0)"),
     pytest.mark.skipif(not FAST_PATH_RELEASE, reason="websockets < 16 has no fast path"),

@@ -33,6 +33,9 @@ from dispatcher.transport import FAIR_SLICE
 
 from ..support import WAIT, RawAgent, hub_config, pack, wait_for
 
+# Run again with the websockets fast path off in CI (pytest -m transport).
+pytestmark = pytest.mark.transport
+
 SECRET = "fuzz-secret"
 MAX_FRAME = 256 * 1024
 HELD = "held-cmd-1"  # the good agent's command in flight during every example

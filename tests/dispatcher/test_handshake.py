@@ -21,6 +21,9 @@ from dispatcher.transport import agent_token
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, P, RawAgent, TcpProxy
 
+# Run again with the websockets fast path off in CI (pytest -m transport).
+pytestmark = pytest.mark.transport
+
 PROTOCOL_ERROR_CODES = frozenset({
     "bad_frame", "unknown_type", "unknown_command", "reserved_key", "rate_limited",
     "unauthorized", "bad_hello", "unsupported_version", "replaced", "internal",

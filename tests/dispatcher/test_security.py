@@ -38,6 +38,9 @@ from dispatcher.transport import WsSession
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, RawAgent, hub_config
 
+# Run again with the websockets fast path off in CI (pytest -m transport).
+pytestmark = pytest.mark.transport
+
 SECRET = "correct horse battery staple"
 
 MemoryHubFactory = Callable[..., Awaitable[Dispatcher]]

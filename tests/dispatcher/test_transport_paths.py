@@ -20,6 +20,9 @@ from dispatcher.transport import PublicLink, WsSession
 from ..conftest import ws_url
 from ..support import FAST_PATH_RELEASE, WAIT, RawAgent
 
+# Run again with the websockets fast path off in CI (pytest -m transport).
+pytestmark = pytest.mark.transport
+
 HubFactory = Any
 
 

@@ -287,7 +287,8 @@ class AgentServer:
         else:
             self.fast_path, self.fast_path_reason = False, "turned off (HubConfig.ws_fast_path)"
         (log.info if self.fast_path or not config.ws_fast_path else log.warning)(
-            "transport_fast_path", enabled=self.fast_path, reason=self.fast_path_reason)
+            "transport_fast_path", hub_id=self.core.hub_id, enabled=self.fast_path,
+            reason=self.fast_path_reason)
         fast: dict[str, Any] = {
             # Liveness (PROTOCOL.md, Transport): websockets pings every
             # heartbeat; AgentConnection drops a peer whose Pong is late.

@@ -92,30 +92,28 @@ def close_reason(code: int | None, reason: str | None) -> str:
 
 
 class PublicLink:
-    """A connection on websockets' public API only (the fast path is off).
+    """A connection on websockets' public API (the fast path is off).
 
     Sending: a bounded outbox drained by one writer task per connection that
     awaits ``send``; a connection whose queued bytes exceed ``max_send_buffer``
     is dropped (``send_buffer_overflow``). Liveness: one task pings every
     ``heartbeat`` and drops the connection when the Pong is a heartbeat late
-    (``heartbeat_timeout``). Dropping ends the connection's ``recv`` at once
-    (cancelling ``recv`` is safe: websockets documents it), so the agent is
-    disconnected at that moment; the Close (1011) is then sent with websockets'
-    ``close_timeout``. Both tasks end with the connection (:meth:`stop`).
+    (``heartbeat_timeout``). Both tasks end with the connection (:meth:`stop`).
+
+    Dropping aborts the asyncio transport the connection was made with (it is
+    an ``asyncio.Protocol``), as the fast path does: websockets' ``close()``
+    first waits until the peer has read what is buffered, which a peer that
+    does not read never does. That is the one thing used beyond websockets'
+    documented API.
     """
 
     __slots__ = ("_close", "_gone", "_outbox", "_pinger", "_queued", "_wake", "_writer",
-                 "cancelled", "limit", "lost_reason", "receiving", "task", "ws")
+                 "limit", "lost_reason", "ws")
 
     def __init__(self, ws: ServerConnection, max_send_buffer: int, heartbeat: float) -> None:
         self.ws = ws
         self.limit = max_send_buffer
         self.lost_reason: str | None = None
-        self.receiving = False  # the connection's task waits in recv()
-        self.cancelled = False  # ... and lose() cancelled that wait
-        task = asyncio.current_task()
-        assert task is not None
-        self.task = task  # the connection's handler
         self._outbox: deque[bytes] = deque()
         self._queued = 0  # bytes in the outbox or being sent
         self._wake = asyncio.Event()
@@ -155,7 +153,6 @@ class PublicLink:
                     await ws.send(data)
                     self._queued -= len(data)
                 if self._close is not None:
-                    await ws.close(*self._close)
                     return
                 wake.clear()
                 await wake.wait()
@@ -166,7 +163,7 @@ class PublicLink:
 
     async def _ping(self, heartbeat: float) -> None:
         """PROTOCOL.md, Transport: a Ping every heartbeat; a Pong a heartbeat
-        late ends the connection (at most two heartbeats after the peer froze)."""
+        late drops the connection (at most two heartbeats after the peer froze)."""
         ws = self.ws
         with contextlib.suppress(ConnectionClosed):
             while True:
@@ -179,38 +176,39 @@ class PublicLink:
                     return
 
     def lose(self, reason: str) -> None:
-        """Drop the connection now: nothing more is sent, and the agent is
-        disconnected at once (its task's ``recv`` ends)."""
-        if self.lost_reason is not None:
-            return
-        self.lost_reason = reason
+        """Drop the connection now, without a closing handshake (the agent is
+        disconnected as soon as websockets sees the connection lost)."""
+        if self.lost_reason is None:
+            self.lost_reason = reason
         self._gone = True
         self._outbox.clear()
         self._queued = 0
         self._writer.cancel()
-        if self.receiving:
-            self.cancelled = True
-            self.task.cancel()
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close after the frames already queued (a Close never overtakes them)."""
+        """Close after the frames already queued (a Close never overtakes them),
+        within ``CLOSE_TIMEOUT`` for the flush and again for the handshake."""
         if self._close is None:
             self._close = (code, reason)
             self._wake.set()
         await asyncio.wait((self._writer,), timeout=CLOSE_TIMEOUT)
-        # Not flushed in time (a peer that does not read), or lost: close anyway.
-        self._writer.cancel()
-        await self.ws.close(code, reason)
+        self._writer.cancel()  # not flushed in time: a peer that does not read
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.lose("close_timeout")
 
     async def stop(self) -> None:
-        """End both tasks (the connection is over); a lost connection gets its Close."""
+        """End both tasks: the connection is over."""
         self._gone = True
         tasks = (self._writer, self._pinger)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.lost_reason is not None:
-            await self.ws.close(1011, self.lost_reason.replace("_", " "))
 
 
 class WsSession:
@@ -416,7 +414,7 @@ class AgentServer:
             if session is None:
                 return
             reader = _Reader(self, session)
-            task, closed = link.task, None
+            closed: ConnectionClosed | None = None
             streak = 0
             try:
                 while True:
@@ -425,24 +423,14 @@ class AgentServer:
                     if streak >= FAIR_SLICE:
                         streak = 0
                         await asyncio.sleep(0)
-                    if link.lost_reason is not None:
-                        break
-                    link.receiving = True
                     try:
                         message = await ws.recv()
                     except ConnectionClosed as exc:
                         closed = exc
                         break
-                    except asyncio.CancelledError:
-                        # PublicLink.lose() ended the wait: the agent is gone now.
-                        if not link.cancelled or task.uncancel() > 0:
-                            raise
-                        break
-                    link.receiving = False
                     if not await reader.handle(message):
                         break
             finally:
-                link.receiving = False
                 await reader.drain()
                 if link.lost_reason is not None:
                     reason = link.lost_reason

@@ -18,7 +18,7 @@ from dispatcher import Dispatcher, HubConfig, ws_fastpath
 from dispatcher.transport import PublicLink, WsSession
 
 from ..conftest import ws_url
-from ..support import FAST_PATH_RELEASE, WAIT, RawAgent
+from ..support import FAST_PATH_RELEASE, WAIT, RawAgent, wait_for
 
 # Run again with the websockets fast path off in CI (pytest -m transport).
 pytestmark = pytest.mark.transport
@@ -89,13 +89,21 @@ async def test_close_after_queued_frames_keeps_their_order(fast: bool) -> None:
     its broadcast queues the frames at once."""
     if fast and not FAST_PATH_RELEASE:
         pytest.skip("websockets < 16 has no fast path")
-    async with Dispatcher(HubConfig(port=0, admin_port=None, ws_fast_path=fast)) as hub:
+    config = HubConfig(port=0, admin_port=None, ws_fast_path=fast, max_send_buffer=64 << 20)
+    async with Dispatcher(config) as hub:
         first, _ = await RawAgent.hello(ws_url(hub), "twin")
-        blob = b"x" * 200_000
-        for _ in range(5):  # several frames still queued when the Close comes
+        # The first agent stops reading: the frames stay queued on the hub's side.
+        first.ws.transport.pause_reading()
+        blob = b"x" * 1_000_000
+        for _ in range(16):  # more than the kernel's socket buffers hold
             await hub.broadcast("blob", blob)
-        second, _ = await RawAgent.hello(ws_url(hub), "twin")
-        for _ in range(5):
+        # Still queued on the hub's side (written at the end of the loop turn on
+        # the fast path, held in the outbox on the public one).
+        await wait_for(lambda: session_of(hub, "twin").buffered() > 8_000_000,
+                       what="frames queued for the reader that paused")
+        second, _ = await RawAgent.hello(ws_url(hub), "twin")  # the Close is asked for now
+        first.ws.transport.resume_reading()
+        for _ in range(16):
             assert (await first.recv_type("event"))["data"] == blob
         error = await first.recv()
         assert (error["t"], error["code"]) == ("error", "replaced")

@@ -18,7 +18,7 @@ from dispatcher import Dispatcher, HubConfig, ws_fastpath
 from dispatcher.transport import PublicLink, WsSession
 
 from ..conftest import ws_url
-from ..support import FAST_PATH_RELEASE, WAIT, RawAgent, wait_for
+from ..support import FAST_PATH_RELEASE, WAIT, RawAgent, TcpProxy, wait_for
 
 # Run again with the websockets fast path off in CI (pytest -m transport).
 pytestmark = pytest.mark.transport
@@ -131,3 +131,27 @@ def test_rate_limit_grace_is_a_checked_setting() -> None:
     assert HubConfig.from_env({"DISPATCHER_RATE_LIMIT_GRACE": "0.5"}).rate_limit_grace == 0.5
     with pytest.raises(ValueError, match="rate_limit_grace"):
         HubConfig(rate_limit_grace=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_frozen_peer_is_dropped_not_just_forgotten(fast: bool) -> None:
+    """After a late Pong the connection itself ends too (its handler returns),
+    even though a peer that does not read would never finish a closing handshake."""
+    if fast and not FAST_PATH_RELEASE:
+        pytest.skip("websockets < 16 has no fast path")
+    config = HubConfig(port=0, admin_port=None, ws_fast_path=fast, heartbeat=0.3)
+    async with Dispatcher(config) as hub:
+        gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        hub.on("agent-disconnected",
+               lambda _info, reason: gone.done() or gone.set_result(reason))
+        proxy = await TcpProxy(hub.port).start()
+        try:
+            frozen, _ = await RawAgent.hello(proxy.url, "frozen")
+            for _ in range(4):  # something queued for it, so a Close would wait
+                await hub.broadcast("blob", b"x" * 500_000)
+            proxy.pause()
+            assert await asyncio.wait_for(gone, WAIT) == "heartbeat_timeout"
+            await wait_for(lambda: hub._agents_server._open == 0, what="the handler ended")
+        finally:
+            await proxy.close()
+        await frozen.close()

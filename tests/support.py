@@ -31,8 +31,9 @@ WAIT = 5.0  # default bound for every wait in the tests
 # off (HubConfig.ws_fast_path=False): CI runs both ways.
 FAST_PATH = os.environ.get("DISPATCHER_TEST_WS_FAST_PATH", "1").strip().lower() not in (
     "0", "false", "no", "off")
+WEBSOCKETS_MAJOR = int(importlib.metadata.version("websockets").split(".")[0])
 # Releases that have the internals the fast path needs (docs/deployment.md).
-FAST_PATH_RELEASE = int(importlib.metadata.version("websockets").split(".")[0]) >= 16
+FAST_PATH_RELEASE = WEBSOCKETS_MAJOR >= 16
 
 
 def hub_config(**options: Any) -> HubConfig:

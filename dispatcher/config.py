@@ -47,6 +47,7 @@ class HubConfig:
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
     max_handshakes: int = 1000  # connections still in their handshake (more: HTTP 503)
     max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
+    rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
     max_event_queue: int = 1000  # events queued per offline agent
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
     # Operations
@@ -58,9 +59,13 @@ class HubConfig:
     # Redis engine (docs/redis.md)
     redis_fast_path: bool = True  # read replies straight from hiredis when the check allows
     redis_max_queued: int = 100_000  # operations waiting for a write; more fail at once
+    # The websockets fast path (dispatcher.ws_fastpath), used when the installed
+    # websockets has the internals it needs; off: websockets' public API only.
+    ws_fast_path: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat", "hello_timeout", "command_timeout", "retention"):
+        for name in ("heartbeat", "hello_timeout", "command_timeout", "retention",
+                     "rate_limit_grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:

@@ -1,11 +1,17 @@
 """The agents' WebSocket server: handshake, reader, non-blocking writer, liveness.
 
 Thin by design (ARCHITECTURE.md, Layers): it turns WebSocket messages into
-frames and frames into calls on the hub (sessions and the frame router), and
-maps every failure to the close code PROTOCOL.md names. Sending never blocks
-the hub: frames go straight into the connection's transport buffer, which is
-bounded (``max_send_buffer``); a reader that does not read is disconnected
+frames and frames into calls on the hub (sessions and the frame router), and maps
+every failure to the
+close code PROTOCOL.md names. Sending never blocks the hub and is bounded by
+``max_send_buffer`` per connection: a reader that does not read is disconnected
 instead of growing memory.
+
+Two ways to run a connection, the same behaviour on the wire: the fast path
+(``dispatcher.ws_fastpath``, when ``HubConfig.ws_fast_path`` is on and the
+installed websockets has the internals it needs) reads answers off the socket
+and writes frames in batches; otherwise :class:`PublicLink` uses websockets'
+public API only (``recv``, ``send``, ``ping``, ``close``).
 """
 
 from __future__ import annotations
@@ -15,28 +21,20 @@ import contextlib
 import hmac
 import http
 import json
-import struct
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import structlog
-from websockets.asyncio.messages import SimpleQueue
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
-from websockets.streams import StreamReader
 from websockets.typing import Data
-
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - websockets built without its C extension
-    from websockets.utils import apply_mask
 
 from agent_client import protocol as P
 
+from . import ws_fastpath
 from .clock import now_ms
 from .config import HubConfig
 from .connections import Connections
@@ -46,23 +44,36 @@ from .metrics import Metrics
 from .models import AgentInfo
 from .router import FrameRouter
 from .sessions import Sessions
+from .ws_fastpath import AgentConnection, TurnWriter, binary_header
 
-__all__ = ["AgentServer", "WsSession", "agent_token", "close_reason"]
+__all__ = ["AgentServer", "PublicLink", "WsSession", "agent_token", "close_reason"]
 
 log = structlog.get_logger(__name__)
 
-# Frames of one connection being applied at once (store calls not answered yet).
+# Frames of one connection being applied at once (store calls not answered yet): enough
+# for one agent's answers to fill pipelined Redis writes, small enough that a
+# connection cannot hold more than a few hundred store operations.
 MAX_FRAMES_IN_FLIGHT = 256
-# Seconds a connection may stay over its frame rate before it is closed (1008).
-RATE_LIMIT_GRACE = 5.0
-# Frames one connection's reader handles before it lets the other tasks run.
+# Frames one connection's reader handles before it lets the other tasks run:
+# 64 frames is about 0.1 ms of work, so a flooding connection delays the others
+# by that much at most, while the yield itself stays rare.
 FAIR_SLICE = 64
-# Frames applied inline per read of one connection; the rest go to its task.
-INLINE_SLICE = FAIR_SLICE
-# Opcodes RFC 6455 defines: continuation, text, binary, close, ping, pong.
-_OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
-# websockets' parser sits here between frames (see AgentConnection._at_boundary).
-_AT_EOF = StreamReader.at_eof.__code__
+# Seconds a closing connection gets to finish its closing handshake (websockets'
+# close_timeout), and, on the public path, to flush what it still has queued.
+CLOSE_TIMEOUT = 5.0
+
+
+class Link(Protocol):
+    """What a session needs from its connection, on either path."""
+
+    def queue_frame(self, data: bytes, header: bytes | None = None) -> bool:
+        """Queue one binary message without waiting; False if the connection is gone."""
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close after the frames already queued, with a close code of PROTOCOL.md."""
+
+    def buffered(self) -> int:
+        """Bytes queued for this connection and not yet sent."""
 
 
 def agent_token(secret: str, agent_id: str) -> str:
@@ -86,283 +97,124 @@ def close_reason(code: int | None, reason: str | None) -> str:
     }.get(code, f"close_{code}")
 
 
-_SMALL_HEADERS = [bytes((0x82, n)) for n in range(126)]
+class PublicLink:
+    """A connection on websockets' public API (the fast path is off).
 
+    Sending: a bounded outbox drained by one writer task per connection that
+    awaits ``send``; a connection whose queued bytes exceed ``max_send_buffer``
+    is dropped (``send_buffer_overflow``). Liveness: one task pings every
+    ``heartbeat`` and drops the connection when the Pong is a heartbeat late
+    (``heartbeat_timeout``). Both tasks end with the connection (:meth:`stop`).
 
-def binary_header(size: int) -> bytes:
-    """RFC 6455, 5.2: the header of an unmasked, final binary frame of ``size`` bytes."""
-    if size < 126:
-        return _SMALL_HEADERS[size]
-    if size < 65536:
-        return struct.pack("!BBH", 0x82, 126, size)
-    return struct.pack("!BBQ", 0x82, 127, size)
-
-
-class AgentConnection(ServerConnection):
-    """websockets' server connection plus the hub's liveness watch.
-
-    PROTOCOL.md, Transport: a connection whose Pong is ``heartbeat`` seconds
-    late counts as gone *at that moment*, without waiting for a closing
-    handshake a dead peer will never answer. websockets sends the Pings
-    (``ping_interval``); this class notes when bytes last arrived and one
-    timer per connection aborts it when nothing came for two heartbeats
-    (a Ping went out, and its Pong is a heartbeat late).
+    Dropping aborts the asyncio transport the connection was made with (it is
+    an ``asyncio.Protocol``), as the fast path does: websockets' ``close()``
+    first waits until the peer has read what is buffered, which a peer that
+    does not read never does. That is the one thing used beyond websockets'
+    documented API.
     """
 
-    last_rx: float = 0.0
-    lost_reason: str | None = None
-    _liveness: asyncio.TimerHandle | None = None
-    _heartbeat: float = 0.0
-    _corked: bool = False
-    max_send_buffer: int = 4 * 1024 * 1024
+    __slots__ = ("_close", "_gone", "_outbox", "_pinger", "_queued", "_wake", "_writer",
+                 "limit", "lost_reason", "ws")
+
+    def __init__(self, ws: ServerConnection, max_send_buffer: int, heartbeat: float) -> None:
+        self.ws = ws
+        self.limit = max_send_buffer
+        self.lost_reason: str | None = None
+        self._outbox: deque[bytes] = deque()
+        self._queued = 0  # bytes in the outbox or being sent
+        self._wake = asyncio.Event()
+        self._close: tuple[int, str] | None = None
+        self._gone = False
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._pinger = loop.create_task(self._ping(heartbeat))
 
     def queue_frame(self, data: bytes, header: bytes | None = None) -> bool:
-        """Send one binary message: it leaves with every other frame of this
-        event-loop turn, in one write at the end of the turn (one system call
-        per connection and turn instead of one per frame).
-
-        Never waits: the send-buffer bound replaces the backpressure a drain
-        would give (a reader that does not read is dropped, not waited for).
-
-        The frame is serialized here, not by websockets: a server's frames are
-        not masked, so a binary frame is a 2-10 byte header (``header``, made
-        once for a fan-out) and the message. It joins websockets' own output
-        list, so it keeps its place among the control frames (a Close sent
-        after it leaves after it).
-        """
-        protocol = self.protocol
-        if protocol.state is not State.OPEN or protocol.expect_continuation_frame:
+        if self._close is not None or self._gone:
             return False
-        writes = protocol.writes
-        writes.append(binary_header(len(data)) if header is None else header)
-        writes.append(data)
-        if not self._corked:
-            self._corked = True
-            writer = self.writer
-            if writer is None:
-                self.send_data()
-                self._corked = False
-            else:
-                writer.dirty(self)
+        self._outbox.append(data)
+        self._queued += len(data)
+        if self._queued > self.limit:
+            log.warning("send_buffer_overflow", buffered=self._queued)
+            self.lose("send_buffer_overflow")
+            return False
+        if not self._wake.is_set():
+            self._wake.set()
         return True
 
-    writer: _TurnWriter | None = None
+    def buffered(self) -> int:
+        return self._queued
 
-    def uncork(self) -> None:
-        self._corked = False
-        if not self.transport.is_closing():
-            self.send_data()
+    @property
+    def sent_close(self) -> tuple[int | None, str | None]:
+        """The close code and reason the hub asked for (None: it did not close)."""
+        return self._close if self._close is not None else (None, None)
 
-    def send_data(self) -> None:
-        """Write what the protocol has to send in one call, not one per frame.
-
-        websockets also calls this when data arrives (to answer pings), which
-        flushes the frames queued by :meth:`queue_frame` early: joined, they
-        still cost one system call.
-        """
-        chunks = self.protocol.data_to_send()
-        if not chunks:
-            return
-        transport = self.transport
-        if all(chunks):
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        else:
-            # An empty chunk means end of stream (after a close): keep
-            # websockets' own handling for that rare case.
-            for chunk in chunks:
-                if chunk:
-                    transport.write(chunk)
-                elif transport.can_write_eof():
-                    with contextlib.suppress(Exception):  # as websockets does
-                        transport.write_eof()
-                else:
-                    transport.close()
-        if transport.get_write_buffer_size() > self.max_send_buffer:
-            log.warning("send_buffer_overflow", buffered=transport.get_write_buffer_size())
-            self.abort("send_buffer_overflow")
-
-    # -- reading: whole binary frames applied inline --------------------------
-    # Set once the agent is attached: applies one message now and returns True,
-    # or returns False (having done nothing) to leave it to the connection's task.
-    inline: Callable[[bytes], bool] | None = None
-    # The connection's task is handling a message (anything after it waits behind).
-    busy: bool = False
-    max_message: int = 1 << 20
-    _split: bool = False  # frames are split here; websockets sees only whole frames
-    _passthrough: bool = False  # websockets parses everything from now on
-    _partial: bytearray | None = None  # the start of a frame whose end has not arrived
-    _need = 0  # bytes _partial must reach to hold that frame whole (0: header incomplete)
-
-    def data_received(self, data: bytes) -> None:
-        """Apply the agents' answers straight from the socket's bytes.
-
-        websockets parses frames in Python and hands messages to a task through
-        a queue: per message, more than the hub's whole work on an answer. Here,
-        once the agent is attached, complete final binary frames are unmasked
-        and applied at once (``inline``); every other frame (control frames,
-        text, fragments) goes to websockets whole and in order, so it still
-        handles pings, closes and protocol errors. A message ``inline`` leaves
-        to the task, and every message after it until the task has caught up,
-        joins websockets' queue for the task, so frames are applied in order.
-        """
-        self.last_rx = self.loop.time()
-        if self._passthrough or (self.inline is None and not self._split):
-            # Once splitting, it goes on after the task ended (``inline`` None):
-            # websockets must never get the rest of a frame whose start it missed.
-            super().data_received(data)
-            return
-        if not self._split:
-            if not self._at_boundary():
-                super().data_received(data)
-                return
-            self._split = True
-        partial = self._partial
-        if partial is not None:
-            # Appended in place (a frame trickling in byte by byte costs linear
-            # time), parsed again only once it can be whole.
-            partial += data
-            if len(partial) < self._need:
-                return
-            data = bytes(partial)
-            self._partial = None
-        self._split_frames(data)
-
-    def _at_boundary(self) -> bool:
-        """Whether websockets' parser waits for a new frame (has consumed none of one)."""
-        protocol = self.protocol
-        if not hasattr(protocol, "current_size") \
-                or not isinstance(getattr(self.recv_messages, "frames", None), SimpleQueue):
-            return False  # another websockets release: leave all reading to it
-        if protocol.reader.buffer or protocol.current_size is not None \
-                or protocol.state is not State.OPEN:
-            return False
-        # The innermost generator of the parser's ``yield from`` chain.
-        inner = protocol.parser
-        while (outer := getattr(inner, "gi_yieldfrom", None)) is not None:
-            inner = outer
-        return getattr(inner, "gi_code", None) is _AT_EOF
-
-    def _split_frames(self, data: bytes) -> None:
-        protocol = self.protocol
-        size = len(data)
-        pos = 0
-        run = -1  # start of frames for websockets, not yet handed over
-        inline_left = INLINE_SLICE
-        self._need = 0
-        while size - pos >= 2:
-            b0, b1 = data[pos], data[pos + 1]
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = int.from_bytes(data[pos + 2:pos + 4], "big")
-                head = pos + 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2:pos + 10], "big")
-                head = pos + 10
-            if b1 & 0x80:
-                head += 4
-            opcode = b0 & 0x0F
-            if length > self.max_message or b0 & 0x70 or opcode not in _OPCODES \
-                    or (opcode >= 0x8 and length > 125):
-                # Too big (websockets closes with 1009) or invalid from its
-                # header (1002): websockets decides now, nothing is buffered here.
-                self._passthrough = True
-                super().data_received(data[pos if run < 0 else run:])
-                return
-            end = head + length
-            if end > size:
-                self._need = end - pos
-                break
-            if b0 == 0x82 and b1 & 0x80:
-                # The frames before it first: a Close or an invalid frame
-                # among them ends what may be applied after them.
-                if run >= 0:
-                    super().data_received(data[run:pos])
-                    run = -1
-                # Not inside a fragmented message (that is websockets' 1002).
-                if protocol.state is State.OPEN and protocol.current_size is None:
-                    message = apply_mask(data[head:end], data[head - 4:head])
-                    if self.busy or self.recv_messages.frames or inline_left <= 0 \
-                            or not self._apply(message):
-                        with contextlib.suppress(EOFError):  # the connection is gone
-                            self.recv_messages.put(Frame(Opcode.BINARY, message))
-                    else:
-                        inline_left -= 1
-                    pos = end
-                    continue
-            if run < 0:
-                run = pos
-            pos = end
-        if run >= 0:
-            super().data_received(data[run:pos])
-        if pos < size:
-            self._partial = bytearray(data[pos:])
-
-    def _apply(self, message: bytes) -> bool:
-        inline = self.inline
-        if inline is None:
-            return False
+    async def _write(self) -> None:
+        ws, outbox, wake = self.ws, self._outbox, self._wake
         try:
-            return inline(message)
-        except Exception:  # a bug: the frame is lost, the connection is not
-            log.exception("inline_frame_failed")
-            return True
+            while True:
+                while outbox:
+                    data = outbox.popleft()
+                    await ws.send(data)
+                    self._queued -= len(data)
+                if self._close is not None:
+                    return
+                wake.clear()
+                await wake.wait()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._gone = True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._liveness is not None:
-            self._liveness.cancel()
-            self._liveness = None
-        super().connection_lost(exc)
+    async def _ping(self, heartbeat: float) -> None:
+        """PROTOCOL.md, Transport: a Ping every heartbeat; a Pong a heartbeat
+        late drops the connection (at most two heartbeats after the peer froze)."""
+        ws = self.ws
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(heartbeat)
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        await (await ws.ping())
+                except TimeoutError:
+                    self.lose("heartbeat_timeout")
+                    return
 
-    def watch_liveness(self, heartbeat: float) -> None:
-        self._heartbeat = heartbeat
-        self.last_rx = self.loop.time()
-        self._liveness = self.loop.call_at(self.last_rx + 2 * heartbeat, self._check_liveness)
-
-    def _check_liveness(self) -> None:
-        deadline = self.last_rx + 2 * self._heartbeat
-        if self.loop.time() >= deadline:
-            self._liveness = None
-            self.abort("heartbeat_timeout")
-        else:
-            self._liveness = self.loop.call_at(deadline, self._check_liveness)
-
-    def abort(self, reason: str) -> None:
-        """Drop the connection now, without a closing handshake."""
+    def lose(self, reason: str) -> None:
+        """Drop the connection now, without a closing handshake (the agent is
+        disconnected as soon as websockets sees the connection lost)."""
         if self.lost_reason is None:
             self.lost_reason = reason
-        self.transport.abort()
+        self._gone = True
+        self._outbox.clear()
+        self._queued = 0
+        self._writer.cancel()
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close after the frames already queued (a Close never overtakes them),
+        within ``CLOSE_TIMEOUT`` for the flush and again for the handshake."""
+        if self._close is None:
+            self._close = (code, reason)
+            self._wake.set()
+        await asyncio.wait((self._writer,), timeout=CLOSE_TIMEOUT)
+        self._writer.cancel()  # not flushed in time: a peer that does not read
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.lose("close_timeout")
 
-class _TurnWriter:
-    """Writes every connection that got frames during an event-loop turn, once,
-    at the end of the turn: one callback per turn for the whole hub, one
-    write per connection."""
-
-    __slots__ = ("_conns", "_loop", "_scheduled")
-
-    def __init__(self) -> None:
-        self._conns: list[AgentConnection] = []
-        self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def dirty(self, conn: AgentConnection) -> None:
-        self._conns.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        conns, self._conns = self._conns, []
-        for conn in conns:
-            conn.uncork()
+    async def stop(self) -> None:
+        """End both tasks: the connection is over."""
+        self._gone = True
+        tasks = (self._writer, self._pinger)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class WsSession:
@@ -370,7 +222,7 @@ class WsSession:
 
     __slots__ = ("_server", "agent_id", "info", "session_id", "ws")
 
-    def __init__(self, server: AgentServer, ws: AgentConnection, info: AgentInfo) -> None:
+    def __init__(self, server: AgentServer, ws: Link, info: AgentInfo) -> None:
         self._server = server
         self.ws = ws
         self.info = info
@@ -393,11 +245,12 @@ class WsSession:
         if not sessions:
             return 0
         sent = 0
-        header = binary_header(len(data))
+        server = sessions[0]._server
+        header = binary_header(len(data)) if server.fast_path else None
         for session in sessions:
             if session.ws.queue_frame(data, header):
                 sent += 1
-        sessions[0]._server.metrics.frame_out_many(data, sent)
+        server.metrics.frame_out_many(data, sent)
         return sent
 
     def close(self, code: int, reason: str) -> None:
@@ -405,7 +258,7 @@ class WsSession:
 
     def buffered(self) -> int:
         """Bytes written to this connection and not yet sent (for ``/metrics``)."""
-        return self.ws.transport.get_write_buffer_size()
+        return self.ws.buffered()
 
 
 class AgentServer:
@@ -425,7 +278,10 @@ class AgentServer:
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
         self.port: int | None = None
         self._open = 0  # connections past the upgrade, handshaking or attached
-        self._writer = _TurnWriter()
+        self._writer = TurnWriter()
+        # Decided at start(): the fast path, or websockets' public API only.
+        self.fast_path = False
+        self.fast_path_reason = "not started"
 
     @property
     def auth_required(self) -> bool:
@@ -433,18 +289,32 @@ class AgentServer:
 
     async def start(self) -> int:
         config = self.config
+        if config.ws_fast_path:
+            self.fast_path, self.fast_path_reason = ws_fastpath.check()
+        else:
+            self.fast_path, self.fast_path_reason = False, "turned off (HubConfig.ws_fast_path)"
+        (log.info if self.fast_path or not config.ws_fast_path else log.warning)(
+            "transport_fast_path", hub_id=self.hub_id, enabled=self.fast_path,
+            reason=self.fast_path_reason)
+        fast: dict[str, Any] = {
+            # Liveness (PROTOCOL.md, Transport): websockets pings every
+            # heartbeat; AgentConnection drops a peer whose Pong is late.
+            "ping_interval": config.heartbeat,
+            "create_connection": AgentConnection,
+        } if self.fast_path else {
+            # PublicLink pings and times the Pongs itself (websockets' own
+            # Pong timeout would wait close_timeout before the agent is gone).
+            "ping_interval": None,
+        }
         self._server = await serve(
             self._handler,
             config.host,
             config.port,
             process_request=self._process_request,
             max_size=config.max_frame,
-            # Liveness (PROTOCOL.md, Transport): websockets pings every
-            # heartbeat; AgentConnection drops a peer whose Pong is late.
-            ping_interval=config.heartbeat,
             ping_timeout=None,
-            close_timeout=5.0,
-            create_connection=AgentConnection,
+            close_timeout=CLOSE_TIMEOUT,
+            **fast,
             # Compression triples the memory of an idle connection (PERFORMANCE.md).
             compression=None,
             max_queue=64,
@@ -455,7 +325,7 @@ class AgentServer:
         self.port = sock.getsockname()[1]
         return self.port
 
-    def close_soon(self, ws: ServerConnection, code: int, reason: str) -> None:
+    def close_soon(self, ws: Link, code: int, reason: str) -> None:
         """Close a connection without blocking the caller; the task is owned."""
         task = asyncio.get_running_loop().create_task(ws.close(code, reason))
         self._tasks.add(task)
@@ -502,7 +372,10 @@ class AgentServer:
     async def _handler(self, ws: ServerConnection) -> None:
         self._open += 1
         try:
-            await self._serve(ws)
+            if self.fast_path:
+                await self._serve(ws)
+            else:
+                await self._serve_public(ws)
         finally:
             self._open -= 1
 
@@ -512,7 +385,7 @@ class AgentServer:
         ws.max_message = self.config.max_frame
         ws.writer = self._writer
         ws.watch_liveness(self.config.heartbeat)
-        session = await self._handshake(ws)
+        session = await self._handshake(ws, ws)
         if session is None:
             return
         reader = _Reader(self, session)
@@ -540,10 +413,45 @@ class AgentServer:
         finally:
             ws.inline = None
             await reader.drain()
-            await self.sessions.detach(session, ws.lost_reason
-                                   or close_reason(_close_code(ws), _close_text(ws)))
+            await self.sessions.detach(session, ws.lost_reason or close_reason(*ws.close_info()))
 
-    async def _handshake(self, ws: AgentConnection) -> WsSession | None:
+    async def _serve_public(self, ws: ServerConnection) -> None:
+        """One connection on websockets' public API: every message through recv()."""
+        link = PublicLink(ws, self.max_send_buffer, self.config.heartbeat)
+        try:
+            session = await self._handshake(ws, link)
+            if session is None:
+                return
+            reader = _Reader(self, session)
+            closed: ConnectionClosed | None = None
+            streak = 0
+            try:
+                while True:
+                    # As on the fast path: a flooding connection yields now and then.
+                    streak += 1
+                    if streak >= FAIR_SLICE:
+                        streak = 0
+                        await asyncio.sleep(0)
+                    try:
+                        message = await ws.recv()
+                    except ConnectionClosed as exc:
+                        closed = exc
+                        break
+                    if not await reader.handle(message):
+                        break
+            finally:
+                await reader.drain()
+                if link.lost_reason is not None:
+                    reason = link.lost_reason
+                elif closed is not None:
+                    reason = close_reason(*_close_info(closed))
+                else:  # the hub closed it (frame rate)
+                    reason = close_reason(*link.sent_close)
+                await self.sessions.detach(session, reason)
+        finally:
+            await link.stop()
+
+    async def _handshake(self, ws: ServerConnection, link: Link) -> WsSession | None:
         """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
         config = self.config
         try:
@@ -583,7 +491,7 @@ class AgentServer:
         now = now_ms()
         info = AgentInfo(id=frame.agent, hub_id=self.hub_id, session=new_session_id(),
                          connected_at=now, last_seen=now, meta=frame.meta or {})
-        session = WsSession(self, ws, info)
+        session = WsSession(self, link, info)
         try:
             await self.sessions.attach(session, frame.subs)
         except StoreUnavailable:
@@ -619,11 +527,11 @@ class AgentServer:
 
 class _Reader:
     """One attached agent's frames into the hub's frame router: answers inline from
-    the connection's ``data_received`` when possible, everything else in order in
-    the connection's task (:meth:`handle`)."""
+    the connection's ``data_received`` when possible (fast path), everything else
+    in order in the connection's task (:meth:`handle`)."""
 
-    __slots__ = ("dropped_at", "frame_in", "inflight", "last", "limited_since", "loop",
-                 "rate", "router", "session", "tokens", "warned", "ws")
+    __slots__ = ("dropped_at", "frame_in", "grace", "inflight", "last", "limited_since",
+                 "loop", "rate", "router", "session", "tokens", "warned", "ws")
 
     def __init__(self, server: AgentServer, session: WsSession) -> None:
         self.router = server.router
@@ -639,8 +547,9 @@ class _Reader:
         self.inflight: set[asyncio.Future[Any]] = set()
         # Frames per second (API.md, Security): a token bucket of one second's
         # worth. Over it, frames are dropped with one `rate_limited` error a
-        # second; a connection still over it after RATE_LIMIT_GRACE is closed.
+        # second; a connection still over it after ``rate_limit_grace`` is closed.
         self.rate = server.config.max_frame_rate
+        self.grace = server.config.rate_limit_grace
         self.tokens, self.last = self.rate, self.loop.time()
         self.limited_since: float | None = None
         self.warned = self.dropped_at = 0.0
@@ -698,7 +607,7 @@ class _Reader:
             if not self._token(now):
                 if self.limited_since is None:
                     self.limited_since = now
-                elif now - self.limited_since > RATE_LIMIT_GRACE:
+                elif now - self.limited_since > self.grace:
                     log.warning("rate_limit_close", agent_id=session.agent_id)
                     # Awaited: once the handler returns websockets closes
                     # with 1000, which would overtake a close left to a task.
@@ -735,18 +644,14 @@ class _Reader:
 _ANSWERS = (P.FailFrame, P.AckFrame, P.ProgressFrame)
 
 
-def _close_code(ws: ServerConnection) -> int | None:
-    rcvd, sent = ws.protocol.close_rcvd, ws.protocol.close_sent
-    if sent is not None and sent.code == P.CloseCode.REPLACED:
-        return sent.code
-    if rcvd is not None:
-        return rcvd.code
-    return sent.code if sent is not None else None
-
-
-def _close_text(ws: ServerConnection) -> str | None:
-    frame = ws.protocol.close_sent or ws.protocol.close_rcvd
-    return frame.reason if frame is not None else None
+def _close_info(exc: ConnectionClosed) -> tuple[int | None, str | None]:
+    """As ``AgentConnection.close_info``, from the exception ``recv`` raised."""
+    rcvd, sent = exc.rcvd, exc.sent
+    code = sent.code if sent is not None else None
+    if rcvd is not None and code != P.CloseCode.REPLACED:
+        code = rcvd.code
+    text = sent.reason if sent is not None else rcvd.reason if rcvd is not None else None
+    return code, text
 
 
 def _remote(ws: ServerConnection) -> str:

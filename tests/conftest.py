@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -9,9 +10,9 @@ from typing import Any
 import pytest
 
 from agent_client import Agent
-from dispatcher import Dispatcher, HubConfig
+from dispatcher import Dispatcher
 
-from .support import RedisProcess, external_redis_url, redis_fast_path
+from .support import FAST_PATH, RedisProcess, external_redis_url, hub_config, redis_fast_path
 
 HubFactory = Callable[..., Awaitable[Dispatcher]]
 
@@ -65,9 +66,8 @@ async def make_hub(
                                    "hello_timeout": 5.0, "prefix": prefix}
         if engine == "redis" and "redis_url" not in overrides:
             options["redis_url"] = request.getfixturevalue("redis_url")
-        options["redis_fast_path"] = redis_fast_path()
         options.update(overrides)
-        hub = Dispatcher(HubConfig(**options))
+        hub = Dispatcher(hub_config(**options))
         await hub.listen()
         hubs.append(hub)
         return hub
@@ -104,11 +104,17 @@ async def make_agent() -> AsyncIterator[Callable[..., Agent]]:
         await agent.stop()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if not redis_fast_path():
-        # Hubs configured from the environment (CLI subprocesses) follow the switch too.
-        import os
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"websockets fast path: {'on' if FAST_PATH else 'off'} "
+            f"(DISPATCHER_TEST_WS_FAST_PATH); redis fast path: "
+            f"{'on' if redis_fast_path() else 'off'} (DISPATCHER_TEST_REDIS_FAST_PATH)")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Hubs built from the environment (the CLI, subprocesses) follow the switches too.
+    if not FAST_PATH:
+        os.environ["DISPATCHER_WS_FAST_PATH"] = "0"
+    if not redis_fast_path():
         os.environ["DISPATCHER_REDIS_FAST_PATH"] = "0"
     # Library code logs through structlog's defaults; keep test output at info.
     import logging

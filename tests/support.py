@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -22,8 +23,24 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from agent_client import protocol as P
+from dispatcher import HubConfig
 
 WAIT = 5.0  # default bound for every wait in the tests
+
+# DISPATCHER_TEST_WS_FAST_PATH=0 runs the suite with the websockets fast path
+# off (HubConfig.ws_fast_path=False): CI runs both ways.
+FAST_PATH = os.environ.get("DISPATCHER_TEST_WS_FAST_PATH", "1").strip().lower() not in (
+    "0", "false", "no", "off")
+WEBSOCKETS_MAJOR = int(importlib.metadata.version("websockets").split(".")[0])
+# Releases that have the internals the fast path needs (docs/deployment.md).
+FAST_PATH_RELEASE = WEBSOCKETS_MAJOR >= 16
+
+
+def hub_config(**options: Any) -> HubConfig:
+    """``HubConfig(**options)`` with the suite's fast-path switches unless given."""
+    options.setdefault("ws_fast_path", FAST_PATH)
+    options.setdefault("redis_fast_path", redis_fast_path())
+    return HubConfig(**options)
 
 
 def pack(obj: Any) -> bytes:

@@ -39,7 +39,8 @@ def _exe(name: str) -> str:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DISPATCHER_") or k == "DISPATCHER_WS_FAST_PATH"}
     env.update(extra)
     return env
 

@@ -366,11 +366,21 @@ class RedisStore(Store):
                 self._room.set()
                 if self.on_round_trip is not None:
                     self.on_round_trip(time.perf_counter() - start)
-                self._resolve(batch, results)
+                if not self._resolve(batch, results):
+                    # Someone flushed Redis's script cache. Handled as a short
+                    # outage, here and now (not in a task that could outlive
+                    # the connection and fail the next one's work): everything
+                    # after these fails at once with StoreUnavailable, and the
+                    # probe loads the scripts again before traffic resumes, so
+                    # nothing runs out of order.
+                    await self._fail_all(NoScriptError("scripts flushed"))
+                    break
             if not self._sent:
                 self._replies.clear()
 
-    def _resolve(self, batch: list[_Op], results: list[Any]) -> None:
+    def _resolve(self, batch: list[_Op], results: list[Any]) -> bool:
+        """Settle a batch's futures from its replies; False when a script was
+        missing (those operations did not run and fail; the caller fails the rest)."""
         noscript: list[_Op] = []
         for op, res in zip(batch, results, strict=True):
             if op.future.done():
@@ -391,15 +401,9 @@ class RedisStore(Store):
                 else:
                     op.future.set_result(value)
         if noscript:
-            # Someone flushed Redis's script cache. Handled as a short outage:
-            # these (which did not run) and everything after them fail at once
-            # with StoreUnavailable, and the probe loads the scripts again
-            # before traffic resumes, so nothing runs out of order.
             self._fail_ops(noscript, StoreUnavailable("Redis lost its scripts (SCRIPT FLUSH)"))
-            task = asyncio.get_running_loop().create_task(
-                self._fail_all(NoScriptError("scripts flushed")))
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
+            return False
+        return True
 
     def _fail_ops(self, ops: list[_Op], err: StoreUnavailable) -> None:
         for op in ops:

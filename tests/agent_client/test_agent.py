@@ -42,6 +42,9 @@ from dispatcher import (
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, TcpProxy, free_port, wait_for
 
+# Run again with the fast paths off in CI (pytest -m fallback).
+pytestmark = pytest.mark.fallback
+
 AgentFactory = Callable[..., Agent]
 
 

@@ -18,11 +18,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent_client import Agent, CommandError
-from dispatcher import Dispatcher, HubConfig
+from dispatcher import Dispatcher
 from dispatcher.admin import ROUTES, jsonable, openapi_document
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RedisProcess, redis_fast_path, wait_for
+from ..support import WAIT, RedisProcess, hub_config, wait_for
 
 TOKEN = "admin-s3cret"
 
@@ -423,8 +423,7 @@ async def test_store_outage_answers_503_not_500(http: aiohttp.ClientSession, pre
     redis = RedisProcess()
     redis.start()
     try:
-        config = HubConfig(port=0, admin_port=0, redis_url=redis.url, prefix=prefix,
-                           redis_fast_path=redis_fast_path())
+        config = hub_config(port=0, admin_port=0, redis_url=redis.url, prefix=prefix)
         async with Dispatcher(config) as hub:
             api = Api(http, hub, None)
             assert (await api.get("/agents"))[0] == 200
@@ -540,7 +539,7 @@ def _fuzz(base: str, token: str, max_examples: int, budget: float) -> list[str]:
 @pytest.mark.timeout(90)
 async def test_schemathesis_finds_no_500_and_no_answer_off_the_schema(
         make_agent: Callable[..., Agent]) -> None:
-    config = HubConfig(port=0, admin_port=0, admin_token=TOKEN, command_timeout=0.05)
+    config = hub_config(port=0, admin_port=0, admin_token=TOKEN, command_timeout=0.05)
     async with Dispatcher(config) as hub:
         await _worker(hub, make_agent, "a1")
         failures = await asyncio.to_thread(

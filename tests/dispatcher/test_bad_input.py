@@ -21,6 +21,9 @@ from dispatcher import CommandCancelled, Dispatcher
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, P, RawAgent, wait_for
 
+# Run again with the fast paths off in CI (pytest -m fallback).
+pytestmark = pytest.mark.fallback
+
 
 def deep(depth: int) -> bytes:
     """``{"t": "result", "id": "deep", "data": [[[...]]]}`` nested ``depth`` times."""

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from agent_client import Agent
-from dispatcher import AgentOffline, Dispatcher, HubConfig, StoreUnavailable
+from dispatcher import AgentOffline, Dispatcher, StoreUnavailable
 
 from ..support import (
     WAIT,
@@ -30,7 +30,7 @@ from ..support import (
     TcpProxy,
     external_redis_url,
     free_port,
-    redis_fast_path,
+    hub_config,
     wait_for,
 )
 
@@ -51,9 +51,8 @@ async def cluster(redis_url: str, prefix: str) -> AsyncIterator[Any]:
         started = []
         for _ in range(n):
             options: dict[str, Any] = {"port": 0, "admin_port": 0, "prefix": prefix,
-                                       "redis_url": redis or redis_url, **FAST,
-                                       "redis_fast_path": redis_fast_path(), **overrides}
-            hub = Dispatcher(HubConfig(**options))
+                                       "redis_url": redis or redis_url, **FAST, **overrides}
+            hub = Dispatcher(hub_config(**options))
             await hub.listen()
             hubs.append(hub)
             started.append(hub)

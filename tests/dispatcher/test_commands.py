@@ -30,6 +30,8 @@ from dispatcher import (
 from ..conftest import ws_url
 from ..support import WAIT, RawAgent
 
+pytestmark = pytest.mark.fallback  # run again with the fast paths off (CI)
+
 SHORT = 0.3  # timeout of the commands that are meant to time out
 
 

@@ -1,4 +1,4 @@
-"""The hub's own WebSocket framing on the hot path (``dispatcher.transport``).
+"""The hub's own WebSocket framing on the hot path (``dispatcher.ws_fastpath``).
 
 Once an agent is attached, the hub splits the byte stream into frames itself and
 applies answers straight from ``data_received``; websockets still gets every
@@ -20,12 +20,22 @@ from websockets.frames import Frame, Opcode
 
 from agent_client.protocol import pack
 from dispatcher import Dispatcher
-from dispatcher.transport import AgentConnection, binary_header
+from dispatcher.ws_fastpath import AgentConnection, binary_header
 
 from ..conftest import ws_url
-from ..support import WAIT, RawAgent, wait_for
+from ..support import FAST_PATH, FAST_PATH_RELEASE, WAIT, RawAgent, wait_for
 
 HubFactory = Any
+
+# Everything here is about the fast path: nothing to test with it off, or on a
+# websockets release it does not support (before 16; docs/deployment.md). A
+# newer release that breaks it fails test_answers_are_read_by_the_hub_itself.
+pytestmark = [
+    pytest.mark.fallback,
+    pytest.mark.skipif(not FAST_PATH, reason="websockets fast path off "
+                       "(DISPATCHER_TEST_WS_FAST_PATH=0)"),
+    pytest.mark.skipif(not FAST_PATH_RELEASE, reason="websockets < 16 has no fast path"),
+]
 
 
 def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -71,6 +81,7 @@ async def test_answers_are_read_by_the_hub_itself(make_hub: HubFactory) -> None:
     """The fast path is on once attached (a websockets release that changes the
     internals it relies on turns it off: this test says so)."""
     hub = await make_hub()
+    assert hub._agents_server.fast_path, hub._agents_server.fast_path_reason
     agent, _ = await RawAgent.hello(ws_url(hub), "quick")
     handle = hub.execute_on_agent("quick", "work", 1)
     cmd = await agent.recv_type("cmd")

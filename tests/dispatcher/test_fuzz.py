@@ -28,10 +28,13 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from websockets.exceptions import ConnectionClosed
 
-from dispatcher import Dispatcher, HubConfig, agent_token
+from dispatcher import Dispatcher, agent_token
 from dispatcher.transport import FAIR_SLICE
 
-from ..support import WAIT, RawAgent, pack, wait_for
+from ..support import WAIT, RawAgent, hub_config, pack, wait_for
+
+# Run again with the fast paths off in CI (pytest -m fallback).
+pytestmark = pytest.mark.fallback
 
 SECRET = "fuzz-secret"
 MAX_FRAME = 256 * 1024
@@ -243,7 +246,7 @@ async def settle(raw: RawAgent, url: str, mark: int) -> RawAgent:
 
 
 async def run_example(pre: list[bytes | str], post: list[bytes | str]) -> None:
-    config = HubConfig(port=0, admin_port=None, agent_secret=SECRET, max_frame=MAX_FRAME,
+    config = hub_config(port=0, admin_port=None, agent_secret=SECRET, max_frame=MAX_FRAME,
                        heartbeat=5.0, hello_timeout=2.0, command_timeout=5.0)
     with capture_logs() as logs:
         async with Dispatcher(config) as hub:
@@ -444,7 +447,7 @@ async def latencies(hub: Dispatcher, n: int | None = None, until: asyncio.Future
 
 
 async def test_a_flood_from_one_source_leaves_another_agents_latency_close_to_normal() -> None:
-    config = HubConfig(port=0, admin_port=None, agent_secret=SECRET, heartbeat=5.0)
+    config = hub_config(port=0, admin_port=None, agent_secret=SECRET, heartbeat=5.0)
     async with Dispatcher(config) as hub:
         url = f"ws://127.0.0.1:{hub.port}/ws"
         raw_good, _ = await RawAgent.hello(url, "good", token=agent_token(SECRET, "good"))
@@ -499,7 +502,7 @@ async def test_a_burst_from_one_connection_is_handled_in_slices() -> None:
     """Thousands of frames queued at once are handled a slice at a time, with the
     other tasks running in between (without it, one connection held the loop for
     300-800 ms at a time under a flood and every other agent waited)."""
-    async with Dispatcher(HubConfig(port=0, admin_port=None)) as hub:
+    async with Dispatcher(hub_config(port=0, admin_port=None)) as hub:
         noisy, _ = await RawAgent.hello(f"ws://127.0.0.1:{hub.port}/ws", "noisy")
 
         def handled() -> float:

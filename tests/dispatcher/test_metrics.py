@@ -20,7 +20,7 @@ from dispatcher import CommandTimeout, Dispatcher, HubConfig, agent_token
 from dispatcher.metrics import Metrics
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RawAgent, RedisProcess, redis_fast_path, wait_for
+from ..support import WAIT, RawAgent, RedisProcess, hub_config, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -157,8 +157,7 @@ async def test_redis_round_trips_latency_and_errors(prefix: str) -> None:
     redis = RedisProcess()
     redis.start()
     try:
-        config = HubConfig(port=0, admin_port=0, redis_url=redis.url, prefix=prefix,
-                           redis_fast_path=redis_fast_path())
+        config = hub_config(port=0, admin_port=0, redis_url=redis.url, prefix=prefix)
         async with Dispatcher(config) as hub:
             handle = hub.execute_on_agent("away", "echo")
             await handle.submitted()
@@ -193,8 +192,7 @@ async def test_each_hub_has_its_own_registry(make_hub: HubFactory,
 
 async def test_cluster_messages_are_counted(redis_url: str, prefix: str) -> None:
     def config() -> HubConfig:
-        return HubConfig(port=0, admin_port=0, redis_url=redis_url, prefix=prefix,
-                         redis_fast_path=redis_fast_path())
+        return hub_config(port=0, admin_port=0, redis_url=redis_url, prefix=prefix)
 
     async with Dispatcher(config()) as origin, Dispatcher(config()) as home:
         agent, _ = await RawAgent.hello(ws_url(home), "far")

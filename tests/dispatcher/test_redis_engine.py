@@ -9,10 +9,19 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, HubConfig, StoreUnavailable
+from dispatcher import Dispatcher, StoreUnavailable
 from dispatcher.store.redis import RedisStore, _resp, _resp_python
 
-from ..support import RawAgent, RedisProcess, external_redis_url, redis_fast_path, wait_for
+from ..support import (
+    RawAgent,
+    RedisProcess,
+    external_redis_url,
+    hub_config,
+    redis_fast_path,
+    wait_for,
+)
+
+pytestmark = pytest.mark.fallback  # run again with the fast paths off (CI)
 
 
 def url(hub: Dispatcher) -> str:
@@ -33,7 +42,7 @@ async def start_hub(hubs: list[Dispatcher], redis_url: str, prefix: str, **kw: o
                                   "prefix": prefix, "heartbeat": 5.0,
                                   "redis_fast_path": redis_fast_path()}
     options.update(kw)
-    hub = Dispatcher(HubConfig(**options))  # type: ignore[arg-type]
+    hub = Dispatcher(hub_config(**options))  # type: ignore[arg-type]
     await hub.listen()
     hubs.append(hub)
     return hub

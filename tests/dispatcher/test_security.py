@@ -31,13 +31,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from agent_client import Agent
 from dispatcher import Dispatcher, HubConfig, TooManyCommands, agent_token
-from dispatcher import transport as transport_module
 from dispatcher.cli import main as cli_main
 from dispatcher.models import AgentInfo
 from dispatcher.transport import WsSession
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RawAgent
+from ..support import WAIT, RawAgent, hub_config
+
+# Run again with the fast paths off in CI (pytest -m fallback).
+pytestmark = pytest.mark.fallback
 
 SECRET = "correct horse battery staple"
 
@@ -53,7 +55,7 @@ async def memory_hub() -> AsyncIterator[MemoryHubFactory]:
         options: dict[str, Any] = {"port": 0, "admin_port": 0, "heartbeat": 5.0,
                                    "hello_timeout": 5.0}
         options.update(overrides)
-        hub = Dispatcher(HubConfig(**options))
+        hub = Dispatcher(hub_config(**options))
         await hub.listen()
         hubs.append(hub)
         return hub
@@ -466,10 +468,9 @@ async def test_commands_in_flight_per_agent_are_bounded(make_hub: HubFactory) ->
 
 
 async def test_frame_rate_limit_answers_rate_limited_then_closes_1008(
-    memory_hub: MemoryHubFactory, monkeypatch: pytest.MonkeyPatch
+    memory_hub: MemoryHubFactory
 ) -> None:
-    monkeypatch.setattr(transport_module, "RATE_LIMIT_GRACE", 0.3)
-    hub = await memory_hub(max_frame_rate=50)
+    hub = await memory_hub(max_frame_rate=50, rate_limit_grace=0.3)
     gone = Disconnects(hub)
     calm, _ = await RawAgent.hello(ws_url(hub), "calm")
     flooder, _ = await RawAgent.hello(ws_url(hub), "flooder")
@@ -503,10 +504,9 @@ async def test_frame_rate_limit_answers_rate_limited_then_closes_1008(
 
 
 async def test_a_burst_over_the_frame_rate_that_ends_is_forgiven(
-    memory_hub: MemoryHubFactory, monkeypatch: pytest.MonkeyPatch
+    memory_hub: MemoryHubFactory
 ) -> None:
-    monkeypatch.setattr(transport_module, "RATE_LIMIT_GRACE", 0.3)
-    hub = await memory_hub(max_frame_rate=50)
+    hub = await memory_hub(max_frame_rate=50, rate_limit_grace=0.3)
     agent, _ = await RawAgent.hello(ws_url(hub), "bursty")
     for _ in range(120):  # more than one second's worth, at once
         await agent.send({"t": "sub", "keys": ["k"]})

@@ -17,6 +17,8 @@ from dispatcher.store.redis import RedisStore
 
 from ...support import redis_fast_path, wait_for
 
+pytestmark = pytest.mark.fallback  # run again with the fast paths off (CI)
+
 NOW = int(time.time() * 1000)  # the stores expire COMPLETE commands by wall clock
 
 

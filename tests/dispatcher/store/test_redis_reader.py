@@ -20,6 +20,8 @@ from dispatcher.store.redis import RedisStore
 
 from ...support import TcpProxy, external_redis_url, wait_for
 
+pytestmark = pytest.mark.fallback  # run again with the fast paths off (CI)
+
 StoreFactory = Callable[..., RedisStore]
 
 

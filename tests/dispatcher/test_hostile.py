@@ -13,6 +13,7 @@ real WebSocket clients, the session's redis-server.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,10 +26,12 @@ from agent_client import protocol as P
 from dispatcher import Dispatcher, HubConfig
 from dispatcher.admin import MAX_JSON_DEPTH, TOO_DEEP
 from dispatcher.models import AgentInfo
+from dispatcher.store.base import Store
 from dispatcher.store.memory import MemoryStore
+from dispatcher.store.redis import RedisStore
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RawAgent, pack, wait_for
+from ..support import WAIT, RawAgent, pack, redis_fast_path, wait_for
 
 
 @pytest.fixture
@@ -290,3 +293,60 @@ async def test_more_fragments_than_websockets_allows_closes_1009(
     await other.send({"t": "sub", "keys": ["internal.x"]})
     assert (await other.recv())["code"] == "reserved_key"
     await other.close()
+
+
+# -- the store's bounds, on both engines -------------------------------------------------------
+
+TTL = 3_600_000
+
+
+@pytest.fixture
+async def bounded_store(request: pytest.FixtureRequest, engine: str,
+                        prefix: str) -> AsyncIterator[Store]:
+    s: Store
+    if engine == "redis":
+        s = RedisStore(request.getfixturevalue("redis_url"), prefix=prefix, max_queues=3,
+                       fast_path=redis_fast_path())
+    else:
+        s = MemoryStore(max_queues=3)
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_store_evicts_the_oldest_queue_past_its_bound(bounded_store: Store) -> None:
+    store, now = bounded_store, int(time.time() * 1000)
+
+    async def push(agent: str, frame: bytes, at: int) -> None:
+        assert await store.queue_frame(agent, frame, now=at, max_len=10, ttl_ms=TTL)
+
+    await push("a", b"a1", now)
+    await push("b", b"b1", now + 1)
+    await push("a", b"a2", now + 2)  # a pushed last: b is now the oldest queue
+    await push("c", b"c1", now + 3)
+    assert store.frames_evicted == 0
+    await push("d", b"d1", now + 4)
+    assert store.frames_evicted == 1
+    assert await store.take_frames("b", now=now + 5, ttl_ms=TTL) == ([], 0)
+    assert await store.take_frames("a", now=now + 5, ttl_ms=TTL) == ([b"a1", b"a2"], 0)
+    # A taken queue no longer counts: c, d and e fit.
+    await push("e", b"e1", now + 6)
+    assert store.frames_evicted == 1
+    # Frames put back for a new agent obey the bound too: c (oldest) goes.
+    await store.requeue_frames("f", [b"f1", b"f2"], now=now + 7, ttl_ms=TTL)
+    assert store.frames_evicted == 2
+    assert await store.take_frames("c", now=now + 8, ttl_ms=TTL) == ([], 0)
+    for agent, frames in (("d", [b"d1"]), ("e", [b"e1"]), ("f", [b"f1", b"f2"])):
+        assert await store.take_frames(agent, now=now + 8, ttl_ms=TTL) == (frames, 0)
+
+
+async def test_memory_store_evicts_the_oldest_frames_past_its_bytes() -> None:
+    store = MemoryStore(max_queued_bytes=10)
+    for i, agent in enumerate("aab"):
+        assert await store.queue_frame(agent, b"xxxx", now=i, max_len=10, ttl_ms=TTL)
+    assert (store.queued_bytes, store.frames_evicted) == (8, 1)  # a's first frame went
+    assert not await store.queue_frame("c", b"x" * 11, now=3, max_len=10, ttl_ms=TTL)
+    await store.requeue_frames("b", [b"yyyy"], now=4, ttl_ms=TTL)  # a's last frame goes
+    assert (store.queued_bytes, store.queue_count, store.frames_evicted) == (8, 1, 2)
+    assert await store.take_frames("b", now=5, ttl_ms=TTL) == ([b"yyyy", b"xxxx"], 0)
+    assert (store.queued_bytes, store.queue_count) == (0, 0)

@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.messages import MAX_FRAGMENTS
 
+from agent_client import Agent
 from agent_client import protocol as P
 from dispatcher import Dispatcher, HubConfig
 from dispatcher.admin import MAX_JSON_DEPTH, TOO_DEEP
@@ -350,3 +351,14 @@ async def test_memory_store_evicts_the_oldest_frames_past_its_bytes() -> None:
     assert (store.queued_bytes, store.queue_count, store.frames_evicted) == (8, 1, 2)
     assert await store.take_frames("b", now=5, ttl_ms=TTL) == ([b"yyyy", b"xxxx"], 0)
     assert (store.queued_bytes, store.queue_count) == (0, 0)
+
+
+def test_the_agent_library_refuses_a_meta_the_hub_would_refuse() -> None:
+    deep: Any = 1
+    for _ in range(P.MAX_META_DEPTH + 1):
+        deep = {"k": deep}
+    with pytest.raises(ValueError, match="nest at most"):
+        Agent("ws://127.0.0.1:1/ws", "a1", meta=deep)
+    with pytest.raises(ValueError, match="bytes"):
+        Agent("ws://127.0.0.1:1/ws", "a1", meta={"x": "y" * P.MAX_META_BYTES})
+    Agent("ws://127.0.0.1:1/ws", "a1", meta=deep["k"])  # at the bound

@@ -122,6 +122,10 @@ class Agent:
         self.agent_id = agent_id
         self.token = token
         self.meta = dict(meta or {})
+        try:  # the hub refuses a meta too deep or too big (bad_hello): say so now
+            P.HelloFrame.parse({"v": P.PROTOCOL_VERSION, "agent": agent_id, "meta": self.meta})
+        except P.ProtocolError as exc:
+            raise ValueError(exc.message) from None
         self.ssl = ssl
         self.heartbeat = heartbeat
         self.open_timeout = open_timeout

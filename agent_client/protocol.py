@@ -12,6 +12,7 @@ only that, with the error code PROTOCOL.md names (section "Errors").
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -25,6 +26,10 @@ __all__ = [
     "ID_RE",
     "MAX_ID_LENGTH",
     "MAX_KEY_LENGTH",
+    "MAX_KEYS_PER_FRAME",
+    "MAX_META_BYTES",
+    "MAX_META_DEPTH",
+    "MAX_TARGETS",
     "PROTOCOL_VERSION",
     "RESERVED_KEYS",
     "AckFrame",
@@ -71,6 +76,17 @@ MAX_ID_LENGTH: Final = 128
 # hostile peer cannot make the hub index megabyte-long strings.
 MAX_KEY_LENGTH: Final = 256
 MAX_REF_ID_LENGTH: Final = 256
+# Hostile-peer bounds (docs/protocol.md, Limits). ``hello.meta`` is stored in the
+# registry and rendered by the admin API for everyone: a map nested at most
+# MAX_META_DEPTH levels (the meta map itself is level 1) whose msgpack encoding
+# is at most MAX_META_BYTES; otherwise the hello is refused with bad_hello.
+MAX_META_DEPTH: Final = 16
+MAX_META_BYTES: Final = 16 * 1024
+# Agent ids in one ``emit.to``: each target may get a queue of its own.
+MAX_TARGETS: Final = 1000
+# Keys in one ``sub``/``unsub`` frame or ``hello.subs`` (an agent holds at most
+# 1000 subscriptions anyway).
+MAX_KEYS_PER_FRAME: Final = 1000
 RESERVED_KEYS: Final = frozenset({"agent-connected", "agent-disconnected"})
 RESERVED_PREFIX: Final = "internal."
 
@@ -208,12 +224,13 @@ def _keys(d: dict[str, Any], t: str, name: str, *, required: bool) -> tuple[str,
     value = d.get(name) if not required else _field(d, t, name)
     if value is None and not required:
         return ()
-    if not isinstance(value, list | tuple) or not all(
+    if not isinstance(value, list | tuple) or len(value) > MAX_KEYS_PER_FRAME or not all(
         isinstance(k, str) and 0 < len(k) <= MAX_KEY_LENGTH for k in value
     ):
         raise ProtocolError(
             ErrorCode.BAD_FRAME,
-            f"{t!r} frame field {name!r} must be a list of non-empty strings",
+            f"{t!r} frame field {name!r} must be a list of at most {MAX_KEYS_PER_FRAME} "
+            f"non-empty strings of at most {MAX_KEY_LENGTH} characters",
             _ref(d),
         )
     return tuple(value)
@@ -223,11 +240,70 @@ def _agent_ids(d: dict[str, Any], t: str, name: str) -> tuple[str, ...] | None:
     value = d.get(name)
     if value is None:
         return None
-    if not isinstance(value, list | tuple) or not all(is_valid_agent_id(a) for a in value):
+    if not isinstance(value, list | tuple) or len(value) > MAX_TARGETS \
+            or not all(is_valid_agent_id(a) for a in value):
         raise ProtocolError(
-            ErrorCode.BAD_FRAME, f"{t!r} frame field {name!r} must be a list of agent ids", _ref(d)
+            ErrorCode.BAD_FRAME,
+            f"{t!r} frame field {name!r} must be a list of at most {MAX_TARGETS} agent ids",
+            _ref(d),
         )
     return tuple(value)
+
+
+def _meta(value: Any) -> dict[str, Any] | None:
+    """``hello.meta``: nil, or a map within MAX_META_DEPTH and MAX_META_BYTES."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_HELLO, "'hello' field 'meta' must be a map")
+    if not _depth_within(value, MAX_META_DEPTH, MAX_META_BYTES):
+        raise ProtocolError(
+            ErrorCode.BAD_HELLO,
+            f"'hello' field 'meta' must nest at most {MAX_META_DEPTH} levels and hold at "
+            f"most {MAX_META_BYTES} bytes",
+        )
+    try:
+        size = len(pack(value))
+    except TypeError:
+        raise ProtocolError(ErrorCode.BAD_HELLO, "'hello' field 'meta' cannot be "
+                            "encoded as msgpack") from None
+    if size > MAX_META_BYTES:
+        raise ProtocolError(
+            ErrorCode.BAD_HELLO,
+            f"'hello' field 'meta' is {size} bytes packed; at most {MAX_META_BYTES} allowed",
+        )
+    return value
+
+
+def _depth_within(value: Any, max_depth: int, max_items: int) -> bool:
+    """Whether ``value`` nests at most ``max_depth`` arrays/maps (``value`` itself is
+    level 1) and holds at most ``max_items`` values in all. Iterative, and it
+    stops at the first breach: its cost is bounded whatever the value."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > max_items:
+            return False
+        if isinstance(node, dict):
+            children: Any = itertools.chain(node.keys(), node.values())
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            return False
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                if depth + 1 > max_depth:
+                    return False
+                stack.append((child, depth + 1))
+            else:
+                items += 1
+                if items > max_items:
+                    return False
+    return True
 
 
 def _error_map(d: dict[str, Any], t: str) -> dict[str, Any]:
@@ -299,9 +375,7 @@ class HelloFrame:
         token = d.get("token")
         if token is not None and (not isinstance(token, str) or len(token) > 1024):
             raise ProtocolError(ErrorCode.BAD_HELLO, "'hello' field 'token' must be a string")
-        meta = d.get("meta")
-        if meta is not None and not isinstance(meta, dict):
-            raise ProtocolError(ErrorCode.BAD_HELLO, "'hello' field 'meta' must be a map")
+        meta = _meta(d.get("meta"))
         try:
             subs = _keys(d, "hello", "subs", required=False)
         except ProtocolError as exc:

@@ -82,18 +82,31 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------
 # JSON out: what msgpack carries that JSON does not.
 
-def jsonable(value: Any) -> Any:
-    """``value`` with bytes as base64 strings, non-finite floats and odd keys as strings."""
+# Agent-provided values (a hello's ``meta``, a command's result) are rendered
+# at most this deep; a deeper subtree becomes a string saying so. The hub
+# refuses deeper metas at hello (protocol.MAX_META_DEPTH), but results, and
+# metas an older hub stored, may nest up to msgpack's own limit: rendering
+# (and json.dumps after it) must never recurse that far.
+MAX_JSON_DEPTH = 64
+TOO_DEEP = f"<nested deeper than {MAX_JSON_DEPTH} levels>"
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """``value`` with bytes as base64 strings, non-finite floats and odd keys as strings,
+    and subtrees deeper than ``MAX_JSON_DEPTH`` as the string ``TOO_DEEP``."""
     if value is None or isinstance(value, str | bool | int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {_json_key(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
+    if isinstance(value, dict | list | tuple):
+        if _depth >= MAX_JSON_DEPTH:
+            return TOO_DEEP
+        depth = _depth + 1
+        if isinstance(value, dict):
+            return {_json_key(k): jsonable(v, depth) for k, v in value.items()}
+        return [jsonable(v, depth) for v in value]
     return str(value)  # e.g. a msgpack Timestamp or ExtType
 
 

@@ -50,6 +50,10 @@ class HubConfig:
     rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
     max_event_queue: int = 1000  # events queued per offline agent
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
+    # All agents' queues together (the oldest go first): an agent can send events
+    # to any id, so without these, never-seen ids would each keep a queue.
+    max_offline_queues: int = 10_000  # agents with frames queued
+    max_offline_bytes: int = 64 * MiB  # bytes of queued frames (in-memory engine)
     # Operations
     sweep_interval: float = 1.0  # how often overdue commands are looked for in the store
     hub_ttl: float = 5.0  # a hub whose alive key is this old is dead (shared stores)
@@ -74,6 +78,9 @@ class HubConfig:
             raise ValueError("HubConfig.max_retained must be 0 or more")
         if self.max_frame < 1024:
             raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
+        for name in ("max_offline_queues", "max_offline_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HubConfig.{name} must be at least 1")
         if self.redis_max_queued < 1:
             raise ValueError("HubConfig.redis_max_queued must be at least 1")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):

@@ -27,12 +27,15 @@ from .errors import DeliveryTimeout, DispatcherError
 from .peers import Peers
 from .store.base import Store
 
-__all__ = ["Events", "MAX_SUBSCRIPTIONS"]
+__all__ = ["DROP_REASONS", "MAX_SUBSCRIPTIONS", "Events"]
 
 log = structlog.get_logger(__name__)
 
 # Subscriptions one agent may hold; more is refused with bad_frame.
 MAX_SUBSCRIPTIONS = 1000
+# The ``reason`` label of dispatcher_events_dropped; "evicted" is the store's
+# count (frames dropped to keep all queues within their bounds).
+DROP_REASONS = ("queue_full", "expired", "evicted", "store_unavailable")
 
 
 class _Receipts:
@@ -65,7 +68,16 @@ class Events:
         self._unacked: dict[str, dict[str, bytes]] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"e.{hub_id}."
-        self.dropped = 0  # frames refused by full queues or expired in them
+        # Frames not delivered, by reason: queue_full (the agent's queue, or its
+        # events awaiting receipt, at max_event_queue), expired (older than
+        # event_queue_ttl when the agent came back), store_unavailable (could
+        # not be queued again). The store counts those it evicted for room.
+        self.dropped_by: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    @property
+    def dropped(self) -> int:
+        """Frames this hub dropped, all reasons together (store evictions aside)."""
+        return sum(self.dropped_by.values())
 
     @property
     def awaiting_receipt(self) -> int:
@@ -132,7 +144,7 @@ class Events:
         if event_id in unacked or len(unacked) < self.config.max_event_queue:
             unacked[event_id] = data
         else:
-            self.dropped += 1
+            self.dropped_by["queue_full"] += 1
 
     async def deliver(self, agent_id: str, data: bytes, event_id: str | None = None, *,
                       route: bool = True) -> bool:
@@ -148,7 +160,7 @@ class Events:
             ttl_ms=int(config.event_queue_ttl * 1000),
         )
         if not queued:
-            self.dropped += 1
+            self.dropped_by["queue_full"] += 1
             log.warning("event_queue_full", agent_id=agent_id, limit=config.max_event_queue)
         return queued
 
@@ -243,7 +255,7 @@ class Events:
         ttl_ms = int(self.config.event_queue_ttl * 1000)
         frames, expired = await self.store.take_frames(agent_id, now=now_ms(), ttl_ms=ttl_ms)
         if expired:
-            self.dropped += expired
+            self.dropped_by["expired"] += expired
             log.warning("queued_events_expired", agent_id=agent_id, count=expired)
         return frames
 
@@ -268,7 +280,7 @@ class Events:
             await self.store.requeue_frames(
                 agent_id, frames, now=now_ms(), ttl_ms=int(self.config.event_queue_ttl * 1000))
         except DispatcherError:
-            self.dropped += len(frames)
+            self.dropped_by["store_unavailable"] += len(frames)
             log.warning("events_lost_store_unavailable", agent_id=agent_id, count=len(frames))
 
     def close(self) -> None:

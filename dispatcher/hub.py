@@ -52,8 +52,11 @@ def make_store(config: HubConfig) -> Store:
                           probe_interval=config.bus_probe_interval,
                           probe_timeout=config.bus_probe_timeout,
                           fast_path=config.redis_fast_path,
-                          max_queued=config.redis_max_queued)
-    return MemoryStore(retention=config.retention, max_retained=config.max_retained)
+                          max_queued=config.redis_max_queued,
+                          max_queues=config.max_offline_queues)
+    return MemoryStore(retention=config.retention, max_retained=config.max_retained,
+                       max_queues=config.max_offline_queues,
+                       max_queued_bytes=config.max_offline_bytes)
 
 
 class Dispatcher:
@@ -301,13 +304,20 @@ class Dispatcher:
             # been published while this hub could not listen: catch up.
             self._cluster.recover("store_recovered")
 
+    def _events_dropped(self) -> dict[str, int]:
+        """Frames for agents not delivered, by reason (``dispatcher_events_dropped``)."""
+        dropped = dict(self._events.dropped_by)
+        dropped["evicted"] += self._store.frames_evicted
+        dropped["expired"] += self._store.frames_expired
+        return dropped
+
     def _levels(self) -> Levels:
         store = self._store
         return Levels(
             hub_id=self.hub_id, engine=store.engine, agents_connected=len(self._connections),
             store_up=store.healthy, commands_waiting=self._commands.waiting,
             events_awaiting_receipt=self._events.awaiting_receipt,
-            events_dropped=self._events.dropped, calls_in_flight=self._calls.in_flight,
+            events_dropped=self._events_dropped(), calls_in_flight=self._calls.in_flight,
             send_buffer_bytes=sum(s.buffered() for s in self._connections.sessions()),
             store_queue_depth=getattr(store, "queue_depth", None),
             store_counters={name: getattr(store, name, 0)

@@ -55,7 +55,7 @@ class Levels:
     store_up: bool
     commands_waiting: int
     events_awaiting_receipt: int
-    events_dropped: int
+    events_dropped: dict[str, int]  # by reason: queue_full, expired, evicted, ...
     calls_in_flight: int
     send_buffer_bytes: int
     store_queue_depth: int | None  # None: the engine has no write queue
@@ -241,9 +241,15 @@ class HubCollector(Collector):
         yield GaugeMetricFamily("dispatcher_events_awaiting_receipt",
                                 "Events sent by emit_to still waiting for a 'received'.",
                                 value=lv.events_awaiting_receipt)
-        yield CounterMetricFamily("dispatcher_events_dropped",
-                                  "Events refused by full queues or expired in them.",
-                                  value=lv.events_dropped)
+        dropped = CounterMetricFamily(
+            "dispatcher_events_dropped",
+            "Frames for agents (events, call replies) never delivered, by reason: queue_full "
+            "(the agent's queue was full), expired (older than event_queue_ttl), evicted "
+            "(dropped, oldest first, to keep all queues within max_offline_queues / "
+            "max_offline_bytes), store_unavailable.", labels=["reason"])
+        for reason, count in sorted(lv.events_dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         yield GaugeMetricFamily("dispatcher_calls_in_flight",
                                 "Routed agent-to-agent calls waiting for their target.",
                                 value=lv.calls_in_flight)

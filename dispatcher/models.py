@@ -45,7 +45,10 @@ class CommandInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict. Nested values are the record's own, not copies:
+        ``dataclasses.asdict`` copies them recursively, which fails with
+        RecursionError on agent data nested a few hundred levels deep."""
+        return _fields(self)
 
 
 @dataclass(slots=True)
@@ -63,4 +66,11 @@ class AgentInfo:
         return dataclasses.replace(self, meta=dict(self.meta))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict. Nested values are the record's own, not copies:
+        ``dataclasses.asdict`` copies them recursively, which fails with
+        RecursionError on agent data nested a few hundred levels deep."""
+        return _fields(self)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}

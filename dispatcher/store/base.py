@@ -81,6 +81,12 @@ class Store(ABC):
     """
 
     engine: ClassVar[str]
+    # Frames this store object removed from the queues of agents that are away
+    # without delivering them (``/metrics``, dispatcher_events_dropped): to make
+    # room under the bound of all queues together (``evicted``; see
+    # ``queue_frame``), and expired ones cleared from a full queue (``expired``).
+    frames_evicted: int = 0
+    frames_expired: int = 0
 
     @property
     def healthy(self) -> bool:
@@ -240,6 +246,11 @@ class Store(ABC):
         Returns False, changing nothing, when the queue already holds
         ``max_len`` frames; the caller reports the refusal. Frames older than
         ``ttl_ms`` are not delivered (``take_frames`` drops them).
+
+        The queues of all agents together are bounded too (the engine's
+        ``max_queues``, and on the in-memory engine ``max_queued_bytes``): past
+        a bound the oldest queues (by last push) or their oldest frames are
+        dropped to make room, each dropped frame counted in ``frames_evicted``.
         """
 
     @abstractmethod
@@ -251,4 +262,5 @@ class Store(ABC):
     @abstractmethod
     def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
                        ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
-        """Put frames back at the head of the queue, in order (sent but not received)."""
+        """Put frames back at the head of the queue, in order (sent but not received);
+        the bounds of all queues together apply as in ``queue_frame``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -33,7 +33,10 @@ class MemoryStore(Store):
 
     engine: ClassVar[str] = "memory"
 
-    def __init__(self, *, retention: float = 3600.0, max_retained: int = 1_000_000) -> None:
+    def __init__(self, *, retention: float = 3600.0, max_retained: int = 1_000_000,
+                 max_queues: int = 10_000, max_queued_bytes: int = 64 * 1024 * 1024) -> None:
+        if max_queues < 1 or max_queued_bytes < 1:
+            raise ValueError("max_queues and max_queued_bytes must be at least 1")
         self._retention_ms = int(retention * 1000)
         # At thousands of commands a second, an hour of retention would hold
         # millions of records in this process: past this many, the oldest
@@ -54,7 +57,13 @@ class MemoryStore(Store):
         # (expires, id) of COMPLETE commands; retention is constant, so FIFO
         self._expiry: deque[tuple[int, str]] = deque()
         self._agents: dict[str, AgentInfo] = {}
-        self._frames: dict[str, deque[tuple[int, bytes]]] = {}
+        # agent id -> its queued (ts, frame), the queues in order of last push
+        # (oldest first): past max_queues queues or max_queued_bytes bytes in
+        # all, the oldest queues' oldest frames are evicted first.
+        self._frames: OrderedDict[str, deque[tuple[int, bytes]]] = OrderedDict()
+        self._max_queues = max_queues
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # Every answer is a finished future (the store's calling convention, base.py).
@@ -287,28 +296,97 @@ class MemoryStore(Store):
         return self._ok([a.copy() for a in self._agents.values()])
 
     # -- queued frames ---------------------------------------------------------
+    @property
+    def queue_count(self) -> int:
+        """Agents with frames queued (bounded by ``max_queues``)."""
+        return len(self._frames)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of all queued frames (bounded by ``max_queued_bytes``)."""
+        return self._queued_bytes
+
     def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
                     ttl_ms: int) -> asyncio.Future[bool]:
-        queue = self._frames.setdefault(agent_id, deque())
-        while queue and queue[0][0] + ttl_ms <= now:
-            queue.popleft()  # expired: make room before refusing
-        if len(queue) >= max_len:
+        frames = self._frames
+        queue = frames.get(agent_id)
+        if queue is not None:
+            expired = 0
+            while queue and queue[0][0] + ttl_ms <= now:
+                self._queued_bytes -= len(queue.popleft()[1])  # make room before refusing
+                expired += 1
+            self.frames_expired += expired
+            if not queue:
+                del frames[agent_id]
+                queue = None
+            elif len(queue) >= max_len:
+                return self._ok(False)
+        if max_len < 1 or len(frame) > self._max_queued_bytes:
             return self._ok(False)
+        if queue is None:
+            while len(frames) >= self._max_queues:
+                _, oldest = frames.popitem(last=False)
+                self._evicted(oldest)
+            queue = frames[agent_id] = deque()
+        else:
+            frames.move_to_end(agent_id)
+        self._make_room(len(frame), agent_id)
         queue.append((now, frame))
+        self._queued_bytes += len(frame)
         return self._ok(True)
+
+    def _evicted(self, queue: deque[tuple[int, bytes]]) -> None:
+        self.frames_evicted += len(queue)
+        self._queued_bytes -= sum(len(f) for _, f in queue)
+
+    def _make_room(self, size: int, agent_id: str) -> None:
+        """Evict the oldest queues' oldest frames until ``size`` more bytes fit;
+        ``agent_id``'s queue (the newest) stays, even when emptied."""
+        frames = self._frames
+        while self._queued_bytes + size > self._max_queued_bytes:
+            oldest_id, oldest = next(iter(frames.items()))
+            if not oldest:  # only agent_id's empty queue is left (its frame fits alone)
+                break
+            self._queued_bytes -= len(oldest.popleft()[1])
+            self.frames_evicted += 1
+            if not oldest and oldest_id != agent_id:
+                del frames[oldest_id]
 
     def take_frames(self, agent_id: str, *, now: int,
                     ttl_ms: int) -> asyncio.Future[tuple[list[bytes], int]]:
         queue = self._frames.pop(agent_id, None)
         if not queue:
             return self._ok(([], 0))
+        self._queued_bytes -= sum(len(f) for _, f in queue)
         fresh = [f for ts, f in queue if ts + ttl_ms > now]
         return self._ok((fresh, len(queue) - len(fresh)))
 
     def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
                        ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
-        queue = self._frames.setdefault(agent_id, deque())
-        queue.extendleft((now, f) for f in reversed(frames))
+        room = self._max_queued_bytes
+        kept: list[bytes] = []
+        for f in reversed(frames):  # the newest fit first, as queue_frame would keep them
+            if len(f) > room:
+                self.frames_evicted += 1
+                continue
+            room -= len(f)
+            kept.append(f)
+        if not kept:
+            return self._ok(None)
+        size = room_needed = self._max_queued_bytes - room
+        queues = self._frames
+        queue = queues.get(agent_id)
+        if queue is None:
+            while len(queues) >= self._max_queues:
+                _, oldest = queues.popitem(last=False)
+                self._evicted(oldest)
+            queue = queues[agent_id] = deque()
+        else:
+            queues.move_to_end(agent_id)
+        # Room first, from the other queues' oldest frames and then this one's.
+        self._make_room(room_needed, agent_id)
+        queue.extendleft((now, f) for f in kept)  # kept is newest first
+        self._queued_bytes += size
         return self._ok(None)
 
 

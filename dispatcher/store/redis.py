@@ -111,9 +111,14 @@ class RedisStore(Store):
         probe_timeout: float = 5.0,
         fast_path: bool = True,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_queues: int = 10_000,
     ) -> None:
         if max_queued < 1:
             raise ValueError("max_queued must be at least 1")
+        if max_queues < 1:
+            raise ValueError("max_queues must be at least 1")
+        # Agents with frames queued (P:queues); past it the oldest queue goes.
+        self._max_queues = max_queues
         self.url = url
         self.prefix = prefix
         self._retention_ms = str(int(retention * 1000))
@@ -643,10 +648,21 @@ class RedisStore(Store):
     def _k_frames(self, agent_id: str) -> str:
         return f"{self.prefix}:agent:{agent_id}:events"
 
+    @property
+    def _k_queues(self) -> str:
+        return f"{self.prefix}:queues"
+
     def queue_frame(self, agent_id: str, frame: bytes, *, now: int, max_len: int,
                     ttl_ms: int) -> asyncio.Future[bool]:
-        return self._call("queue_frame", (1, self._k_frames(agent_id), pack([now, frame]),
-                                          max_len, ttl_ms, now - ttl_ms), bool)
+        def parse(res: Any) -> bool:
+            queued, expired, evicted = res
+            self.frames_expired += int(expired)
+            self.frames_evicted += int(evicted)
+            return bool(queued)
+
+        return self._call("queue_frame", (
+            2, self._k_frames(agent_id), self._k_queues, pack([now, frame]), max_len, ttl_ms,
+            now - ttl_ms, now, self._max_queues, agent_id, self.prefix), parse)
 
     def take_frames(self, agent_id: str, *, now: int,
                     ttl_ms: int) -> asyncio.Future[tuple[list[bytes], int]]:
@@ -658,17 +674,22 @@ class RedisStore(Store):
                     fresh.append(frame)
             return fresh, len(entries) - len(fresh)
 
-        return self._call("take_frames", (1, self._k_frames(agent_id)), parse)
+        return self._call("take_frames", (2, self._k_frames(agent_id), self._k_queues,
+                                          agent_id), parse)
 
     def requeue_frames(self, agent_id: str, frames: list[bytes], *, now: int,
                        ttl_ms: int = 3_600_000) -> asyncio.Future[None]:
         if not frames:
             return resolved(asyncio.get_running_loop(), None)
-        # One script: the push and the expiry (same as queue_frame's, so an agent
-        # that never returns leaves nothing) in one step and one reply.
+
+        def parse(evicted: Any) -> None:
+            self.frames_evicted += int(evicted)
+
+        # One script: the push, the expiry (same as queue_frame's, so an agent
+        # that never returns leaves nothing) and the bound of queues, in one step.
         return self._call("requeue_frames", (
-            1, self._k_frames(agent_id), ttl_ms, *(pack([now, f]) for f in reversed(frames))),
-            _nothing)
+            2, self._k_frames(agent_id), self._k_queues, ttl_ms, now, self._max_queues,
+            agent_id, self.prefix, *(pack([now, f]) for f in reversed(frames))), parse)
 
 
 # -- decoding ---------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Key layout (ARCHITECTURE.md, binding), with ``P`` the prefix:
 ``P:cmd:ID`` hash, ``P:agent:ID:pending`` zset (score ts), ``P:deadlines`` zset
-(score deadline; the sweepers' index), ``P:agent:ID`` hash, ``P:agents`` set.
+(score deadline; the sweepers' index), ``P:agent:ID`` hash, ``P:agents`` set,
+``P:agent:ID:events`` list (frames queued for an agent that is away) and
+``P:queues`` zset (the agent ids that have such a list, score: last push ms;
+the bound of their number, docs/redis.md).
 
 Scripts that walk an agent's pending index build the ``P:cmd:ID`` key names
 they touch from the prefix (ARGV[1]); that is fine on a single Redis or a
@@ -303,10 +306,39 @@ return {1, f[3]}
 
 # KEYS: 1 P:agent:ID:events.  ARGV: 1 ttl ms, 2.. entries, newest first (LPUSH order).
 # Puts frames back at the head of the queue, with the queue's own expiry.
+# Shared by QUEUE_FRAME and REQUEUE_FRAMES: an agent id about to get a queue
+# makes room for it under the bound of queues (P:queues, KEYS[2]). Ids whose
+# last push is older than the ttl are forgotten first (their list expired with
+# that ttl); then, if the agent has no queue yet and the bound is reached, the
+# oldest queues by last push are deleted and their frames counted in
+# ``evicted``. Needs: now, cutoff, max_queues, agent, prefix (locals).
+_MAKE_QUEUE_ROOM: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+local evicted = 0
+if not redis.call('ZSCORE', KEYS[2], agent) then
+  local over = redis.call('ZCARD', KEYS[2]) - max_queues + 1
+  if over > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do
+      local key = prefix .. ':agent:' .. id .. ':events'
+      evicted = evicted + redis.call('LLEN', key)
+      redis.call('DEL', key)
+    end
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+  end
+end
+redis.call('ZADD', KEYS[2], now, agent)
+"""
+
+# KEYS: 1 P:agent:ID:events, 2 P:queues.  ARGV: 1 ttl ms, 2 now, 3 max queues, 4 agent id,
+# 5 prefix, 6... entries (msgpack [ts, frame]) newest first.  Returns the frames
+# evicted from other queues to make room.
 REQUEUE_FRAMES: Final = """
-redis.call('LPUSH', KEYS[1], unpack(ARGV, 2))
+local now, cutoff = tonumber(ARGV[2]), tonumber(ARGV[2]) - tonumber(ARGV[1])
+local max_queues, agent, prefix = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+""" + _MAKE_QUEUE_ROOM + """
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
+return evicted
 """
 
 # KEYS: 1 P:agents.  ARGV: 1 prefix.  Returns {HGETALL...}; forgets ids whose hash is gone.
@@ -323,15 +355,18 @@ end
 return out
 """
 
-# KEYS: 1 P:agent:ID:events.  ARGV: 1 entry (msgpack [ts, frame]), 2 max length, 3 ttl ms,
-# 4 expiry cutoff (now - ttl: entries with ts <= it are expired).
-# Returns 1 queued, 0 full. A full queue first drops its expired head entries,
-# as the memory engine does. The list's own TTL is refreshed so an agent that
-# never returns does not leave its queue behind forever.
+# KEYS: 1 P:agent:ID:events, 2 P:queues.  ARGV: 1 entry (msgpack [ts, frame]),
+# 2 max length, 3 ttl ms, 4 expiry cutoff (now - ttl: entries with ts <= it are
+# expired), 5 now, 6 max queues, 7 agent id, 8 prefix.
+# Returns {1 queued / 0 full, expired entries dropped, frames evicted}. A full
+# queue first drops its expired head entries, as the memory engine does. The
+# list's own TTL is refreshed so an agent that never returns does not leave its
+# queue behind forever; a new queue makes room under the bound of queues.
 QUEUE_FRAME: Final = """
 local max = tonumber(ARGV[2])
+local cutoff = tonumber(ARGV[4])
+local expired = 0
 if redis.call('LLEN', KEYS[1]) >= max then
-  local cutoff = tonumber(ARGV[4])
   while true do
     local head = redis.call('LINDEX', KEYS[1], 0)
     if not head then break end
@@ -343,18 +378,23 @@ if redis.call('LLEN', KEYS[1]) >= max then
     end
     if ts == nil or ts > cutoff then break end
     redis.call('LPOP', KEYS[1])
+    expired = expired + 1
   end
-  if redis.call('LLEN', KEYS[1]) >= max then return 0 end
+  if redis.call('LLEN', KEYS[1]) >= max then return {0, expired, 0} end
 end
+local now, max_queues, agent, prefix = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+""" + _MAKE_QUEUE_ROOM + """
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+return {1, expired, evicted}
 """
 
-# KEYS: 1 P:agent:ID:events.  Returns every entry, oldest first, and empties the list.
+# KEYS: 1 P:agent:ID:events, 2 P:queues.  ARGV: 1 agent id.  Returns every entry,
+# oldest first, and empties the list.
 TAKE_FRAMES: Final = """
 local all = redis.call('LRANGE', KEYS[1], 0, -1)
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 return all
 """
 

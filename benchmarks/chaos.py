@@ -26,6 +26,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -51,7 +52,7 @@ from dispatcher import (
 from dispatcher.models import AgentInfo, CommandInfo
 
 from .chaos_proxy import FaultProxy
-from .procs import BenchError, Child, RedisServer, _free_port, kill_all
+from .procs import BenchError, Child, RedisServer, kill_all
 
 __all__ = ["FAULTS", "LONG_FAULTS", "SAFE_FAULTS", "ChaosConfig", "Report", "main", "run_chaos"]
 
@@ -175,8 +176,8 @@ class HubProc:
         self.cluster = cluster
         self.hub_id = f"hub{index}"
         self.generation = 0
-        self.port = _free_port()
-        self.admin_port = _free_port()
+        self.port = _fixed_port()
+        self.admin_port = _fixed_port()
         self.child: Child | None = None
         self.frozen = False
 
@@ -244,7 +245,7 @@ class Cluster:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.prefix = f"chaos{cfg.seed}"
-        self.redis = RedisServer(persist=True)
+        self.redis = RedisServer(persist=True, port=_fixed_port())  # restarts on it
         self.hubs = [HubProc(i, self) for i in range(cfg.hubs)]
         self.proxies: list[FaultProxy] = []
         self.agents: dict[str, Child] = {}
@@ -818,6 +819,21 @@ class Run:
 
 
 # -- helpers ----------------------------------------------------------------------------
+def _fixed_port() -> int:
+    """A free port below the kernel's ephemeral range: a hub restarts on its port, and
+    one from that range could meanwhile become the source port of any connection."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picker = random.SystemRandom()
+    for _ in range(100):
+        port = picker.randrange(max(1025, low - 12000), low)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise BenchError("no free port below the ephemeral range")
+
+
 def _outcome_of(fut: asyncio.Future[Any]) -> str:
     if fut.cancelled():
         return "raised:CancelledError"

@@ -206,8 +206,8 @@ class RedisServer:
     was acknowledged and :meth:`start` brings the same data back on the same port.
     """
 
-    def __init__(self, *, persist: bool = False) -> None:
-        self.port = _free_port()
+    def __init__(self, *, persist: bool = False, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.dir = tempfile.mkdtemp(prefix="dispatcher-bench-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = redis_server_binary()

@@ -135,6 +135,7 @@ class Report:
     in_doubt: int = 0  # the submit raised StoreUnavailable, yet the command was stored
     outcomes: dict[str, int] = field(default_factory=dict)
     executions: int = 0
+    stall_drop_max_s: float = 0.0  # slowest drop of a stalled connection by its hub
     faults: dict[str, int] = field(default_factory=dict)
     violations: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -157,6 +158,8 @@ class Report:
                  f"| submit in doubt (raised, yet stored) | {self.in_doubt} |"]
         lines += [f"| outcome `{k}` | {v} |" for k, v in sorted(self.outcomes.items())]
         lines += [f"| executions logged by agents | {self.executions} |"]
+        if self.stall_drop_max_s:
+            lines += [f"| slowest drop of a stalled connection (s) | {self.stall_drop_max_s} |"]
         lines += [f"| fault `{k}` | {v} |" for k, v in sorted(self.faults.items())]
         lines += ["", "| violation | count | example |", "|---|---:|---|"]
         if not self.violations:
@@ -517,9 +520,23 @@ class Run:
 
     async def fault_blackhole(self) -> None:
         proxy = self.rng.choice(self.cluster.proxies)
+        held = proxy.live
         proxy.blackhole()
-        await asyncio.sleep(self.rng.uniform(1.0, 4.0))
+        stall = self.rng.uniform(1.0, 5.0)
+        await asyncio.sleep(stall)
+        drops = list(proxy.stall_drops)
         proxy.restore()
+        # The hub drops a silent connection within two heartbeats (PROTOCOL.md,
+        # Transport); 1 s of slack for a loaded machine.
+        bound = 2 * self.cfg.heartbeat + 1.0
+        if drops:
+            self.report.stall_drop_max_s = round(max(self.report.stall_drop_max_s, *drops), 2)
+        if stall > bound:
+            late = held - sum(1 for d in drops if d <= bound)
+            if late > 0:
+                self.report.violate("stall_not_dropped", f"{late} of {held} stalled "
+                                    f"connections still open {bound:g} s into a black hole "
+                                    f"(drops after {[round(d, 1) for d in drops]} s)")
 
     async def fault_redis_kill(self) -> None:
         self.cluster.redis.kill()

@@ -13,6 +13,18 @@ import contextlib
 __all__ = ["FaultProxy"]
 
 _CHUNK = 65536
+_HOLD_MAX = 1 << 20  # bytes a black hole holds per direction of a connection
+
+
+class _Held:
+    """What one direction of a connection read during a black hole, not yet sent."""
+
+    __slots__ = ("chunks", "size", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.chunks: list[bytes] = []
+        self.size = 0
 
 
 class FaultProxy:
@@ -30,11 +42,16 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: set[_Held] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._refusing = False
         self._closed = False
         self.connections = 0
+        # Seconds from the start of the current black hole to each connection the
+        # hub (or the agent) closed during it: how fast a stall is noticed.
+        self.stall_drops: list[float] = []
+        self._stalled_since = 0.0
 
     async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -59,10 +76,21 @@ class FaultProxy:
     def blackhole(self) -> None:
         """Stop forwarding (both ways, old and new connections) until :meth:`restore`."""
         self._flowing.clear()
+        self.stall_drops = []
+        self._stalled_since = asyncio.get_running_loop().time()
 
     def restore(self) -> None:
-        """End a cut or a black hole: bytes flow and connections are accepted again."""
+        """End a cut or a black hole: bytes flow and connections are accepted again.
+
+        What a black hole held is written first, in order (as TCP would deliver
+        it late), before any pipe moves a newer byte.
+        """
         self._refusing = False
+        for held in list(self._held):
+            if held.chunks and not held.writer.transport.is_closing():
+                held.writer.write(b"".join(held.chunks))
+            held.chunks.clear()
+            held.size = 0
         self._flowing.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -83,6 +111,8 @@ class FaultProxy:
         self._tasks.update((a, b))
         try:
             await asyncio.wait([a, b], return_when=asyncio.FIRST_COMPLETED)
+            if not self._flowing.is_set():
+                self.stall_drops.append(asyncio.get_running_loop().time() - self._stalled_since)
             if not self._closed:
                 # A black hole passes no close on either: the peer must find
                 # out by its own heartbeat, as it would on a real network.
@@ -97,12 +127,24 @@ class FaultProxy:
             self._conns.discard(pair)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(_CHUNK):
-                if not self._flowing.is_set():
-                    await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
+        held = _Held(writer)
+        self._held.add(held)
+        try:
+            with contextlib.suppress(OSError, ConnectionError):
+                while True:
+                    if not self._flowing.is_set() and held.size >= _HOLD_MAX:
+                        await self._flowing.wait()  # bounded: stop reading, TCP backs up
+                    data = await reader.read(_CHUNK)
+                    if not data:
+                        return  # the peer closed: seen even in a black hole
+                    if not self._flowing.is_set():
+                        held.chunks.append(data)
+                        held.size += len(data)
+                        continue
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            self._held.discard(held)
 
     async def close(self) -> None:
         """Idempotent: abort every connection, stop listening, end every task."""

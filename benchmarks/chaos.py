@@ -392,7 +392,10 @@ class Run:
     def __init__(self, cfg: ChaosConfig, cluster: Cluster) -> None:
         self.cfg = cfg
         self.cluster = cluster
+        # Two generators: the fault schedule (kinds, targets, durations) depends on
+        # the seed alone, not on how many commands went out meanwhile.
         self.rng = random.Random(cfg.seed)
+        self.load_rng = random.Random(f"load-{cfg.seed}")
         self.subs: dict[str, Submitted] = {}
         self.handles: dict[str, CommandHandle] = {}
         self.load_agents = [f"agent-{i}" for i in range(cfg.agents)]
@@ -411,7 +414,7 @@ class Run:
     def submit(self, hub: Dispatcher, cmd_id: str, agent: str, sub: Submitted,
                timeout: float, *, require_online: bool = False) -> CommandHandle | None:
         self.subs[cmd_id] = sub
-        payload = {"ms": self.rng.randint(*self.cfg.work_ms)}
+        payload = {"ms": self.load_rng.randint(*self.cfg.work_ms)}
         try:
             handle = hub.execute_on_agent(agent, "work", payload, timeout=timeout,
                                           command_id=cmd_id, require_online=require_online)
@@ -455,7 +458,7 @@ class Run:
         hubs = [h for h in self.cluster.hubs if h.running]
         if not hubs or self.cluster.http is None:
             return
-        hub = self.rng.choice(hubs)
+        hub = self.load_rng.choice(hubs)
         url = f"http://127.0.0.1:{hub.admin_port}/agents/{sub.agent}/commands"
         body = {"key": "work", "payload": {"ms": 0}, "command_id": sub.id,
                 "timeout": self.cfg.timeout, "wait": True}
@@ -477,12 +480,15 @@ class Run:
     # -- faults -----------------------------------------------------------------------
     async def faults_loop(self, stop_at: float) -> None:
         kinds = [k for k in self.cfg.faults if k != "cross_wait"]
+        deck: list[str] = []
         loop = asyncio.get_running_loop()
         while kinds and loop.time() < stop_at:
             await asyncio.sleep(self.rng.uniform(*self.cfg.fault_gap))  # the schedule itself
             if loop.time() >= stop_at:
                 break
-            kind = self.rng.choice(kinds)
+            if not deck:  # every kind once per round, in a seeded order
+                deck = self.rng.sample(kinds, len(kinds))
+            kind = deck.pop()
             await getattr(self, f"fault_{kind}")()
             self.faults[kind] += 1
 

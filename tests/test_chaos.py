@@ -53,9 +53,10 @@ async def test_kills_freezes_cuts_and_black_holes_break_no_invariant() -> None:
     report = await run_chaos(ChaosConfig(duration=30, hubs=3, agents=5, seed=7, rate=20,
                                          faults=SAFE_FAULTS, fault_gap=(0.5, 2.0)))
     _assert_clean(report)
-    # The schedule did what it says (seed 7): every kind of fault, several times.
+    # The schedule did what it says: every kind of fault (one of each per round), twice
+    # at least.
     assert set(report.faults) == set(SAFE_FAULTS), report.faults
-    assert sum(report.faults.values()) >= 8, report.faults
+    assert min(report.faults.values()) >= 2, report.faults
     assert report.outcomes == {"ok": report.submitted - report.rejected}, _explain(report)
     assert report.executions >= report.outcomes["ok"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -33,9 +34,11 @@ class BenchError(Exception):
 class Child:
     """A Python module run as a child: commands on its stdin, JSON lines from its stdout."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, module: str, args: list[str], log_dir: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = [sys.executable, "-m", module, *args]
+        self.env = {**os.environ, **env} if env else None
         self.log_path = log_dir / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
@@ -58,7 +61,7 @@ class Child:
         self._log = self._open_log()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=self._log, limit=1 << 22,
+            stdout=asyncio.subprocess.PIPE, stderr=self._log, limit=1 << 22, env=self.env,
         )
         _children.add(self)
         self.ps = psutil.Process(self.proc.pid)
@@ -196,13 +199,19 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port, no persistence (as tests/support.py)."""
+    """A private redis-server on a free loopback port (as tests/support.py).
 
-    def __init__(self) -> None:
-        self.port = _free_port()
+    No persistence by default; ``persist=True`` turns the append-only file on
+    with an fsync per write, so a SIGKILL (:meth:`kill`) loses nothing that
+    was acknowledged and :meth:`start` brings the same data back on the same port.
+    """
+
+    def __init__(self, *, persist: bool = False, port: int | None = None) -> None:
+        self.port = port or _free_port()
         self.dir = tempfile.mkdtemp(prefix="dispatcher-bench-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = redis_server_binary()
+        self.persist = persist
 
     @property
     def url(self) -> str:
@@ -211,8 +220,9 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
-             "--loglevel", "warning"],
+             *(("--appendonly", "yes", "--appendfsync", "always") if self.persist
+               else ("--appendonly", "no")),
+             "--dir", self.dir, "--protected-mode", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -245,9 +255,21 @@ class RedisServer:
                 return word[2:]
         return out.strip()
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL, keeping the data directory (a crash; :meth:`start` restarts it)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+    def wipe(self) -> None:
+        """Forget the data on disk (call while it is stopped: it restarts empty)."""
+        for path in Path(self.dir).iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

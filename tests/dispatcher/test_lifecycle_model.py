@@ -361,11 +361,27 @@ class HubMachine(RuleBasedStateMachine):
             self.completed(before, cmd.agent_id)
         self.settle()
 
-    @precondition(lambda self: not KNOWN_DEFECT_2 and bool(self._leaders()))
+    @precondition(lambda self: not KNOWN_DEFECT_2 and bool(self.conns))
     @rule(data=st.data(), value=values)
     def answer_then_submit(self, data: st.DataObject, value: Any) -> None:
-        """The agent answers a group's leader; the moment its handle resolves, another
-        member of the group is submitted: it is a new run (issue 13, defect 2)."""
+        """The agent answers a group's leader (one it was sent, else a new one); the moment
+        its handle resolves, another member of the group is submitted: it is a new run
+        (issue 13, defect 2)."""
+        if not self._leaders():
+            agent = data.draw(st.sampled_from(sorted(self.conns)), label="agent")
+            free = [g for g in ("g1", "g2")
+                    if all(c.group != g for c in self.model.pending(agent))]
+            if not free:
+                return
+            first = f"c{len(self.ids):03d}"
+            handle = self.run(self._submit(agent, "k1", None, group=free[0], command_id=first,
+                                           timeout=LONG))
+            self.model.create(CommandInfo(id=first, agent_id=agent, key="k1", group=free[0],
+                                          ts=next(self.seq)))
+            self.note()
+            self.ids.append(first)
+            self.handles[first] = handle
+            self.settle()
         agent, cmd_id = data.draw(st.sampled_from(self._leaders()), label="leader")
         leader = self.model.get(cmd_id)
         assert leader is not None and leader.group is not None

@@ -197,6 +197,21 @@ async def _wait_healthy(hubs: list[HubProc], ports: list[int], timeout: float) -
                 await asyncio.sleep(0.05)
 
 
+def listen_overflows() -> int | None:
+    """The machine's TCP listen-queue overflows so far (Linux ``TcpExt: ListenOverflows``):
+    connections the kernel dropped because a server's accept backlog was full."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        names = head.split()
+        if names and names[0] == "TcpExt:":
+            with contextlib.suppress(ValueError, IndexError):
+                return int(values.split()[names.index("ListenOverflows")])
+    return None
+
+
 def _busy() -> float:
     t = psutil.cpu_times()
     return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
@@ -336,11 +351,13 @@ async def storm(bench: Bench) -> dict[str, Any]:
         cpu0 = {"b": _cpu(b_pid), "redis": _cpu(r_pid), "gens": sum(g.cpu_s() for g in gens),
                 "driver": driver.cpu_s(), "me": _cpu(me.pid), "busy": _busy()}
         sampler.watch_reap = True
+        overflows0 = listen_overflows()
         t_kill = now()
         hubs[HUB_A].kill()  # SIGKILL: no goodbye, the agents see their connections drop
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sampler.all_registered.wait(), plan.timeout)
         t_all = sampler.t_all
+        overflows1 = listen_overflows()
         cpu1 = {"b": _cpu(b_pid), "redis": _cpu(r_pid), "gens": sum(g.cpu_s() for g in gens),
                 "driver": driver.cpu_s(), "me": _cpu(me.pid), "busy": _busy()}
         t_storm_end = t_all if t_all is not None else now()
@@ -383,6 +400,7 @@ async def storm(bench: Bench) -> dict[str, Any]:
     points = ([base[-1]] if base else []) + opened
     agent_view = sorted(t - t_kill for r in reps for i, t in r["last_connect"].items()
                         if r["last_hub"].get(i) == HUB_B and t >= t_kill)
+    dropped = sorted(t - t_kill for r in reps for t in r["disconnects"] if t >= t_kill)
     refusals = _refusals(hubs[HUB_B].log_path, t_kill)
     other = (cpu1["busy"] - cpu0["busy"] - sum(cpu1[k] - cpu0[k] for k in ("b", "redis", "gens",
                                                                               "driver", "me")))
@@ -398,7 +416,11 @@ async def storm(bench: Bench) -> dict[str, Any]:
         "reconnect_agents_view": {
             "n": len(agent_view), "p50_s": percentile(agent_view, 50),
             "p99_s": percentile(agent_view, 99),
-            "max_s": agent_view[-1] if agent_view else None},
+            "max_s": agent_view[-1] if agent_view else None,
+            "disconnected_p50_s": percentile(dropped, 50),
+            "disconnected_max_s": dropped[-1] if dropped else None},
+        "listen_overflows": None if overflows0 is None or overflows1 is None
+        else overflows1 - overflows0,
         "registered_on_b_end": on_b, "left_on_a_end": int(left_on_a),
         "registry_size_end": int(registry_size),
         "reap_s": None if t_reaped is None else t_reaped - t_kill,
@@ -419,5 +441,8 @@ async def storm(bench: Bench) -> dict[str, Any]:
         "schedule_lag_max_ms": drv["schedule_lag_max_ms"],
         "timeline": [[round(s.t - t_kill, 3), s.opened, s.connected, s.registered]
                      for s in sampler.samples],
+        # Every calm command from a second before the kill: [scheduled - kill s, ms or None].
+        "calm_series": [[round(s[0] - t_kill, 3), None if s[1] is None else round(s[1], 2)]
+                        for s in samples if s[0] >= t_kill - 1.0],
     }
     return res

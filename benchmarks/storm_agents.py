@@ -43,11 +43,13 @@ class Fleet:
         # agent index -> (wall time, hub id) of its latest welcome
         self.last: dict[int, tuple[float, str | None]] = {}
         self.connects = 0
+        self.disconnects: list[float] = []  # wall times the agents saw their connection end
         for i in range(first, first + count):
             agent = Agent(urls, agent_id(i), backoff_initial=backoff_initial,
                           backoff_max=backoff_max)
             agent.add_command(COMMAND_KEY, _echo)
             agent.on_connect = self._hook(i, agent)
+            agent.on_disconnect = self._dropped
             self.agents.append(agent)
 
     def _hook(self, index: int, agent: Agent) -> Any:
@@ -58,6 +60,9 @@ class Fleet:
             self.last[index] = (now(), agent.hub_id)
 
         return on_connect
+
+    def _dropped(self) -> None:
+        self.disconnects.append(now())
 
     async def connect_all(self, concurrency: int, timeout: float) -> list[str]:
         sem = asyncio.Semaphore(concurrency)
@@ -79,7 +84,7 @@ class Fleet:
         for agent in self.agents:
             key = str(agent.hub_id) if agent.connected else "not connected"
             hubs[key] = hubs.get(key, 0) + 1
-        return {"hubs": hubs, "connects": self.connects,
+        return {"hubs": hubs, "connects": self.connects, "disconnects": self.disconnects,
                 "last_connect": {str(i): t for i, (t, _) in self.last.items()},
                 "last_hub": {str(i): h for i, (_, h) in self.last.items()}}
 

@@ -99,13 +99,16 @@ class Sample:
     connected: float | None  # hub B: dispatcher_agents_connected
     registered: int | None  # Redis: SCARD P:hub:B:agents
     a_listed: bool | None  # Redis: hub A still in P:hubs (not reaped yet)
+    cpu_b: float  # hub B's CPU seconds so far
 
 
 class Sampler:
     """Hub B's metrics and the Redis registry every 100 ms, on a fixed schedule."""
 
-    def __init__(self, admin_url: str, redis: Any, prefix: str, goal: int) -> None:
+    def __init__(self, admin_url: str, redis: Any, prefix: str, goal: int,
+                 pid_b: int) -> None:
         self.admin_url = admin_url
+        self.pid_b = pid_b
         self.redis = redis
         self.prefix = prefix
         self.goal = goal
@@ -162,7 +165,7 @@ class Sampler:
         while True:
             (opened, connected), (registered, listed) = await asyncio.gather(
                 self._metrics(), self._registry())
-            s = Sample(now(), opened, connected, registered, listed)
+            s = Sample(now(), opened, connected, registered, listed, _cpu(self.pid_b))
             self.samples.append(s)
             if registered is not None and registered >= self.goal and self.t_all is None \
                     and self.watch_reap:
@@ -318,9 +321,11 @@ async def storm(bench: Bench) -> dict[str, Any]:
         "--hub-ttl", str(plan.hub_ttl), "--url", url[HUB_B], "--first", str(plan.agents),
         "--count", str(plan.calm)], bench.log_dir)
     redis = aioredis.Redis.from_url(bench.redis.url)
-    sampler = Sampler(f"http://127.0.0.1:{ports[HUB_B][1]}", redis, prefix, goal)
+    sampler: Sampler | None = None
     try:
         await asyncio.gather(*(h.start(bench.server_cpus) for h in hubs.values()))
+        sampler = Sampler(f"http://127.0.0.1:{ports[HUB_B][1]}", redis, prefix, goal,
+                          hubs[HUB_B].pid)
         await _wait_healthy(list(hubs.values()), [p for p, _ in ports.values()], 30)
         await asyncio.gather(driver.start(bench.client_cpus),
                              *(g.start(bench.client_cpus) for g in gens))
@@ -384,7 +389,8 @@ async def storm(bench: Bench) -> dict[str, Any]:
         *where, left_on_a, registry_size = await pipe.execute()
         on_b = sum(1 for w in where if w is not None and w.decode() == HUB_B)
     finally:
-        await sampler.close()
+        if sampler is not None:
+            await sampler.close()
         await redis.aclose()
         await asyncio.gather(driver.stop(), *(g.stop() for g in gens), return_exceptions=True)
         await asyncio.gather(*(h.stop() for h in hubs.values()), return_exceptions=True)
@@ -439,8 +445,10 @@ async def storm(bench: Bench) -> dict[str, Any]:
         "calm": {"before": before, "storm": during, "after": after},
         "calm_unfinished": drv["unfinished"],
         "schedule_lag_max_ms": drv["schedule_lag_max_ms"],
-        "timeline": [[round(s.t - t_kill, 3), s.opened, s.connected, s.registered]
-                     for s in sampler.samples],
+        # [s since the kill, B's handshakes so far, B's agents gauge, registered on B,
+        #  B's CPU seconds since the kill]
+        "timeline": [[round(s.t - t_kill, 3), s.opened, s.connected, s.registered,
+                      round(s.cpu_b - cpu0["b"], 3)] for s in sampler.samples],
         # Every calm command from a second before the kill: [scheduled - kill s, ms or None].
         "calm_series": [[round(s[0] - t_kill, 3), None if s[1] is None else round(s[1], 2)]
                         for s in samples if s[0] >= t_kill - 1.0],

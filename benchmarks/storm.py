@@ -100,6 +100,7 @@ class Sample:
     registered: int | None  # Redis: SCARD P:hub:B:agents
     a_listed: bool | None  # Redis: hub A still in P:hubs (not reaped yet)
     cpu_b: float  # hub B's CPU seconds so far
+    wait_b: float  # seconds hub B's main thread waited for a CPU so far (Linux schedstat)
 
 
 class Sampler:
@@ -165,7 +166,8 @@ class Sampler:
         while True:
             (opened, connected), (registered, listed) = await asyncio.gather(
                 self._metrics(), self._registry())
-            s = Sample(now(), opened, connected, registered, listed, _cpu(self.pid_b))
+            s = Sample(now(), opened, connected, registered, listed, _cpu(self.pid_b),
+                       _runqueue_wait(self.pid_b))
             self.samples.append(s)
             if registered is not None and registered >= self.goal and self.t_all is None \
                     and self.watch_reap:
@@ -213,6 +215,15 @@ def listen_overflows() -> int | None:
             with contextlib.suppress(ValueError, IndexError):
                 return int(values.split()[names.index("ListenOverflows")])
     return None
+
+
+def _runqueue_wait(pid: int) -> float:
+    """Seconds the process's main thread spent runnable but waiting for a CPU (other
+    processes on its CPU): what tells a hub that was busy from one that was starved."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _busy() -> float:
@@ -357,6 +368,7 @@ async def storm(bench: Bench) -> dict[str, Any]:
                 "driver": driver.cpu_s(), "me": _cpu(me.pid), "busy": _busy()}
         sampler.watch_reap = True
         overflows0 = listen_overflows()
+        wait0 = _runqueue_wait(b_pid)
         t_kill = now()
         hubs[HUB_A].kill()  # SIGKILL: no goodbye, the agents see their connections drop
         with contextlib.suppress(TimeoutError):
@@ -446,9 +458,13 @@ async def storm(bench: Bench) -> dict[str, Any]:
         "calm_unfinished": drv["unfinished"],
         "schedule_lag_max_ms": drv["schedule_lag_max_ms"],
         # [s since the kill, B's handshakes so far, B's agents gauge, registered on B,
-        #  B's CPU seconds since the kill]
+        #  B's CPU seconds since the kill, B's seconds waiting for a CPU since the kill]
         "timeline": [[round(s.t - t_kill, 3), s.opened, s.connected, s.registered,
-                      round(s.cpu_b - cpu0["b"], 3)] for s in sampler.samples],
+                      round(s.cpu_b - cpu0["b"], 3), round(s.wait_b - wait0, 3)]
+                     for s in sampler.samples],
+        "hub_b_runqueue_wait_s": (max((s.wait_b for s in sampler.samples), default=wait0)
+                                  - wait0) if t_all is None else next(
+            (s.wait_b for s in sampler.samples if s.t >= t_all), wait0) - wait0,
         # Every calm command from a second before the kill: [scheduled - kill s, ms or None].
         "calm_series": [[round(s[0] - t_kill, 3), None if s[1] is None else round(s[1], 2)]
                         for s in samples if s[0] >= t_kill - 1.0],

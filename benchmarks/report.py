@@ -373,19 +373,21 @@ def _storm_markdown(rows: dict[str, Any]) -> list[str]:
              "agents on hub B answering commands sent on a fixed schedule by an application "
              "process (an embedded `Dispatcher`, a third hub without agents). Hub A gets "
              "SIGKILL; *reconnect* is the time from the kill until Redis lists every agent on "
-             "hub B (`P:hub:B:agents`, sampled every 100 ms); handshakes/s from hub B's "
-             "`dispatcher_connections_opened` (sampled every 100 ms); refused: HTTP 503s of "
-             "hub B (`max_handshakes`), from its log. Calm latency: scheduled submit to "
-             "result, before the kill and from the kill until every agent is back.", "",
+             "hub B (`P:hub:B:agents`, sampled every 100 ms); handshakes/s: registrations on "
+             "hub B per 100 ms and per second (the same samples); refused: HTTP 503s of hub B "
+             "(`max_handshakes`), from its log; hub B waited: seconds its main thread was "
+             "runnable but waited for a CPU (taken by other processes: noise). Calm latency: "
+             "scheduled submit to result, before the kill and from the kill until every agent "
+             "is back.", "",
              "| agents | reconnect s | peak handshakes/s (100 ms / 1 s) | mean/s | refused | "
              "registered on B at the end | calm p50 / p99 ms before | calm p50 / p99 / max ms "
-             "during | calm errors during | hub B CPU during | other CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "during | calm errors during | hub B CPU during | hub B waited s | other CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sc, row in rows.items():
         e = row.get("ours-redis", {})
         err = _err(e)
         if err:
-            lines.append(f"| {sc} | {err} |" + " |" * 9)
+            lines.append(f"| {sc} | {err} |" + " |" * 10)
             continue
         before, during = e["calm"]["before"], e["calm"]["storm"]
         lines.append(
@@ -396,7 +398,8 @@ def _storm_markdown(rows: dict[str, Any]) -> list[str]:
             f"{_f(before.get('p99_ms'), 1)} | {_f(during.get('p50_ms'), 1)} / "
             f"{_f(during.get('p99_ms'), 1)} / {_f(during.get('max_ms'), 1)} | "
             f"{during.get('errors', 0)} of {during.get('n', 0)} | "
-            f"{_pct(e.get('hub_b_cpu_util'))} | {_pct(e.get('other_cpu_util'))} |")
+            f"{_pct(e.get('hub_b_cpu_util'))} | {_f(e.get('hub_b_runqueue_wait_s'), 2)} | "
+            f"{_pct(e.get('other_cpu_util'))} |")
         lines += ["", f"Settings: `max_handshakes` {e.get('max_handshakes')}, agents' backoff "
                   f"{e['backoff']['initial_s']:g} s doubling to {e['backoff']['max_s']:g} s, "
                   f"{e.get('calm_agents')} calm agents at {_f(e.get('calm_rate_per_s'))} "
@@ -407,7 +410,8 @@ def _storm_markdown(rows: dict[str, Any]) -> list[str]:
                   f"{_f(e.get('reap_s'), 1)} s; calm p99 after the storm "
                   f"{_f(e['calm']['after'].get('p99_ms'), 1)} ms; redis-server CPU during "
                   f"{_pct(e.get('redis_cpu_util'))}, load generators "
-                  f"{_pct(e.get('loadgen_cpu_util'))} (nice 10).", ""]
+                  f"{_pct(e.get('loadgen_cpu_util'))} (nice 10); TCP listen-queue overflows "
+                  f"on the machine during the storm: {_f(e.get('listen_overflows'))}.", ""]
     return lines
 
 

@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not pin the server to CPU 0 and the clients to the other CPUs")
     parser.add_argument("--profile", nargs="?", const="python", choices=("python", "native"),
                         help="sample our hub with py-spy in every measured window of the "
-                        "round-trip and fan-out workloads (stacks and summaries in "
+                        "round-trip and fan-out workloads, and hub B in the storm (stacks and "
+                        "summaries in "
                         "OUT/profiles/); 'native' adds C frames (GC, uvloop, system calls)")
     args = parser.parse_args(argv)
     plan = Plan.quick_plan() if args.quick else Plan()

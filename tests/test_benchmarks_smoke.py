@@ -69,7 +69,7 @@ def test_quick_storm_moves_every_agent_to_the_surviving_hub(tmp_path: Path) -> N
     assert entry["reconnect_s"] is not None and entry["reconnect_s"] > 0
     assert entry["registered_on_b_end"] == agents
     assert entry["left_on_a_end"] == 0
-    assert entry["handshakes_after_kill"] >= agents
+    assert entry["peak_handshakes_per_s_100ms"] > 0
     for window in ("before", "storm"):
         calm = entry["calm"][window]
         assert calm["ok"] > 0 and calm["errors"] == 0, (window, calm)

@@ -21,7 +21,8 @@ from typing import IO, Any
 
 import psutil
 
-__all__ = ["ROOT", "BenchError", "Child", "RedisServer", "kill_all", "pin", "placement"]
+__all__ = ["ROOT", "BenchError", "Child", "RedisServer", "free_port", "kill_all", "pin",
+           "placement"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _children: set[Child] = set()
@@ -38,7 +39,7 @@ class Child:
                  env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = [sys.executable, "-m", module, *args]
-        self.env = {**os.environ, **env} if env else None
+        self.env = env  # extra environment variables (added to this process's)
         self.log_path = log_dir / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
@@ -59,9 +60,10 @@ class Child:
     async def start(self, cpus: list[int] | None = None) -> Child:
         """Start it; ``cpus`` pins it to those CPUs (the same placement for every target)."""
         self._log = self._open_log()
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=ROOT, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=self._log, limit=1 << 22, env=self.env,
+            *self.argv, cwd=ROOT, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=self._log, limit=1 << 22,
         )
         _children.add(self)
         self.ps = psutil.Process(self.proc.pid)
@@ -175,6 +177,11 @@ def kill_all() -> None:
     """End every child still running (by its own pid): the last resort of the orchestrator."""
     for child in list(_children):
         child.kill()
+
+
+def free_port() -> int:
+    """A free loopback port (for a child that is told its port rather than asked for it)."""
+    return _free_port()
 
 
 def _free_port() -> int:

@@ -3,12 +3,15 @@
     python -m benchmarks.run [--quick] [--only roundtrip,fanout,idle,redis]
                              [--targets ours-memory,ours-redis,raw-websockets,socketio]
                              [--duration S] [--repeat N] [--out DIR]
+    python -m benchmarks.run --only storm [--quick] [--storm-agents N]   (storm.py)
 
 Each target runs as its own server process (``benchmarks/servers/``); agents
 live in separate load-generator processes (``benchmarks/loadgen.py``); a private
 redis-server is started when the Redis engine is measured. Every step waits for
 a line from a child and is bounded by a timeout; stragglers are killed.
-Results: ``results.json``, ``results.md`` and ``results.png`` in ``--out``.
+Results: ``results.json``, ``results.md`` and ``results.png`` in ``--out``
+(a run of the storm workload alone: ``storm.json`` and ``storm.md``, so that it
+does not replace the comparison's results).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,9 +39,12 @@ from . import profile as profiling
 from . import report
 from .common import install_uvloop
 from .procs import ROOT, BenchError, Child, RedisServer, kill_all, pin, placement
+from .storm import StormPlan, storm
 
 TARGETS = ("ours-memory", "ours-redis", "raw-websockets", "socketio")
 WORKLOADS = ("roundtrip", "fanout", "idle", "redis")
+# Opt-in (``--only storm``): our hub only, two hubs on Redis, a different shape.
+EXTRA_WORKLOADS = ("storm",)
 SERVER_MODULE = {
     "ours-memory": "benchmarks.servers.ours",
     "ours-redis": "benchmarks.servers.ours",
@@ -63,6 +70,7 @@ class Plan:
     idle_per_proc: int = 2500
     lifecycle: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {
         "1x1": (1, 1, 1000), "100x10": (100, 10, 20000)})  # agents, in flight, commands
+    storm: StormPlan = field(default_factory=StormPlan)
     quick: bool = False
     fresh: bool = True  # a fresh server per round-trip scenario (not with --quick)
 
@@ -72,7 +80,7 @@ class Plan:
                                                          "100x10": (10, 2)},
                    fanout_agents=50, idle_stages=(50, 100), idle_per_proc=50,
                    lifecycle={"1x1": (1, 1, 50), "100x10": (10, 2, 200)}, quick=True,
-                   fresh=False)
+                   fresh=False, storm=StormPlan.quick())
 
 
 class Bench:
@@ -83,7 +91,7 @@ class Bench:
         self.log_dir = self.out / "logs"
         self.redis: RedisServer | None = None
         self.runs = 0
-        self.raw: dict[str, Any] = {w: {} for w in WORKLOADS}
+        self.raw: dict[str, Any] = {w: {} for w in (*WORKLOADS, *EXTRA_WORKLOADS)}
         self.profiles: dict[str, Any] = {}
         # Waiting for a quiet machine is bounded per window and over the whole run.
         self.settle_budget = 12 * args.settle
@@ -382,10 +390,28 @@ class Bench:
         finally:
             await self._stop(server, *gens)
 
+    async def reconnect_storm(self) -> None:
+        res = await storm(self)
+        self._record("storm", str(self.plan.storm.agents), "ours-redis", res)
+        calm = res["calm"]
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f} ms"
+
+        rec = res["reconnect_s"]
+        print(f"  storm {res['agents']} agents: "
+              f"{'NOT all' if rec is None else f'all back in {rec:.2f} s'}"
+              f" (registered {res['registered_on_b_end']} on B at the end), peak "
+              f"{res['peak_handshakes_per_s_100ms'] or 0:.0f} handshakes/s (100 ms), "
+              f"{res['refused']} refused; calm p50/p99 before {ms(calm['before']['p50_ms'])}"
+              f"/{ms(calm['before']['p99_ms'])}, during {ms(calm['storm']['p50_ms'])}/"
+              f"{ms(calm['storm']['p99_ms'])}; hub B cpu {res['hub_b_cpu_util']:.0%}, "
+              f"other {res['other_cpu_util']:.0%}", file=sys.stderr)
+
     # -- the run ---------------------------------------------------------------------
     async def run(self, workloads: list[str], targets: list[str]) -> dict[str, Any]:
         t_begin = time.monotonic()
-        if "ours-redis" in targets:
+        if "ours-redis" in targets or "storm" in workloads:
             self.redis = RedisServer()
             self.redis.start()
             if self.redis.proc is not None:
@@ -424,6 +450,9 @@ class Bench:
                                    if t == "ours-memory" else "no store: not applicable")
                             for sc in self.plan.lifecycle:
                                 self._record("redis", sc, t, {"skipped": why})
+                elif workload == "storm":
+                    await self._guard(workload, [str(self.plan.storm.agents)], "ours-redis",
+                                      self.reconnect_storm)
         finally:
             redis_version = self.redis.version() if self.redis else None
             if self.redis is not None:
@@ -460,6 +489,7 @@ class Bench:
                      "fanout_agents": plan.fanout_agents, "fanout_procs": plan.fanout_procs,
                      "fanout_window": plan.fanout_window, "idle_stages": plan.idle_stages,
                      "idle_per_proc": plan.idle_per_proc, "lifecycle": plan.lifecycle,
+                     "storm": dataclasses.asdict(plan.storm),
                      "settle_s": self.args.settle, "max_noise": self.args.max_noise,
                      "retries": self.args.retries,
                      "cpus": {"server": self.server_cpus, "clients": self.client_cpus,
@@ -524,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run (small sizes, short windows), well under 30 s")
     parser.add_argument("--only", default=",".join(WORKLOADS),
-                        type=lambda v: _list(v, WORKLOADS, "workload"),
-                        help=f"workloads to run (default all: {','.join(WORKLOADS)})")
+                        type=lambda v: _list(v, (*WORKLOADS, *EXTRA_WORKLOADS), "workload"),
+                        help=f"workloads to run (default all of {','.join(WORKLOADS)}; "
+                        "'storm', the reconnect storm, only when named)")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         type=lambda v: _list(v, TARGETS, "target"),
                         help=f"targets to run (default all: {','.join(TARGETS)})")
@@ -549,11 +580,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra attempts for a noisy window (default 2, 0 with --quick)")
     parser.add_argument("--retry-budget", type=float, default=120.0,
                         help="seconds the whole run may spend on extra attempts (default 120)")
+    parser.add_argument("--storm-agents", type=int, default=None,
+                        help="storm: agents on the hub that is killed (default 5000; 200 with "
+                        "--quick)")
+    parser.add_argument("--max-handshakes", type=int, default=None,
+                        help="storm: the hubs' max_handshakes (default: HubConfig's, 1000)")
+    parser.add_argument("--backoff", default=None, metavar="INITIAL,MAX",
+                        help="storm: the agents' backoff_initial,backoff_max in seconds "
+                        "(default: agent_client.Agent's, 0.5,30)")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the server to CPU 0 and the clients to the other CPUs")
     parser.add_argument("--profile", nargs="?", const="python", choices=("python", "native"),
                         help="sample our hub with py-spy in every measured window of the "
-                        "round-trip and fan-out workloads (stacks and summaries in "
+                        "round-trip and fan-out workloads, and hub B in the storm (stacks and "
+                        "summaries in "
                         "OUT/profiles/); 'native' adds C frames (GC, uvloop, system calls)")
     args = parser.parse_args(argv)
     plan = Plan.quick_plan() if args.quick else Plan()
@@ -562,6 +602,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup is not None:
         plan.warmup = args.warmup
     plan.repeat = max(1, args.repeat)
+    if args.storm_agents is not None:
+        plan.storm.agents = args.storm_agents
+    if args.max_handshakes is not None:
+        plan.storm.max_handshakes = args.max_handshakes
+    if args.backoff is not None:
+        try:
+            initial, maximum = (float(x) for x in args.backoff.split(","))
+        except ValueError:
+            parser.error("--backoff takes INITIAL,MAX (seconds)")
+        plan.storm.backoff_initial, plan.storm.backoff_max = initial, maximum
     if args.settle is None:
         args.settle = 0.0 if args.quick else 10.0
     if args.retries is None:
@@ -576,12 +626,17 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(bench.run(args.only, args.targets))
     finally:
         kill_all()
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    (out / "results.md").write_text(report.markdown(results))
-    report.chart(results, out / "results.png")
+    # The storm alone does not replace the comparison's results.
+    stem = "storm" if args.only == ["storm"] else "results"
+    written = [out / f"{stem}.json", out / f"{stem}.md"]
+    written[0].write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    written[1].write_text(report.markdown(results))
+    if stem == "results":
+        written.append(out / "results.png")
+        report.chart(results, written[-1])
     print(report.markdown(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} "
-          f"in {results['meta']['wall_s']:.0f} s", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))} in {results['meta']['wall_s']:.0f} s",
+          file=sys.stderr)
     return 0
 
 

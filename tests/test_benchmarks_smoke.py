@@ -47,3 +47,33 @@ def test_quick_benchmark_writes_every_workload_and_target(tmp_path: Path) -> Non
     md = (tmp_path / "results.md").read_text()
     assert "raw-websockets" in md and "Targets" in md
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(45)
+def test_quick_storm_moves_every_agent_to_the_surviving_hub(tmp_path: Path) -> None:
+    """``--only storm --quick``: two real hubs, one SIGKILLed; its agents end up registered on
+    the other, the calm agents answered throughout, and the run writes storm.json/storm.md
+    (not the comparison's results files)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "storm",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=40, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "results.json").exists()
+    results = json.loads((tmp_path / "storm.json").read_text())
+    assert set(results["workloads"]) == {"storm"}
+    (entry,) = (row["ours-redis"] for row in results["workloads"]["storm"].values())
+    assert "error" not in entry, entry["error"]
+    agents = entry["agents"]
+    assert entry["reconnect_s"] is not None and entry["reconnect_s"] > 0
+    assert entry["registered_on_b_end"] == agents
+    assert entry["left_on_a_end"] == 0
+    assert entry["peak_handshakes_per_s_100ms"] > 0
+    for window in ("before", "storm"):
+        calm = entry["calm"][window]
+        assert calm["ok"] > 0 and calm["errors"] == 0, (window, calm)
+    assert {t["id"] for t in results["targets"]} == {"storm-calm-p99", "storm-all-back"}
+    assert next(t for t in results["targets"] if t["id"] == "storm-all-back")["met"]
+    md = (tmp_path / "storm.md").read_text()
+    assert "Reconnect storm" in md

@@ -181,6 +181,9 @@ class Cluster:
         self._recovering: asyncio.Task[None] | None = None
         self._recover_again = False
         self._reset_pending = True  # a previous life's agents are not forgotten yet
+        # No reaping before this (loop time): after this hub (re)gains the store,
+        # the other hubs need up to a refresh period to say they are alive again.
+        self._reap_after = 0.0
 
     @property
     def deaf(self) -> bool:
@@ -336,6 +339,10 @@ class Cluster:
         published frames nobody heard (ARCHITECTURE.md, Guarantees). Retried
         until it succeeds; one run at a time."""
         self._recover_again = True
+        # Their alive keys may have lapsed in the same outage: give the other hubs
+        # a ttl to refresh them before this one reaps anybody (ARCHITECTURE.md: no
+        # agent reaped while its hub lives).
+        self._reap_after = self.tasks.loop.time() + self._ttl_ms / 1000
         if self._recovering is None or self._recovering.done():
             self._recovering = self.tasks.spawn(self._recover_until_done(reason),
                                                 name="cluster-recover")
@@ -384,7 +391,7 @@ class Cluster:
                 if not await self.store.hub_alive(self.me, self._ttl_ms):
                     log.warning("hub_alive_lapsed", hub_id=self.me)
                     self.recover("alive_lapsed")
-                if turn % reap_every == 0:
+                if turn % reap_every == 0 and self.tasks.loop.time() >= self._reap_after:
                     for info in await self.store.reap_dead_hubs(self.me):
                         log.warning("agent_reaped", agent_id=info.id, hub_id=info.hub_id,
                                     reason="hub_dead")

@@ -5,12 +5,10 @@ append-only file, agents in their own processes behind TCP proxies, and
 SIGKILL / SIGSTOP / cuts / black holes from a seeded schedule; at the end
 every submitted command is accounted for (benchmarks/chaos.py, ``Run.account``).
 
-The first test runs the faults the hub survives today and asserts that no
-invariant was broken. Each of the others runs one scenario that hits a known
-defect of issue 13 and is marked ``xfail`` until its fix lands; it asserts
-the same thing (no violation of any kind), so it passes, unchanged, once the
-hub is fixed; only a violation counts as the expected failure (``raises=``), a
-harness error (``BenchError``: a child that would not start) fails the test.
+The first test runs a mix of faults and asserts that no invariant was broken.
+Each of the others runs one scenario aimed at a defect of issue 13 (outside
+testing found them; they are fixed) and asserts the same thing: no violation
+of any kind.
 """
 
 from __future__ import annotations
@@ -70,17 +68,11 @@ def _scenario(fault: str, **overrides: object) -> ChaosConfig:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="issue 13 defect 3: a waiter on another hub (idempotent re-submit, "
-                   "admin wait: true) resolves only at the deadline", strict=False,
-                   raises=AssertionError)
 async def test_a_waiter_on_another_hub_learns_the_outcome_promptly() -> None:
     _assert_clean(await run_chaos(_scenario("cross_wait", cross_wait_every=3)))
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="issue 13 defect 4: agents of a hub frozen past hub_ttl are reaped "
-                   "and never registered again", strict=False,
-                   raises=AssertionError)
 async def test_a_hub_frozen_past_its_ttl_gets_its_agents_back() -> None:
     # A heartbeat longer than the freeze: the hub does not drop its agents when it
     # thaws (its liveness timers are late too), so they stay connected throughout.
@@ -88,25 +80,16 @@ async def test_a_hub_frozen_past_its_ttl_gets_its_agents_back() -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="issue 13 defect 5: a hub restarted with the same id keeps its "
-                   "previous life's agents listed", strict=False,
-                   raises=AssertionError)
 async def test_a_hub_restarted_with_its_id_forgets_its_dead_agents() -> None:
     _assert_clean(await run_chaos(_scenario("ghost", duration=3)))
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="issue 13 defect 6: overdue commands of a gone hub are delivered "
-                   "and stored ok", strict=False,
-                   raises=AssertionError)
 async def test_an_overdue_backlog_is_never_delivered() -> None:
     _assert_clean(await run_chaos(_scenario("overdue", duration=3, overdue_batch=400)))
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="issue 13 defect 7: commands stored right after a Redis restart "
-                   "are never delivered", strict=False,
-                   raises=AssertionError)
 async def test_a_redis_crash_loses_no_command() -> None:
     _assert_clean(await run_chaos(_scenario("redis_kill", duration=10, rate=100)))
 

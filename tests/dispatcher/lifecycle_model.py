@@ -14,16 +14,19 @@ PROTOCOL.md (Commands, Redelivery):
   checked first, then ``drop`` completes the selected PENDING commands as
   ``dropped``, then the command is stored; it is ``coalesced`` when another
   command of its agent and group is still not COMPLETE;
-- ``complete_group`` completes the group's PENDING members (not the ACTIVE one);
+- an answer (``ok``/``error``) is refused (``UnknownCommand``) once the
+  command's deadline is at or before ``now``: past its deadline a command only
+  ends ``timeout`` or ``cancelled``;
+- an answer to a group member completes, in the same step, every PENDING
+  member of its group whose deadline has not passed (``Completion.group``),
+  with the same outcome, result or error; members past their deadline stay
+  PENDING (they time out);
 - after a (re)connection the agent is sent its commands not COMPLETE, oldest
   first, one per group (the oldest).
 
-One rule goes beyond what the engines do today (issue 13, defect 6): a
-command whose deadline has passed is never completed as ``ok``
-(:meth:`Model.complete` refuses it). Where the contract is silent (an ``ack``
-or an ``error`` answer after the deadline, ``complete_group`` reaching members
-past their deadline) :meth:`Model.unspecified` says so, and the machines only
-require the engines to agree, then adopt what they did.
+Where the contract is silent (an ``ack`` after the deadline)
+:meth:`Model.unspecified` says so, and the machines only require the engines
+to agree, then adopt what they did.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ from typing import Any
 from dispatcher.errors import TooManyCommands, UnknownCommand
 from dispatcher.models import CommandInfo
 
-__all__ = ["DROPPED", "Created", "Model", "project"]
+__all__ = ["DROPPED", "Completed", "Created", "Model", "project"]
 
 DROPPED: dict[str, Any] = {"dropped": True}
 
-# Fields every engine fills in the records that create/complete/complete_group
+# Fields every engine fills in the records that create/complete
 # return (the Redis engine builds them from its script's reply: no payload, and
 # no deadline for dropped or group-completed records).
 RETURNED_FIELDS = ("id", "agent_id", "key", "status", "outcome", "group", "ts", "updated",
@@ -55,6 +58,14 @@ class Created:
     created: bool
     dropped: list[CommandInfo] = field(default_factory=list)
     coalesced: bool = False
+
+
+@dataclass(slots=True)
+class Completed:
+    """What :meth:`Model.complete` did (``store.base.Completion`` without watchers)."""
+
+    command: CommandInfo
+    group: list[CommandInfo] = field(default_factory=list)
 
 
 def _order(cmd: CommandInfo) -> tuple[int, str]:
@@ -106,17 +117,12 @@ class Model:
     def past_deadline(cmd: CommandInfo, now: int) -> bool:
         return cmd.deadline is not None and cmd.deadline <= now
 
-    def unspecified(self, op: str, cmd_id: str, now: int, *, group: str | None = None,
-                    agent_id: str | None = None) -> bool:
+    def unspecified(self, op: str, cmd_id: str, now: int) -> bool:
         """True where the contract does not say what happens (see the module docstring)."""
-        if op == "complete_group":
-            assert group is not None and agent_id is not None
-            return any(c.group == group and c.status == "PENDING" and self.past_deadline(c, now)
-                       for c in self.pending(agent_id))
         cmd = self.cmds.get(cmd_id)
         if cmd is None or cmd.status == "COMPLETE" or not self.past_deadline(cmd, now):
             return False
-        return op in ("ack", "error")
+        return op == "ack"
 
     # -- changes -------------------------------------------------------------
     def create(self, cmd: CommandInfo, *, drop: bool | str | None = None,
@@ -170,28 +176,20 @@ class Model:
 
     def complete(self, cmd_id: str, outcome: str, *, now: int, result: Any = None,
                  error: dict[str, Any] | None = None, agent_id: str | None = None
-                 ) -> CommandInfo:
+                 ) -> Completed:
         cmd = self._addressed(cmd_id, agent_id)
-        if outcome == "ok" and self.past_deadline(cmd, now):
-            # Issue 13, defect 6: the timeout has won, a late result must not.
+        answer = outcome in ("ok", "error")
+        if answer and self.past_deadline(cmd, now):
             raise UnknownCommand(f"{cmd_id!r} is past its deadline")
         self._finish(cmd, outcome, now, result, error)
-        return cmd.copy()
-
-    def complete_group(self, agent_id: str, group: str, outcome: str, *, now: int,
-                       result: Any = None, error: dict[str, Any] | None = None
-                       ) -> list[CommandInfo]:
-        done: list[CommandInfo] = []
-        for cmd in self.pending(agent_id):
-            if cmd.group == group and cmd.status == "PENDING":
-                self._finish(cmd, outcome, now, result, error)
-                done.append(cmd.copy())
-        return done
-
-    def force_complete(self, cmd_id: str, outcome: str, *, now: int, result: Any = None,
-                       error: dict[str, Any] | None = None) -> None:
-        """Adopt a completion the engines agreed on where the contract is silent."""
-        self._finish(self.cmds[cmd_id], outcome, now, result, error)
+        group: list[CommandInfo] = []
+        if answer and cmd.group is not None:
+            for other in self.pending(cmd.agent_id):
+                if other.group == cmd.group and other.status == "PENDING" \
+                        and not self.past_deadline(other, now):
+                    self._finish(other, outcome, now, result, error)
+                    group.append(other.copy())
+        return Completed(cmd.copy(), group)
 
     def _finish(self, cmd: CommandInfo, outcome: str, now: int, result: Any,
                 error: dict[str, Any] | None) -> None:

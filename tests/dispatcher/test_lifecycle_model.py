@@ -58,14 +58,6 @@ from .lifecycle_model import Model
 
 T = TypeVar("T")
 
-# Issue 13, defect 1 (in-memory engine): a submit whose drop_all_pending
-# completes every command its agent had not COMPLETE loses the new command.
-KNOWN_DEFECT_1 = True
-# Issue 13, defect 2 (both engines): a group member submitted between the
-# leader's answer and the completion of the group is sent and runs, but its
-# handle takes the leader's result and the agent's own answer is refused.
-KNOWN_DEFECT_2 = True
-
 AGENTS = ("a1", "a2")
 KEYS = ("k1", "k2")
 GROUPS = (None, "g1", "g2")
@@ -187,10 +179,6 @@ class HubMachine(RuleBasedStateMachine):
         is_short = short == 0 and cmd_id not in self.model.cmds
         cmd = CommandInfo(id=cmd_id, agent_id=agent, key=key, group=group, ts=next(self.seq),
                           payload=payload, deadline=None)
-        dropping = self.model.would_drop(cmd, drop)
-        if KNOWN_DEFECT_1 and self.engine == "memory" and dropping and \
-                len(dropping) == len(self.model.pending(agent)):
-            return  # issue 13 defect 1: see test_defect_1_drop_of_only_pending_command
         before = self.statuses()
         handle = self.run(self._submit(agent, key, payload, group=group,
                                        drop_all_pending=drop, command_id=cmd_id,
@@ -268,7 +256,8 @@ class HubMachine(RuleBasedStateMachine):
         agent = data.draw(st.sampled_from(sorted(self.conns)))
         conn = self.conns.pop(agent)
         self.run(conn.ws.close())
-        self.run(wait_for(lambda: self.hub.session_of(agent) is None, what=f"{agent} detached"))
+        self.run(wait_for(lambda: self.hub._connections.get(agent) is None,
+                          what=f"{agent} detached"))
         self.settle()
 
     def _delivered(self) -> list[tuple[str, str]]:
@@ -315,16 +304,13 @@ class HubMachine(RuleBasedStateMachine):
         self.completed(before, agent)
 
     def model_answer(self, agent: str, cmd_id: str, kind: str, value: Any) -> None:
-        if kind in ("result", "fail"):
-            if kind == "result":
-                info = self.model.complete(cmd_id, "ok", now=0, result=value, agent_id=agent)
-            else:
-                info = self.model.complete(cmd_id, "error", now=0, error=_error(value, stored=True),
-                                           agent_id=agent)
-            if info.group is not None:
-                # The group's first answer completes every PENDING member (API.md).
-                self.model.complete_group(agent, info.group, info.outcome or "", now=0,
-                                          result=info.result, error=info.error)
+        # An answer to a group member completes the group's PENDING members in the
+        # same step (API.md; none is past its deadline here: short timeouts are waited out).
+        if kind == "result":
+            self.model.complete(cmd_id, "ok", now=0, result=value, agent_id=agent)
+        elif kind == "fail":
+            self.model.complete(cmd_id, "error", now=0, error=_error(value, stored=True),
+                                agent_id=agent)
         self.note()
 
     @precondition(lambda self: bool(self.conns))
@@ -361,12 +347,13 @@ class HubMachine(RuleBasedStateMachine):
             self.completed(before, cmd.agent_id)
         self.settle()
 
-    @precondition(lambda self: not KNOWN_DEFECT_2 and bool(self.conns))
-    @rule(data=st.data(), value=values)
-    def answer_then_submit(self, data: st.DataObject, value: Any) -> None:
-        """The agent answers a group's leader (one it was sent, else a new one); the moment
-        its handle resolves, another member of the group is submitted: it is a new run
-        (issue 13, defect 2)."""
+    @precondition(lambda self: bool(self.conns))
+    @rule(data=st.data(), value=values, waiting=st.integers(0, 2))
+    def answer_then_submit(self, data: st.DataObject, value: Any, waiting: int) -> None:
+        """The agent answers a group's leader (one it was sent, else a new one) while
+        ``waiting`` more members wait behind it (the answer completes them with it, in the
+        same step); the moment its handle resolves, another member of the group is
+        submitted: it is a new run (issue 13, defect 2)."""
         if not self._leaders():
             agent = data.draw(st.sampled_from(sorted(self.conns)), label="agent")
             free = [g for g in ("g1", "g2")
@@ -385,6 +372,17 @@ class HubMachine(RuleBasedStateMachine):
         agent, cmd_id = data.draw(st.sampled_from(self._leaders()), label="leader")
         leader = self.model.get(cmd_id)
         assert leader is not None and leader.group is not None
+        for _ in range(waiting):
+            member = f"c{len(self.ids):03d}"
+            handle = self.run(self._submit(agent, leader.key, None, group=leader.group,
+                                           command_id=member, timeout=LONG))
+            self.model.create(CommandInfo(id=member, agent_id=agent, key=leader.key,
+                                          group=leader.group, ts=next(self.seq)))
+            self.note()
+            self.ids.append(member)
+            self.handles[member] = handle
+        if waiting:
+            self.settle()
         new_id = f"c{len(self.ids):03d}"
 
         async def go() -> CommandHandle:
@@ -537,14 +535,9 @@ async def hub(make_hub: Any) -> Dispatcher:
 
 @pytest.mark.parametrize(("drop", "group"), [(True, None), (True, "g"), ("k1", "g")])
 async def test_defect_1_drop_of_only_pending_command(
-        hub: Dispatcher, engine: str, request: pytest.FixtureRequest, drop: bool | str,
-        group: str | None) -> None:
+        hub: Dispatcher, drop: bool | str, group: str | None) -> None:
     """Agent offline: submit c1; submit c2 with drop_all_pending (drops c1, the agent's
     only command). c2 must be listed pending and sent when the agent connects."""
-    if engine == "memory" and KNOWN_DEFECT_1:
-        request.applymarker(pytest.mark.xfail(
-            reason="issue 13 defect 1: drop_all_pending of an offline agent's only pending "
-                   "command loses the new command (memory engine)", strict=True))
     first = hub.execute_on_agent("a1", "k1", command_id="c1")
     second = hub.execute_on_agent("a1", "k1", command_id="c2", drop_all_pending=drop,
                                   group=group)
@@ -559,11 +552,7 @@ async def test_defect_1_drop_of_only_pending_command(
     await agent.close()
 
 
-@pytest.mark.xfail(KNOWN_DEFECT_2, reason="issue 13 defect 2: a group member submitted between "
-                   "the leader's answer and the group's completion takes the leader's result",
-                   strict=True)
-async def test_defect_2_group_member_submitted_after_the_answer(
-        hub: Dispatcher, engine: str) -> None:
+async def test_defect_2_group_member_submitted_after_the_answer(hub: Dispatcher) -> None:
     """Agent online: submit L (group g); the agent answers L; the moment L's handle resolves,
     submit N (group g). N is a new run: it is sent, and the agent's answer is its result."""
     agent, _ = await RawAgent.hello(f"ws://127.0.0.1:{hub.port}/ws", "a1")

@@ -46,6 +46,7 @@ class HubConfig:
     max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
     max_handshakes: int = 1000  # connections still in their handshake (more: HTTP 503)
+    max_control_rate: float = 100.0  # Ping/Pong frames/s per connection (0: no limit; fast path)
     max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
     rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
     max_event_queue: int = 1000  # events queued per offline agent
@@ -74,6 +75,8 @@ class HubConfig:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:
             raise ValueError("HubConfig.max_frame_rate must be 0 (no limit) or at least 1")
+        if self.max_control_rate != 0 and self.max_control_rate < 1:
+            raise ValueError("HubConfig.max_control_rate must be 0 (no limit) or at least 1")
         if self.max_retained < 0:
             raise ValueError("HubConfig.max_retained must be 0 or more")
         if self.max_frame < 1024:

@@ -33,6 +33,10 @@ class Session(Protocol):
     def buffered(self) -> int:
         """Bytes queued for this connection and not yet sent."""
 
+    def refused(self) -> None:
+        """One of its frames was refused with an error frame (the transport charges
+        the connection's rate for it)."""
+
     @staticmethod
     def send_many(sessions: list[Any], data: bytes) -> int:
         """Send one frame to many sessions of this type; returns how many it reached."""

@@ -123,6 +123,7 @@ class FrameRouter:
             log.error("frame_failed", agent_id=session.agent_id, type=frame_type, ref=ref,
                       exc_info=exc)
             error = P.ErrorFrame(P.ErrorCode.INTERNAL, "internal error", ref)
+        session.refused()
         session.send(P.encode(error))
 
 

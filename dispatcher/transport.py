@@ -58,6 +58,10 @@ MAX_FRAMES_IN_FLIGHT = 256
 # 64 frames is about 0.1 ms of work, so a flooding connection delays the others
 # by that much at most, while the yield itself stays rare.
 FAIR_SLICE = 64
+# What a frame the hub refuses with an error frame costs against the frame rate,
+# in frames: an error costs the hub a decode and an encode, and a peer that sends
+# nothing but garbage gets a tenth of the rate (the calm agents keep theirs).
+REFUSED_COST = 10
 # Seconds a closing connection gets to finish its closing handshake (websockets'
 # close_timeout), and, on the public path, to flush what it still has queued.
 CLOSE_TIMEOUT = 5.0
@@ -220,10 +224,11 @@ class PublicLink:
 class WsSession:
     """One authenticated agent connection (implements ``connections.Session``)."""
 
-    __slots__ = ("_server", "agent_id", "info", "session_id", "ws")
+    __slots__ = ("_server", "agent_id", "info", "reader", "session_id", "ws")
 
     def __init__(self, server: AgentServer, ws: Link, info: AgentInfo) -> None:
         self._server = server
+        self.reader: _Reader | None = None  # once attached
         self.ws = ws
         self.info = info
         self.agent_id = info.id
@@ -255,6 +260,11 @@ class WsSession:
 
     def close(self, code: int, reason: str) -> None:
         self._server.close_soon(self.ws, code, reason)
+
+    def refused(self) -> None:
+        """One of this connection's frames was refused with an error frame."""
+        if self.reader is not None:
+            self.reader.refused()
 
     def buffered(self) -> int:
         """Bytes written to this connection and not yet sent (for ``/metrics``)."""
@@ -383,15 +393,18 @@ class AgentServer:
         assert isinstance(ws, AgentConnection)
         ws.max_send_buffer = self.max_send_buffer
         ws.max_message = self.config.max_frame
+        ws.control_rate = self.config.max_control_rate
         ws.writer = self._writer
         ws.watch_liveness(self.config.heartbeat)
         session = await self._handshake(ws, ws)
         if session is None:
             return
-        reader = _Reader(self, session)
+        reader = session.reader = _Reader(self, session)
         # From here, answers are applied as their bytes arrive (data_received);
         # this task handles every other frame, in order with them.
         ws.inline = reader.apply_inline
+        ws.admit = reader.admit
+        reader.prepaid = True
         streak = 0
         try:
             while True:
@@ -411,7 +424,7 @@ class AgentServer:
                     break
                 ws.busy = False
         finally:
-            ws.inline = None
+            ws.inline = ws.admit = None
             await reader.drain()
             await self.sessions.detach(session, ws.lost_reason or close_reason(*ws.close_info()))
 
@@ -422,7 +435,7 @@ class AgentServer:
             session = await self._handshake(ws, link)
             if session is None:
                 return
-            reader = _Reader(self, session)
+            reader = session.reader = _Reader(self, session)
             closed: ConnectionClosed | None = None
             streak = 0
             try:
@@ -530,11 +543,16 @@ class _Reader:
     the connection's ``data_received`` when possible (fast path), everything else
     in order in the connection's task (:meth:`handle`)."""
 
-    __slots__ = ("dropped_at", "frame_in", "grace", "inflight", "last", "limited_since",
-                 "loop", "rate", "router", "session", "tokens", "warned", "ws")
+    __slots__ = ("close_soon", "closing", "dropped", "dropped_at", "frame_in", "grace",
+                 "inflight", "last", "limited_since", "loop", "prepaid", "rate", "router",
+                 "session", "tokens", "warned", "ws")
 
     def __init__(self, server: AgentServer, session: WsSession) -> None:
         self.router = server.router
+        self.close_soon = server.close_soon
+        # Fast path: frames took their token as they were read (admit).
+        self.prepaid = False
+        self.closing = False
         self.session = session
         self.ws = session.ws
         self.loop = asyncio.get_running_loop()
@@ -552,6 +570,7 @@ class _Reader:
         self.grace = server.config.rate_limit_grace
         self.tokens, self.last = self.rate, self.loop.time()
         self.limited_since: float | None = None
+        self.dropped = 0  # frames dropped since the connection went over the rate
         self.warned = self.dropped_at = 0.0
 
     def _token(self, now: float) -> bool:
@@ -567,7 +586,51 @@ class _Reader:
         # under the rate only after a whole second without a drop.
         if self.limited_since is not None and now - self.dropped_at >= 1.0:
             self.limited_since = None
+            self.dropped = 0
         return True
+
+    def _over(self, now: float) -> bool:
+        """A frame over the rate is dropped: warn the agent once a second; True once
+        it has been over the rate for longer than the grace, or has sent more than
+        two seconds' worth of frames beyond it (a flood): close it, 1008."""
+        self.dropped += 1
+        if self.limited_since is None:
+            self.limited_since = now
+        elif now - self.limited_since > self.grace or self.dropped > 2 * self.rate:
+            return True
+        self.dropped_at = now
+        if now - self.warned >= 1.0:
+            self.warned = now
+            self.frame_in("rate_limited")
+            self.session.send(P.encode(P.ErrorFrame(
+                P.ErrorCode.RATE_LIMITED,
+                f"over {self.rate:g} frames per second; frames are being dropped")))
+        return False
+
+    def admit(self) -> bool:
+        """Fast path: every data frame read off the socket takes its token here, as
+        it is split off (so the task does not take one again: ``prepaid``). Over
+        the rate, a frame the hub reads itself is dropped there and then, before
+        it is decoded; a flood (more than two seconds' worth beyond the rate) is
+        closed at once (1008), without waiting for the grace."""
+        if not self.rate:
+            return True
+        now = self.loop.time()
+        if self._token(now):
+            return True
+        if self._over(now) and not self.closing:
+            # Closed at once with 1008; while the closing handshake runs, the
+            # flood's data frames are discarded unread (ws_fastpath).
+            self.closing = True
+            log.warning("rate_limit_close", agent_id=self.session.agent_id)
+            self.close_soon(self.ws, P.CloseCode.POLICY_VIOLATION, "frame rate limit exceeded")
+        return False
+
+    def refused(self) -> None:
+        """A refused frame (answered with an error frame) costs REFUSED_COST frames'
+        worth of the rate: an agent that sends garbage gets a tenth of the rate."""
+        if self.rate:
+            self.tokens -= REFUSED_COST - 1
 
     def _track(self, pending: asyncio.Future[Any] | None) -> None:
         if pending is not None:
@@ -587,9 +650,6 @@ class _Reader:
             return False
         if len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
             return False  # the task waits for room first
-        # Last: a frame left to the task must not have taken a token here.
-        if self.rate and not self._token(self.loop.time()):
-            return False  # the task drops it (and counts, warns, closes)
         if frame is None:
             assert fields is not None
             self.frame_in("result")
@@ -602,30 +662,24 @@ class _Reader:
     async def handle(self, message: Data) -> bool:
         """Apply one message in the connection's task; False to end the connection."""
         session = self.session
-        if self.rate:
+        # Frames the fast path split off took their token there (admit); before
+        # the split took over, websockets read them alone: they pay here.
+        if self.rate and not (self.prepaid and getattr(self.ws, "splitting", False)):
             now = self.loop.time()
             if not self._token(now):
-                if self.limited_since is None:
-                    self.limited_since = now
-                elif now - self.limited_since > self.grace:
+                if self._over(now):
                     log.warning("rate_limit_close", agent_id=session.agent_id)
                     # Awaited: once the handler returns websockets closes
                     # with 1000, which would overtake a close left to a task.
                     await self.ws.close(P.CloseCode.POLICY_VIOLATION,
                                         "frame rate limit exceeded")
                     return False
-                self.dropped_at = now
-                if now - self.warned >= 1.0:
-                    self.warned = now
-                    self.frame_in("rate_limited")
-                    session.send(P.encode(P.ErrorFrame(
-                        P.ErrorCode.RATE_LIMITED,
-                        f"over {self.rate:g} frames per second; frames are being dropped")))
                 return True
         try:
             frame = P.decode(message)
         except P.ProtocolError as exc:
             self.frame_in("invalid")
+            self.refused()
             session.send(P.encode(exc.to_frame()))
             return True
         self.frame_in(frame.TYPE)

@@ -14,6 +14,7 @@ uses websockets' public API only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -35,6 +36,7 @@ try:
 
     # websockets' parser sits here between frames (see AgentConnection._at_boundary).
     _AT_EOF = StreamReader.at_eof.__code__
+    _CONTROL = frozenset((Opcode.PING, Opcode.PONG))
     _IMPORT_ERROR: str | None = None
 except (ImportError, AttributeError) as exc:  # pragma: no cover - another websockets release
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -52,6 +54,12 @@ log = structlog.get_logger(__name__)
 # The same slice as the task's fairness yield (transport.FAIR_SLICE): one read
 # never holds the loop for more than 64 answers, about 0.1 ms of work.
 INLINE_SLICE = 64
+# Frames split off one read before the rest waits for the next event-loop turn:
+# a read can hold thousands of small frames (a flood), and splitting them all at
+# once held the loop for milliseconds; 128 frames are ~0.1-0.3 ms of work.
+SPLIT_SLICE = 128
+# Bytes waiting for their turn beyond which reading pauses until they are split.
+STASH_LIMIT = 1 << 20
 # Opcodes RFC 6455 defines: continuation, text, binary, close, ping, pong.
 _OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
 
@@ -140,6 +148,13 @@ class AgentConnection(ServerConnection):
 
     last_rx: float = 0.0
     lost_reason: str | None = None
+    # Control frames (Ping, Pong) per second, before and after the hello: an
+    # agent needs about one per heartbeat; a flood of them costs the hub a
+    # parse and a Pong each, so past this rate (a bucket of one second's worth)
+    # the connection is dropped (HubConfig.max_control_rate; 0: no limit).
+    control_rate: float = 100.0
+    _control_tokens: float = -1.0  # -1: full bucket, not started yet
+    _control_last: float = 0.0
     _liveness: asyncio.TimerHandle | None = None
     _heartbeat: float = 0.0
     _corked: bool = False
@@ -214,6 +229,9 @@ class AgentConnection(ServerConnection):
     # Set once the agent is attached: applies one message now and returns True,
     # or returns False (having done nothing) to leave it to the connection's task.
     inline: Callable[[bytes], bool] | None = None
+    # Set once the agent is attached: False when the connection is over its frame
+    # rate, and the frame at hand is dropped before anything is decoded.
+    admit: Callable[[], bool] | None = None
     # The connection's task is handling a message (anything after it waits behind).
     busy: bool = False
     max_message: int = 1 << 20
@@ -221,6 +239,12 @@ class AgentConnection(ServerConnection):
     _passthrough: bool = False  # websockets parses everything from now on
     _partial: bytearray | None = None  # the start of a frame whose end has not arrived
     _need = 0  # bytes _partial must reach to hold that frame whole (0: header incomplete)
+    # Reads not split yet, (bytes, offset) in order: they wait for later event-loop
+    # turns. Kept without copying: a flood must cost linear time.
+    _stash: collections.deque[tuple[bytes, int]] | None = None
+    _stash_size = 0
+    _stash_scheduled = False
+    _stash_paused = False  # reading paused by this class while the stash is large
 
     def data_received(self, data: bytes) -> None:
         """Apply the agents' answers straight from the socket's bytes.
@@ -235,26 +259,45 @@ class AgentConnection(ServerConnection):
         joins websockets' queue for the task, so frames are applied in order.
         """
         self.last_rx = self.loop.time()
-        if self._passthrough or (self.inline is None and not self._split):
-            # Once splitting, it goes on after the task ended (``inline`` None):
-            # websockets must never get the rest of a frame whose start it missed.
+        if self._passthrough:
             super().data_received(data)
             return
         if not self._split:
+            # From the first frame on, before the hello too (a flood of control
+            # frames needs no credential); once splitting, it goes on to the end:
+            # websockets must never get the rest of a frame whose start it missed.
             if not self._at_boundary():
                 super().data_received(data)
                 return
             self._split = True
+        if self._stash is not None:
+            # Frames of an earlier read are still waiting for their turn: these
+            # come after them.
+            self._stash.append((data, 0))
+            self._stash_size += len(data)
+            if self._stash_size > STASH_LIMIT and not self._stash_paused:
+                self._stash_paused = True
+                self.transport.pause_reading()
+            return
+        self._feed(data, 0)
+
+    @property
+    def splitting(self) -> bool:
+        """Whether frames are read here (and took their rate token in ``admit``)."""
+        return self._split and not self._passthrough
+
+    def _feed(self, data: bytes, pos: int) -> None:
+        """Split ``data[pos:]``, after the start of a frame kept from an earlier read."""
         partial = self._partial
         if partial is not None:
             # Appended in place (a frame trickling in byte by byte costs linear
             # time), parsed again only once it can be whole.
-            partial += data
+            partial += data if pos == 0 else data[pos:]
             if len(partial) < self._need:
                 return
-            data = bytes(partial)
+            data, pos = bytes(partial), 0
             self._partial = None
-        self._split_frames(data)
+        self._split_frames(data, pos)
 
     def _at_boundary(self) -> bool:
         """Whether websockets' parser waits for a new frame (has consumed none of one)."""
@@ -264,14 +307,28 @@ class AgentConnection(ServerConnection):
             return False
         return _parser_at_eof(protocol)
 
-    def _split_frames(self, data: bytes) -> None:
+    def _split_frames(self, data: bytes, pos: int = 0) -> None:
         protocol = self.protocol
         size = len(data)
-        pos = 0
         run = -1  # start of frames for websockets, not yet handed over
         inline_left = INLINE_SLICE
+        split_left = SPLIT_SLICE
         self._need = 0
         while size - pos >= 2:
+            split_left -= 1
+            if split_left < 0:
+                # The rest in a later turn: the other connections' frames, and the
+                # tasks of the hub, come first.
+                if run >= 0:
+                    super().data_received(data[run:pos])
+                if self._stash is None:
+                    self._stash = collections.deque()
+                self._stash.appendleft((data, pos))
+                self._stash_size += size - pos
+                if not self._stash_scheduled:
+                    self._stash_scheduled = True
+                    self.loop.call_soon(self._split_stash)
+                return
             b0, b1 = data[pos], data[pos + 1]
             length = b1 & 0x7F
             head = pos + 2
@@ -294,11 +351,32 @@ class AgentConnection(ServerConnection):
                 # header (1002): websockets decides now, nothing is buffered here.
                 self._passthrough = True
                 super().data_received(data[pos if run < 0 else run:])
+                stash, self._stash = self._stash, None
+                while stash:  # reads that waited for their turn go after it
+                    more, start = stash.popleft()
+                    super().data_received(more[start:])
                 return
             end = head + length
             if end > size:
                 self._need = end - pos
                 break
+            if opcode >= 0x9 and self.control_rate and not self._control_token():
+                # A flood of Pings or Pongs: each would cost a parse and a Pong.
+                if self.lost_reason is None:
+                    log.warning("control_frame_flood", rate=self.control_rate,
+                                remote=str(self.remote_address))
+                self.abort("control_frame_flood")
+                return
+            if opcode <= 0x2 and protocol.state is not State.OPEN:
+                # Closing: data frames are discarded unread (RFC 6455, 5.5.1: so
+                # would websockets, after parsing each); control frames go on.
+                if run >= 0:
+                    super().data_received(data[run:pos])
+                    run = -1
+                pos = end
+                continue
+            if opcode <= 0x2 and b0 != 0x82 and self.admit is not None:
+                self.admit()  # a data frame websockets reads: its token, all the same
             if b0 == 0x82 and b1 & 0x80:
                 # The frames before it first: a Close or an invalid frame
                 # among them ends what may be applied after them.
@@ -307,6 +385,10 @@ class AgentConnection(ServerConnection):
                     run = -1
                 # Not inside a fragmented message (that is websockets' 1002).
                 if protocol.state is State.OPEN and protocol.current_size is None:
+                    admit = self.admit
+                    if admit is not None and not admit():
+                        pos = end  # over the frame rate: dropped unread
+                        continue
                     message = apply_mask(data[head:end], data[head - 4:head])
                     if self.busy or self.recv_messages.frames or inline_left <= 0 \
                             or not self._apply(message):
@@ -323,6 +405,27 @@ class AgentConnection(ServerConnection):
             super().data_received(data[run:pos])
         if pos < size:
             self._partial = bytearray(data[pos:])
+
+    def _split_stash(self) -> None:
+        """One waiting read (or what is left of it) per event-loop turn."""
+        self._stash_scheduled = False
+        stash = self._stash
+        if stash is None:
+            return
+        if self._stash_paused:
+            self._stash_paused = False
+            self.transport.resume_reading()
+        if self.transport.is_closing():
+            self._stash = None
+            return
+        data, pos = stash.popleft()
+        self._stash_size -= len(data) - pos
+        if not stash:
+            self._stash = None  # nothing else waits: the next reads go straight on
+        self._feed(data, pos)
+        if self._stash is not None and not self._stash_scheduled:
+            self._stash_scheduled = True
+            self.loop.call_soon(self._split_stash)
 
     def _apply(self, message: bytes) -> bool:
         inline = self.inline
@@ -367,6 +470,18 @@ class AgentConnection(ServerConnection):
     def buffered(self) -> int:
         """Bytes written to this connection and not yet sent."""
         return self.transport.get_write_buffer_size()
+
+    def _control_token(self) -> bool:
+        """Take one control frame's token; False when over ``control_rate``."""
+        rate = self.control_rate
+        now = self.loop.time()
+        tokens = self._control_tokens
+        tokens = rate if tokens < 0 else min(rate, tokens + (now - self._control_last) * rate)
+        self._control_last = now
+        if tokens < 1.0:
+            return False
+        self._control_tokens = tokens - 1.0
+        return True
 
     def abort(self, reason: str) -> None:
         """Drop the connection now, without a closing handshake."""

@@ -62,6 +62,8 @@ FAIR_SLICE = 64
 # in frames: an error costs the hub a decode and an encode, and a peer that sends
 # nothing but garbage gets a tenth of the rate (the calm agents keep theirs).
 REFUSED_COST = 10
+# Connections the kernel queues for accept() (see start()).
+LISTEN_BACKLOG = 2048
 # Seconds a closing connection gets to finish its closing handshake (websockets'
 # close_timeout), and, on the public path, to flush what it still has queued.
 CLOSE_TIMEOUT = 5.0
@@ -330,6 +332,11 @@ class AgentServer:
             max_queue=64,
             ssl=config.ssl_context(),
             server_header=None,
+            # A reconnect storm (a hub died, its agents come here) arrives faster
+            # than asyncio's default backlog of 100 takes it: the kernel dropped
+            # SYNs and clients retried 1, 3, 7 s later, in waves (the storm row of
+            # docs/benchmarks.md). The kernel caps it at net.core.somaxconn.
+            backlog=LISTEN_BACKLOG,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -370,10 +377,12 @@ class AgentServer:
         opened = self._open  # a counter: websockets' Server.connections is O(n) per call
         if max(attached, opened) >= config.max_agents:
             log.warning("agent_refused_hub_full", max_agents=config.max_agents)
+            self.metrics.connection_refused("hub_full")
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 f"hub full: {config.max_agents} agents (max_agents)\n")
         if opened - attached >= config.max_handshakes:
             log.warning("agent_refused_handshakes", max_handshakes=config.max_handshakes)
+            self.metrics.connection_refused("too_many_handshakes")
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "too many connections in their handshake; retry\n")
         return None

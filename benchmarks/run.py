@@ -109,6 +109,9 @@ class Bench:
             assert self.redis is not None
             self.redis.flush()
             args = ["--redis-url", self.redis.url, "--prefix", f"bench{self.runs}"]
+        if target in ("ours-memory", "ours-redis"):
+            for setting in self.args.hub_set:
+                args += ["--set", setting]
         child = await Child(self._name(f"{tag}-{target}"), SERVER_MODULE[target], args,
                             self.log_dir).start(self.server_cpus)
         ready = await child.expect("ready", 30)
@@ -588,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff", default=None, metavar="INITIAL,MAX",
                         help="storm: the agents' backoff_initial,backoff_max in seconds "
                         "(default: agent_client.Agent's, 0.5,30)")
+    parser.add_argument("--hub-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a HubConfig setting for our hub, e.g. ws_fast_path=false "
+                        "redis_fast_path=false (the fast paths off); repeatable")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the server to CPU 0 and the clients to the other CPUs")
     parser.add_argument("--profile", nargs="?", const="python", choices=("python", "native"),

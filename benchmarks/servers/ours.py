@@ -95,6 +95,9 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         name, _, raw = item.partition("=")
         value: Any = raw
+        if raw.strip().lower() in ("true", "false"):
+            out[name.strip()] = raw.strip().lower() == "true"
+            continue
         for kind in (int, float):
             try:
                 value = kind(raw)

@@ -1,7 +1,7 @@
 """The store interface: what the hub core needs from an engine (memory or Redis).
 
 The core is written against this class only; the two engines implement it and
-one contract test suite (``tests/store/test_contract.py``) runs unchanged
+one contract test suite (``tests/dispatcher/store/test_contract.py``) runs unchanged
 against both. Every method that touches the store raises ``StoreUnavailable``
 (and only that) when the backing service cannot be reached, and changes
 nothing in that case. Times are unix milliseconds, passed in by the caller so

@@ -10,7 +10,7 @@ the bound of their number, docs/redis.md).
 Scripts that walk an agent's pending index build the ``P:cmd:ID`` key names
 they touch from the prefix (ARGV[1]); that is fine on a single Redis or a
 Sentinel-managed primary, not on Redis Cluster (which this hub does not use).
-Every script returns plain arrays; ``redis_store.py`` turns them into records.
+Every script returns plain arrays; ``redis.py`` turns them into records.
 """
 
 from __future__ import annotations

@@ -170,6 +170,7 @@ class Cluster:
         self.bus: Bus | None = None
         self.sent = 0
         self.received = 0
+        self._sweep_interval = config.sweep_interval
         ttl = config.hub_ttl
         self._ttl_ms = int(ttl * 1000)
         self._refresh = max(ttl / 3, 0.05)
@@ -208,6 +209,11 @@ class Cluster:
         if self._reset_pending:
             self.recover("start")
         self.tasks.spawn(self._liveness_forever(), name="hub-liveness")
+        # Deadlines from the store too (ARCHITECTURE.md, Guarantees): commands whose
+        # hub died, or that were submitted before this hub restarted, still time out.
+        # (A hub alone, on an engine without a bus, holds only commands it waits on
+        # itself, each with its local timer: it has nothing to sweep.)
+        self.tasks.spawn(self._sweep_forever(), name="deadline-sweeper")
 
     async def _reset(self) -> None:
         if not self._reset_pending:
@@ -380,6 +386,16 @@ class Cluster:
             info = await self.store.get_command(cmd_id)
             if info is not None and info.status == "COMPLETE":
                 commands.resolve(info)
+
+    async def _sweep_forever(self) -> None:
+        commands = self._commands
+        assert commands is not None
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                await commands.sweep_once()
+            except DispatcherError:
+                continue  # reported by the store's health listener; next turn
 
     async def _liveness_forever(self) -> None:
         reap_every = 2

@@ -16,7 +16,6 @@ command's group on.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +108,7 @@ class Commands:
         if self._closing:
             raise HubClosed("the hub is closed")
         # Connected agents' ids were checked at their hello: skip the regex.
-        if not (type(agent_id) is str and agent_id in self.connections) \
+        if not (type(agent_id) is str and agent_id in self.connections.by_id) \
                 and not P.is_valid_agent_id(agent_id):
             raise ValueError(f"invalid agent id {agent_id!r}")
         if not isinstance(command_key, str) or not 0 < len(command_key) <= P.MAX_KEY_LENGTH:
@@ -141,9 +140,8 @@ class Commands:
         self._handles[cmd.id] = handle
         self._deadlines.add(cmd.id, handle, timeout_ms / 1000)
         drop: DropSpec = drop_all_pending or None
-        if require_online and agent_id not in self.connections:
-            then(self.store.get_agent(agent_id),
-                 functools.partial(self._online_checked, handle, cmd, frame, drop))
+        if require_online and agent_id not in self.connections.by_id:
+            then(self.store.get_agent(agent_id), self._online_checked, handle, cmd, frame, drop)
         else:
             self._create(handle, cmd, frame, drop)
         return handle
@@ -163,24 +161,28 @@ class Commands:
         # The agent's hub matters only if it is not connected here: the lookup
         # is skipped otherwise, and if the agent left meanwhile, delivery looks
         # it up after all (location "unknown", see _created).
-        located = cmd.agent_id not in self.connections
+        located = cmd.agent_id not in self.connections.by_id
         then(self.store.create_command(cmd, drop=drop,
                                        max_pending=self.config.max_inflight_per_agent,
                                        locate=located),
-             functools.partial(self._created, handle, cmd, frame, located))
+             self._created, handle, cmd, frame, located)
 
     def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes, located: bool,
                  fut: asyncio.Future[CreateResult]) -> None:
-        exc = _failure(fut)
-        if exc is not None:
+        try:
+            res = fut.result()  # one call for the common case (hot path)
+        except asyncio.CancelledError:
+            self._submit_failed(handle, cmd, HubClosed("the store was closed"))
+            return
+        except Exception as exc:  # the store's failure: the handle's
             self._submit_failed(handle, cmd, exc)
             return
-        res = fut.result()
         handle._set_submitted()
         # Dropped commands first: their cancels go out before the new command.
-        heads: dict[str, CommandInfo] = {}
+        heads: dict[str, CommandInfo] | None = {} if res.dropped else None
         for info in res.dropped:
             self.settle(info, tell_agent=True, move_group=False)
+            assert heads is not None
             head = heads.get(info.group or "")
             if info.group is not None and (head is None or _older(info, head)):
                 heads[info.group] = info
@@ -198,12 +200,12 @@ class Commands:
             self.metrics.command_submitted()
             if not res.coalesced:
                 # Not looked up: unknown (None), see _deliver.
-                self._deliver(stored, res.location if located else None, frame,
-                              known=located)
+                self._deliver(stored, res.location if located else None, frame, located)
         # A dropped group leader must not strand the members behind it (a drop
         # by key can spare them): the next one runs, as after a timeout.
-        for head in heads.values():
-            self._release_group(head, spare=stored.id)
+        if heads:
+            for head in heads.values():
+                self._release_group(head, spare=stored.id)
 
     def _submit_failed(self, handle: CommandHandle, cmd: CommandInfo,
                        exc: BaseException) -> None:
@@ -215,7 +217,7 @@ class Commands:
         handle._fail(exc)
 
     def _deliver(self, cmd: CommandInfo, location: str | None = None,
-                 frame: bytes | None = None, *, known: bool = False) -> None:
+                 frame: bytes | None = None, known: bool = False) -> None:
         """Send a stored command to its agent, here or on the hub it is connected to;
         otherwise it stays PENDING until the agent connects (PROTOCOL.md, Handshake,
         step 4). ``location``: the agent's hub when ``known`` (None: nowhere);
@@ -246,13 +248,14 @@ class Commands:
         """
         fut = self.store.complete(cmd_id, outcome, now=now_ms(), result=result, error=error,
                                   agent_id=agent_id)
-        then(fut, functools.partial(self._completed, tell_agent))
+        then(fut, self._completed, tell_agent)
         return fut
 
     def _completed(self, tell_agent: bool, fut: asyncio.Future[Completion]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+        try:
+            done = fut.result()  # one call for the common case (hot path)
+        except (asyncio.CancelledError, Exception):  # the caller owns the failure
             return
-        done = fut.result()
         info = done.command
         self.settle(info, tell_agent=tell_agent, watchers=done.watchers)
         for other in done.group:
@@ -268,7 +271,9 @@ class Commands:
         ``watchers``), stop the agent's work if asked, log it, and
         (``move_group``) move its group on."""
         self.metrics.command_completed(info)
-        self.resolve(info)
+        handle = self._handles.pop(info.id, None)  # resolve(), inlined (hot path)
+        if handle is not None:
+            handle._resolve(info)
         self.peers.notify_done(info, watchers)
         if tell_agent:
             # Through Connections.send: during a catch-up the cancel waits behind
@@ -313,11 +318,6 @@ class Commands:
         then(self.store.next_in_group(head.agent_id, head.group), next_found)
 
     # -- answers from agents (the frame router's) ---------------------------------
-    def answer(self, agent_id: str, cmd_id: str, outcome: Outcome, *, result: Any = None,
-               error: dict[str, Any] | None = None) -> asyncio.Future[Completion]:
-        """An agent's ``result`` or ``fail``: only for a command addressed to it."""
-        return self.complete(cmd_id, outcome, result=result, error=error, agent_id=agent_id)
-
     def ack(self, agent_id: str, cmd_id: str) -> asyncio.Future[None]:
         return self.store.mark_active(cmd_id, agent_id, now_ms())
 
@@ -357,7 +357,7 @@ class Commands:
     def _on_deadline(self, cmd_id: str) -> None:
         if not self._closing:
             then(self.complete(cmd_id, "timeout", error=_TIMED_OUT, tell_agent=True),
-                 functools.partial(self._expired, cmd_id))
+                 self._expired, cmd_id)
 
     def _expired(self, cmd_id: str, fut: asyncio.Future[Completion]) -> None:
         exc = _failure(fut)
@@ -373,7 +373,7 @@ class Commands:
             # Still being stored (a slow store): time it out right after.
             self._deadlines.add(cmd_id, handle, _RETRY_UNSUBMITTED)
         else:
-            then(self.store.get_command(cmd_id), functools.partial(self._expired_gone, cmd_id))
+            then(self.store.get_command(cmd_id), self._expired_gone, cmd_id)
 
     def _expired_gone(self, cmd_id: str, fut: asyncio.Future[CommandInfo | None]) -> None:
         """The store refused to time out a command this hub waits for."""

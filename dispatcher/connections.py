@@ -8,7 +8,7 @@ backlog, so that nothing overtakes the redelivered commands.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .models import AgentInfo
@@ -55,10 +55,13 @@ class _Delivery:
 class Connections:
     """The agents connected to this hub and their delivery state."""
 
-    __slots__ = ("_delivery", "_sessions")
+    __slots__ = ("_delivery", "_sessions", "by_id")
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        # Read-only view for the hot paths: ``agent_id in connections.by_id``
+        # costs a dict lookup, ``agent_id in connections`` a method call more.
+        self.by_id: Mapping[str, Session] = self._sessions
         self._delivery: dict[str, _Delivery] = {}
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ finished when returned. The hub core continues after a store call with
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,8 +18,8 @@ __all__ = ["failed", "resolved", "then"]
 T = TypeVar("T")
 
 
-def then(fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]) -> None:
-    """Call ``fn(fut)`` once ``fut`` is done.
+def then(fut: asyncio.Future[T], fn: Callable[..., None], *args: Any) -> None:
+    """Call ``fn(*args, fut)`` once ``fut`` is done.
 
     The one shortcut of the command path (benchmark rows "roundtrip 100x10" and
     "1x1 p50" of the in-memory engine): a future that is already finished, as
@@ -27,9 +28,9 @@ def then(fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]) -> Non
     way: nothing else of this command can run in between.
     """
     if fut.done():
-        fn(fut)
+        fn(*args, fut)  # no partial made for the finished case (the hot one)
     else:
-        fut.add_done_callback(fn)
+        fut.add_done_callback(functools.partial(fn, *args) if args else fn)
 
 
 def resolved(loop: asyncio.AbstractEventLoop, value: T) -> asyncio.Future[T]:

@@ -53,8 +53,8 @@ class FrameRouter:
                 return self._watch(session, frame.id, frame.TYPE,
                                    self.commands.ack(session.agent_id, frame.id))
             if isinstance(frame, P.FailFrame):
-                return self._watch(session, frame.id, frame.TYPE, self.commands.answer(
-                    session.agent_id, frame.id, "error", error=frame.error))
+                return self._watch(session, frame.id, frame.TYPE, self.commands.complete(
+                    frame.id, "error", error=frame.error, agent_id=session.agent_id))
             if isinstance(frame, P.ProgressFrame):
                 # Through the store like the answers, so progress cannot overtake
                 # the result that follows it (store calls keep their order).
@@ -81,12 +81,18 @@ class FrameRouter:
         """A ``result`` frame's fields (the transport's fast path reads them without
         building a frame object; ``P.result_fields`` checked them)."""
         return self._watch(session, cmd_id, "result",
-                           self.commands.answer(session.agent_id, cmd_id, "ok", result=data))
+                           self.commands.complete(cmd_id, "ok", result=data,
+                                                  agent_id=session.agent_id))
 
     def _watch(self, session: Session, ref: Any, frame_type: str,
                fut: asyncio.Future[Any]) -> asyncio.Future[Any] | None:
-        if fut.done():
-            self._check(session, ref, frame_type, fut)
+        if fut.done():  # _check, inlined: the in-memory engine's answers (hot)
+            try:
+                fut.result()
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the frame's failure: its error frame
+                self.frame_failed(session, exc, ref, frame_type)
             return None
         fut.add_done_callback(functools.partial(self._check, session, ref, frame_type))
         return fut

@@ -622,11 +622,20 @@ class _Reader:
         the rate, a frame the hub reads itself is dropped there and then, before
         it is decoded; a flood (more than two seconds' worth beyond the rate) is
         closed at once (1008), without waiting for the grace."""
-        if not self.rate:
+        rate = self.rate
+        if not rate:
             return True
+        # _token, inlined: this runs for every frame of the fast path.
         now = self.loop.time()
-        if self._token(now):
+        tokens = min(rate, self.tokens + (now - self.last) * rate)
+        self.last = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            if self.limited_since is not None and now - self.dropped_at >= 1.0:
+                self.limited_since = None
+                self.dropped = 0
             return True
+        self.tokens = tokens
         if self._over(now) and not self.closing:
             # Closed at once with 1008; while the closing handshake runs, the
             # flood's data frames are discarded unread (ws_fastpath).

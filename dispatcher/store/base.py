@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -66,8 +66,8 @@ class Completion:
     it again with its id) and must be told."""
 
     command: CommandInfo
-    group: list[CommandInfo] = field(default_factory=list)
-    watchers: list[str] = field(default_factory=list)
+    group: Sequence[CommandInfo] = ()
+    watchers: Sequence[str] = ()
 
 
 class Store(ABC):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TypeVar
 from agent_client.protocol import pack, unpack
 
 from ..errors import DispatcherError, TooManyCommands, UnknownCommand
-from ..futures import failed, resolved
+from ..futures import failed
 from ..lifecycle import next_status
 from ..models import AgentInfo, CommandInfo, Outcome
 from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, Store
@@ -72,7 +72,9 @@ class MemoryStore(Store):
         if loop is None:
             # Cached: on Python 3.11 get_running_loop() costs a getpid() system call.
             loop = self._loop = asyncio.get_running_loop()
-        return resolved(loop, value)
+        fut: asyncio.Future[T] = loop.create_future()  # futures.resolved, inlined (hot)
+        fut.set_result(value)
+        return fut
 
     def _failed(self, exc: DispatcherError) -> asyncio.Future[Any]:
         loop = self._loop
@@ -125,7 +127,12 @@ class MemoryStore(Store):
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
         locate: bool = True,
     ) -> asyncio.Future[CreateResult]:
-        return self._run(lambda: self._create(cmd, drop, max_pending))
+        # Spelled out rather than through _run (hot path: no closure per command).
+        try:
+            res = self._create(cmd, drop, max_pending)
+        except DispatcherError as exc:
+            return self._failed(exc)
+        return self._ok(res)
 
     def _create(self, cmd: CommandInfo, drop: DropSpec, max_pending: int | None,
                 ) -> CreateResult:
@@ -231,7 +238,7 @@ class MemoryStore(Store):
                     and (other.deadline is None or other.deadline > now):
                 self._finish(other, outcome, now, result, error)
                 members.append(other.copy())
-        return self._ok(Completion(cmd, members))
+        return self._ok(Completion(cmd, tuple(members)))
 
     def _oldest_first(self, agent_id: str) -> list[CommandInfo]:
         # The index keeps insertion order; the contract is ts order (as

@@ -728,11 +728,11 @@ def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any
             deadline=_i(deadline) if deadline else None, origin=_s(origin),
             result=result, error=error,
         ),
-        [CommandInfo(id=_s(m[0]), agent_id=agent_s, key=_s(m[1]), status="COMPLETE",
-                     outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
-                     origin=_s(m[2]), result=result, error=error)
-         for m in members],
-        [w for w in _s(watchers).split(",") if w],
+        tuple(CommandInfo(id=_s(m[0]), agent_id=agent_s, key=_s(m[1]), status="COMPLETE",
+                          outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
+                          origin=_s(m[2]), result=result, error=error)
+              for m in members),
+        tuple(w for w in _s(watchers).split(",") if w),
     )
 
 

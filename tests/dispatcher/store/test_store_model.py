@@ -102,7 +102,7 @@ def _completed(res: Completion | Completed) -> dict[str, Any]:
         "command": {**project(res.command), "deadline": res.command.deadline},
         "group": _completed_list(res.group),
         # Every command is submitted by the one origin: nobody else waits on it.
-        "watchers": res.watchers if isinstance(res, Completion) else [],
+        "watchers": list(res.watchers) if isinstance(res, Completion) else [],
     }
 
 

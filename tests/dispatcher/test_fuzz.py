@@ -33,9 +33,6 @@ from dispatcher.transport import FAIR_SLICE
 
 from ..support import WAIT, RawAgent, hub_config, pack, wait_for
 
-# Run again with the fast paths off in CI (pytest -m fallback).
-pytestmark = pytest.mark.fallback
-
 SECRET = "fuzz-secret"
 MAX_FRAME = 256 * 1024
 HELD = "held-cmd-1"  # the good agent's command in flight during every example

@@ -414,24 +414,8 @@ class AgentServer:
         ws.inline = reader.apply_inline
         ws.admit = reader.admit
         reader.prepaid = True
-        streak = 0
         try:
-            while True:
-                # recv() does not suspend while messages are queued, and one read
-                # can queue thousands: yield now and then so that a flooding
-                # connection cannot hold the loop away from the other agents.
-                streak += 1
-                if streak >= FAIR_SLICE:
-                    streak = 0
-                    await asyncio.sleep(0)
-                try:
-                    message = await ws.recv()
-                except ConnectionClosed:
-                    break
-                ws.busy = True
-                if not await reader.handle(message):
-                    break
-                ws.busy = False
+            await reader.read_all(ws, ws)
         finally:
             ws.inline = ws.admit = None
             await reader.drain()
@@ -446,21 +430,8 @@ class AgentServer:
                 return
             reader = session.reader = _Reader(self, session)
             closed: ConnectionClosed | None = None
-            streak = 0
             try:
-                while True:
-                    # As on the fast path: a flooding connection yields now and then.
-                    streak += 1
-                    if streak >= FAIR_SLICE:
-                        streak = 0
-                        await asyncio.sleep(0)
-                    try:
-                        message = await ws.recv()
-                    except ConnectionClosed as exc:
-                        closed = exc
-                        break
-                    if not await reader.handle(message):
-                        break
+                closed = await reader.read_all(ws, None)
             finally:
                 await reader.drain()
                 if link.lost_reason is not None:
@@ -705,6 +676,32 @@ class _Reader:
         if len(self.inflight) >= MAX_FRAMES_IN_FLIGHT:
             await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
         return True
+
+    async def read_all(self, ws: ServerConnection,
+                       fast: AgentConnection | None) -> ConnectionClosed | None:
+        """Handle every message ``recv()`` gives until the connection ends (the
+        ``ConnectionClosed`` that ended it) or :meth:`handle` ends it (None).
+        ``fast``: the fast path's connection, told while a message is handled so
+        that the answers read inline wait behind it."""
+        streak = 0
+        while True:
+            # recv() does not suspend while messages are queued, and one read
+            # can queue thousands: yield now and then so that a flooding
+            # connection cannot hold the loop away from the other agents.
+            streak += 1
+            if streak >= FAIR_SLICE:
+                streak = 0
+                await asyncio.sleep(0)
+            try:
+                message = await ws.recv()
+            except ConnectionClosed as exc:
+                return exc
+            if fast is not None:
+                fast.busy = True
+            if not await self.handle(message):
+                return None
+            if fast is not None:
+                fast.busy = False
 
     async def drain(self) -> None:
         """Wait for the frames still being applied (the connection ended)."""

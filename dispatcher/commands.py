@@ -171,10 +171,9 @@ class Commands:
                  fut: asyncio.Future[CreateResult]) -> None:
         try:
             res = fut.result()  # one call for the common case (hot path)
-        except asyncio.CancelledError:
-            self._submit_failed(handle, cmd, HubClosed("the store was closed"))
-            return
-        except Exception as exc:  # the store's failure: the handle's
+        except (asyncio.CancelledError, Exception):  # the store's failure: the handle's
+            exc = _failure(fut)
+            assert exc is not None
             self._submit_failed(handle, cmd, exc)
             return
         handle._set_submitted()
@@ -284,8 +283,11 @@ class Commands:
         if info.outcome not in ("ok", "error"):
             log.info("command_ended", command_id=info.id, agent_id=info.agent_id,
                      key=info.key, outcome=info.outcome)
-        if move_group and info.group is not None and not self._closing:
-            self._group_after(info)
+        if move_group and info.group is not None and info.outcome not in ("ok", "error") \
+                and not self._closing:
+            # A leader that ended without an answer lets the next member run (an
+            # answer completed the PENDING members with it: Completion.group).
+            self._release_group(info)
 
     def resolve(self, info: CommandInfo) -> None:
         """``info`` is COMPLETE (here, or on another hub): its handle here, if any, learns it."""
@@ -294,13 +296,6 @@ class Commands:
             handle._resolve(info)
 
     # -- groups -----------------------------------------------------------------
-    def _group_after(self, info: CommandInfo) -> None:
-        """What a group member's completion (``info``) means for the rest of its group:
-        an answer completed the PENDING members with it (``Completion.group``); a
-        leader that ended without an answer lets the next member run."""
-        if info.outcome not in ("ok", "error"):
-            self._release_group(info)
-
     def _release_group(self, head: CommandInfo, spare: str | None = None) -> None:
         """``head`` ended without an answer: if it led its group, the next member runs
         (unless it is ``spare``, just sent). Only then: an older member may still be

@@ -413,7 +413,6 @@ class AgentServer:
         # this task handles every other frame, in order with them.
         ws.inline = reader.apply_inline
         ws.admit = reader.admit
-        reader.prepaid = True
         try:
             await reader.read_all(ws, ws)
         finally:
@@ -524,14 +523,12 @@ class _Reader:
     in order in the connection's task (:meth:`handle`)."""
 
     __slots__ = ("close_soon", "closing", "dropped", "dropped_at", "frame_in", "grace",
-                 "inflight", "last", "limited_since", "loop", "prepaid", "rate", "router",
+                 "inflight", "last", "limited_since", "loop", "rate", "router",
                  "session", "tokens", "warned", "ws")
 
     def __init__(self, server: AgentServer, session: WsSession) -> None:
         self.router = server.router
         self.close_soon = server.close_soon
-        # Fast path: frames took their token as they were read (admit).
-        self.prepaid = False
         self.closing = False
         self.session = session
         self.ws = session.ws
@@ -589,24 +586,15 @@ class _Reader:
 
     def admit(self) -> bool:
         """Fast path: every data frame read off the socket takes its token here, as
-        it is split off (so the task does not take one again: ``prepaid``). Over
+        it is split off (so the task does not take one again, see handle). Over
         the rate, a frame the hub reads itself is dropped there and then, before
         it is decoded; a flood (more than two seconds' worth beyond the rate) is
         closed at once (1008), without waiting for the grace."""
-        rate = self.rate
-        if not rate:
+        if not self.rate:
             return True
-        # _token, inlined: this runs for every frame of the fast path.
         now = self.loop.time()
-        tokens = min(rate, self.tokens + (now - self.last) * rate)
-        self.last = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            if self.limited_since is not None and now - self.dropped_at >= 1.0:
-                self.limited_since = None
-                self.dropped = 0
+        if self._token(now):
             return True
-        self.tokens = tokens
         if self._over(now) and not self.closing:
             # Closed at once with 1008; while the closing handshake runs, the
             # flood's data frames are discarded unread (ws_fastpath).
@@ -653,7 +641,7 @@ class _Reader:
         session = self.session
         # Frames the fast path split off took their token there (admit); before
         # the split took over, websockets read them alone: they pay here.
-        if self.rate and not (self.prepaid and getattr(self.ws, "splitting", False)):
+        if self.rate and not getattr(self.ws, "splitting", False):
             now = self.loop.time()
             if not self._token(now):
                 if self._over(now):

@@ -11,13 +11,15 @@ from .errors import (
     DeliveryTimeout,
     DispatcherError,
     HubClosed,
+    NoAgentsMatched,
     StoreUnavailable,
     TooManyCommands,
     UnknownCommand,
 )
 from .handle import CommandHandle
 from .hub import Dispatcher
-from .models import AgentInfo, CommandInfo
+from .jobs import JobHandle
+from .models import AgentInfo, CommandInfo, JobInfo
 from .transport import agent_token
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
     "DispatcherError",
     "HubClosed",
     "HubConfig",
+    "JobHandle",
+    "JobInfo",
+    "NoAgentsMatched",
     "StoreUnavailable",
     "TooManyCommands",
     "UnknownCommand",

@@ -99,8 +99,12 @@ class Commands:
         drop_all_pending: bool | str = False,
         command_id: str | None = None,
         require_online: bool = False,
+        job: str | None = None,
     ) -> CommandHandle:
         """``execute_on_agent`` (API.md): returns the handle at once.
+
+        ``job``: the command is that job's part for ``agent_id`` (the store claims
+        the part with the command, see ``Store.create_command``).
 
         Argument errors raise here, synchronously (``ValueError``/``TypeError``);
         everything that happens later (store, agent) arrives through the handle.
@@ -132,6 +136,7 @@ class Commands:
         cmd = CommandInfo(
             id=command_id or self._new_id(), agent_id=agent_id, key=command_key, group=group,
             ts=ts, updated=ts, deadline=ts + timeout_ms, origin=self.hub_id, payload=payload,
+            job=job,
         )
         # Encoded once, here: fails fast (TypeError) on payloads that cannot
         # cross the wire or be stored, and is the frame the agent gets.
@@ -158,13 +163,14 @@ class Commands:
 
     def _create(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes,
                 drop: DropSpec) -> None:
+        """Store ``cmd`` (a job's part when ``cmd.job`` is set), then deliver it."""
         # The agent's hub matters only if it is not connected here: the lookup
         # is skipped otherwise, and if the agent left meanwhile, delivery looks
         # it up after all (location "unknown", see _created).
         located = cmd.agent_id not in self.connections.by_id
         then(self.store.create_command(cmd, drop=drop,
                                        max_pending=self.config.max_inflight_per_agent,
-                                       locate=located),
+                                       locate=located, job=cmd.job),
              self._created, handle, cmd, frame, located)
 
     def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes, located: bool,

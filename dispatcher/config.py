@@ -49,6 +49,7 @@ class HubConfig:
     max_control_rate: float = 100.0  # Ping/Pong frames/s per connection (0: no limit; fast path)
     max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
     rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
+    max_job_agents: int = 10_000  # agents one job may target (more: refused at submission)
     max_event_queue: int = 1000  # events queued per offline agent
     event_queue_ttl: float = 3600.0  # how long a queued event waits for its agent
     # All agents' queues together (the oldest go first): an agent can send events
@@ -84,6 +85,8 @@ class HubConfig:
         for name in ("max_offline_queues", "max_offline_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HubConfig.{name} must be at least 1")
+        if self.max_job_agents < 1:
+            raise ValueError("HubConfig.max_job_agents must be at least 1")
         if self.redis_max_queued < 1:
             raise ValueError("HubConfig.redis_max_queued must be at least 1")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):

@@ -14,6 +14,9 @@ in a caller's code does what it says::
         ├── StoreUnavailable        + ConnectionError: the store cannot be reached
         ├── UnknownCommand          + LookupError: no such command, COMPLETE, or not
         │                             addressed to the agent that answered
+        ├── NoAgentsMatched         + LookupError: a job's target matched no agent
+        ├── JobPartRefused          a job's part was not started: the agent's part was
+        │                             started or skipped already, or the job moved on
         ├── TooManyCommands         the agent has max_inflight_per_agent not COMPLETE
         ├── HubClosed               the hub closed while the caller waited
         └── InvalidTransition       a lifecycle move the state table forbids (a bug)
@@ -41,6 +44,8 @@ __all__ = [
     "DispatcherError",
     "HubClosed",
     "InvalidTransition",
+    "JobPartRefused",
+    "NoAgentsMatched",
     "StoreUnavailable",
     "TooManyCommands",
     "UnknownCommand",
@@ -53,6 +58,20 @@ class StoreUnavailable(DispatcherError, ConnectionError):
 
 class UnknownCommand(DispatcherError, LookupError):
     """No such command, already COMPLETE, or not addressed to the agent that answered."""
+
+
+class NoAgentsMatched(DispatcherError, LookupError):
+    """The target of ``execute_on_agents`` matched no agent (HTTP 404, CLI exit 3)."""
+
+
+class JobPartRefused(DispatcherError):
+    """The store refused to start an agent's part of a job: it was started (``.command_id``)
+    or skipped already, the job was cancelled or completed, or another hub runs it now."""
+
+    def __init__(self, reason: str, command_id: str | None = None) -> None:
+        super().__init__(f"job part refused: {reason}")
+        self.reason = reason
+        self.command_id = command_id
 
 
 class TooManyCommands(DispatcherError):

@@ -49,7 +49,7 @@ class CommandHandle:
 
     __slots__ = (
         "_canceller", "_deadline", "_progress", "_progress_seq", "_progress_waiter",
-        "_result", "_submit_state", "_submitted", "_waiters", "agent_id", "id", "key",
+        "_result", "_submit_state", "_submitted", "_waiters", "agent_id", "id", "info", "key",
     )
 
     def __init__(
@@ -76,6 +76,9 @@ class CommandHandle:
         # When (loop time) the hub times it out locally, if it is waiting for
         # that: an entry in the hub's Deadlines, forgotten by setting None.
         self._deadline: float | None = None
+        # The COMPLETE record, once the command completed (None if it failed
+        # otherwise: not stored, the hub closed).
+        self.info: CommandInfo | None = None
 
     def __repr__(self) -> str:
         state = "done" if self._result.done() else "waiting"
@@ -190,6 +193,7 @@ class CommandHandle:
         self._forget_deadline()
         if self._result.done():
             return
+        self.info = info
         exc = outcome_exception(info)
         if exc is None:
             self._result.set_result(info.result)

@@ -9,6 +9,7 @@ wires them together and offers the public API of API.md, nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -26,8 +27,9 @@ from .emitter import EventEmitter, Handler
 from .events import Events
 from .handle import CommandHandle
 from .ids import new_hub_id
+from .jobs import JobHandle, JobListener, Jobs
 from .metrics import Levels, Metrics
-from .models import AgentInfo, CommandInfo
+from .models import AgentInfo, CommandInfo, JobInfo
 from .peers import NoPeers, Peers
 from .router import FrameRouter
 from .sessions import Sessions
@@ -87,6 +89,9 @@ class Dispatcher:
                             events=self._events, tasks=self._tasks)
         self._sessions = Sessions(**parts, events=self._events, tasks=self._tasks,
                                   metrics=self._metrics, emit=emit)
+        self._jobs = Jobs(config=config, hub_id=self.hub_id, store=self._store,
+                          commands=self._commands, tasks=self._tasks,
+                          takeover=self._cluster is not None)
         self._router = FrameRouter(commands=self._commands, events=self._events,
                                    calls=self._calls, tasks=self._tasks)
         if self._cluster is not None:
@@ -206,6 +211,51 @@ class Dispatcher:
     async def get_command(self, cmd_id: str) -> CommandInfo | None:
         return await self._store.get_command(cmd_id)
 
+    # -- jobs (docs/fleets.md) ----------------------------------------------------
+    def execute_on_agents(
+        self,
+        target: str | list[str] | dict[str, str],
+        command_key: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        batch: int | str | None = None,
+        max_failures: int | str | None = None,
+        require_online: bool = False,
+        job_id: str | None = None,
+    ) -> JobHandle:
+        """Run a command on many agents as a job; returns its handle at once.
+
+        Argument errors raise here (``ValueError``/``TypeError``); the target is
+        resolved and the job stored afterwards: ``await handle.resolved()`` gives
+        the agents or raises ``NoAgentsMatched`` (and, with ``require_online``,
+        ``AgentOffline`` naming the listed agents that are not connected).
+        """
+        return self._jobs.submit(target, command_key, payload, timeout=timeout, batch=batch,
+                                 max_failures=max_failures, require_online=require_online,
+                                 job_id=job_id)
+
+    async def get_job(self, job_id: str) -> JobInfo | None:
+        return await self._jobs.get_job(job_id)
+
+    async def list_jobs(self, limit: int = 50) -> list[JobInfo]:
+        """The newest jobs first (at most ``limit``, capped at 1,000)."""
+        return await self._jobs.list_jobs(limit)
+
+    async def list_job_commands(self, job_id: str) -> list[CommandInfo]:
+        """The commands of the job's started parts still retained, in target order."""
+        return await self._jobs.job_commands(job_id) or []
+
+    async def cancel_job(self, job_id: str) -> JobInfo | None:
+        """Cancel a job's unfinished parts and skip those not started; None when
+        there is no such job or it had ended (COMPLETE)."""
+        return await self._jobs.cancel(job_id)
+
+    def on_job_changed(self, listener: JobListener) -> Callable[[], None]:
+        """Call ``listener(job_info)`` whenever a job this hub runs changes (created,
+        a part ended, skipped, COMPLETE); returns a function removing it."""
+        return self._jobs.on_job_changed(listener)
+
     # -- events -----------------------------------------------------------------
     async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -241,6 +291,7 @@ class Dispatcher:
             await self._agents_server.start()
             if self._admin_server is not None:
                 await self._admin_server.start()
+            self._jobs.start()
         except BaseException:
             await self.close()
             raise
@@ -259,6 +310,7 @@ class Dispatcher:
         if self._closed:
             return
         self._closed = True
+        self._jobs.close()
         self._commands.close()
         await self._agents_server.close()
         if self._admin_server is not None:

@@ -6,11 +6,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AgentInfo", "CommandInfo", "Outcome", "Status", "TERMINAL_OUTCOMES"]
+__all__ = ["JOB_COUNT_KEYS", "AgentInfo", "CommandInfo", "JobInfo", "JobStatus", "Outcome",
+           "Status", "TERMINAL_OUTCOMES"]
 
 Status = Literal["PENDING", "ACTIVE", "COMPLETE"]
 Outcome = Literal["ok", "error", "timeout", "cancelled", "dropped"]
 TERMINAL_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled", "dropped"})
+JobStatus = Literal["RUNNING", "COMPLETE"]
+# JobInfo.counts, always all of them: parts not started yet (``pending``), started
+# and not ended (``active``), never started (``skipped``), and ended, by outcome.
+JOB_COUNT_KEYS: tuple[str, ...] = ("pending", "active", "skipped", "ok", "error", "timeout",
+                                   "cancelled", "dropped")
 
 
 @dataclass(slots=True)
@@ -35,6 +41,7 @@ class CommandInfo:
     payload: Any = None
     result: Any = None
     error: dict[str, Any] | None = None
+    job: str | None = None  # the job this command is an agent's part of
 
     def copy(self) -> CommandInfo:
         # Spelled out: dataclasses.replace costs several times more, and the
@@ -42,6 +49,7 @@ class CommandInfo:
         return CommandInfo(
             self.id, self.agent_id, self.key, self.status, self.outcome, self.group, self.ts,
             self.updated, self.deadline, self.origin, self.payload, self.result, self.error,
+            self.job,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +77,34 @@ class AgentInfo:
         """The fields as a dict. Nested values are the record's own, not copies:
         ``dataclasses.asdict`` copies them recursively, which fails with
         RecursionError on agent data nested a few hundred levels deep."""
+        return _fields(self)
+
+
+@dataclass(slots=True)
+class JobInfo:
+    """A job: one command run on many agents (docs/fleets.md); times are unix ms.
+
+    ``agents``: the targeted agent ids, in rollout order. ``batch``: at most this
+    many parts unfinished at once (None: all at once); ``max_failures``: more
+    parts than this ending other than ``ok`` stops the rollout (None: never).
+    Both are the numbers the submitted values (``"25%"``) resolved to.
+    ``origin``: the hub running the rollout (another hub's id after a takeover).
+    """
+
+    id: str
+    key: str
+    payload: Any = None
+    target: Any = None
+    agents: list[str] = field(default_factory=list)
+    status: JobStatus = "RUNNING"
+    counts: dict[str, int] = field(default_factory=dict)
+    ts: int = 0
+    updated: int = 0
+    batch: int | None = None
+    max_failures: int | None = None
+    origin: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
         return _fields(self)
 
 

@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Modules of the hub's parts: what the transports and features must not reach into.
 PARTS = ("commands", "connections", "sessions", "router", "tasks", "hub", "peers")
 # Modules that reach the parts only through their public methods.
-FEATURES = ("events", "calls", "cluster", "metrics", "admin", "transport", "ws_fastpath")
+FEATURES = ("events", "calls", "cluster", "metrics", "admin", "transport", "ws_fastpath", "jobs")
 # The hub below its servers: never imports a server, the CLI or the composition.
 CORE = ("commands", "connections", "sessions", "router", "tasks", "peers", "events", "calls",
         "cluster", "metrics", "deadlines", "handle", "lifecycle", "models", "errors", "futures",
-        "emitter", "ids", "clock", "config")
+        "emitter", "ids", "clock", "config", "jobs", "targets")
 SERVERS_AND_ABOVE = ("transport", "ws_fastpath", "admin", "cli", "hub", "demo", "admin_client")
 
 
@@ -166,10 +166,11 @@ def test_features_use_the_parts_public_methods_only(feature: str) -> None:
 # API.md's names on the hub, plus the documented additions (docs/guide.md, "The hub object").
 API_NAMES = {"listen", "close", "on", "once", "off", "execute_on_agent", "emit_to", "broadcast",
              "apply_command_response", "apply_command_error", "apply_command_progress",
-             "list_pending_commands", "get_command", "list_connected_agents"}
+             "list_pending_commands", "get_command", "list_connected_agents",
+             "execute_on_agents", "get_job", "list_jobs", "list_job_commands"}
 DOCUMENTED_ADDITIONS = {"config", "hub_id", "engine", "store", "metrics", "port", "admin_port",
                         "auth_required", "connected_count", "bus_status", "cancel_command",
-                        "get_agent"}
+                        "get_agent", "cancel_job", "on_job_changed"}
 
 
 def test_dispatcher_surface_is_the_documented_one() -> None:
@@ -190,6 +191,6 @@ def test_exceptions_fit_python() -> None:
     assert issubclass(dispatcher.UnknownCommand, LookupError)
     for name in ("CommandFailed", "CommandTimeout", "CommandCancelled", "AgentOffline",
                  "DeliveryTimeout", "StoreUnavailable", "UnknownCommand", "TooManyCommands",
-                 "HubClosed"):
+                 "HubClosed", "NoAgentsMatched"):
         assert issubclass(getattr(dispatcher, name), dispatcher.DispatcherError), name
         assert name in (dispatcher.errors.__doc__ or ""), f"{name} missing from the tree"

@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..models import AgentInfo, CommandInfo, Outcome
+from ..models import JOB_COUNT_KEYS, AgentInfo, CommandInfo, JobInfo, Outcome
 
-__all__ = ["Bus", "Completion", "CreateResult", "DropSpec", "Store"]
+__all__ = ["Bus", "Completion", "CreateResult", "DropSpec", "JobRecord", "Store", "job_counts"]
 
 class Bus(Protocol):
     """Messages between hubs (see ``redis_bus.py``)."""
@@ -70,6 +70,37 @@ class Completion:
     watchers: Sequence[str] = ()
 
 
+@dataclass(slots=True)
+class JobRecord:
+    """A job as the store keeps it: its public record and each agent's part.
+
+    ``parts``: agent id -> the command id its part started with; ``skipped``:
+    agents whose part will never start; ``ended``: agent id -> outcome of the
+    parts that ended. ``timeout_ms``: each part's command timeout (None: the
+    hub's default). ``cancelled``: the job was cancelled (nothing starts any more).
+    ``info.counts`` is always complete (see :func:`job_counts`).
+    """
+
+    info: JobInfo
+    timeout_ms: int | None = None
+    parts: dict[str, str] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)
+    ended: dict[str, str] = field(default_factory=dict)
+    cancelled: bool = False
+
+
+def job_counts(total: int, started: int, skipped: int,
+               ended: dict[str, int]) -> dict[str, int]:
+    """``JobInfo.counts`` from the store's counters (every key of JOB_COUNT_KEYS)."""
+    counts = dict.fromkeys(JOB_COUNT_KEYS, 0)
+    counts.update(ended)
+    done = sum(ended.values())
+    counts["skipped"] = skipped
+    counts["pending"] = total - started - skipped
+    counts["active"] = started - done
+    return counts
+
+
 class Store(ABC):
     """Command, agent and event-queue state shared by the hubs using it.
 
@@ -113,9 +144,15 @@ class Store(ABC):
     @abstractmethod
     def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        locate: bool = True,
+        locate: bool = True, job: str | None = None,
     ) -> asyncio.Future[CreateResult]:
         """Store a new PENDING command and index it, atomically.
+
+        ``job``: the command is the part of ``cmd.agent_id`` in that job (stored
+        as the command's ``job``). In the same atomic step the store claims the
+        part for ``cmd.id``, or fails with ``JobPartRefused``, changing nothing,
+        when the part was started with another id or skipped, the job is not
+        RUNNING, was cancelled, or is run by a hub other than ``cmd.origin``.
 
         ``locate`` False: the caller does not need ``CreateResult.location``
         (an engine may leave it None without looking it up).
@@ -174,6 +211,46 @@ class Store(ABC):
     @abstractmethod
     def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         """Commands not COMPLETE whose deadline is at or before ``now``, soonest first."""
+
+    # -- jobs (docs/fleets.md) -------------------------------------------------
+    # A job's parts are ordinary commands created by ``create_command(cmd,
+    # job=JOB_ID)``, which also claims the agent's part in the job in the same
+    # atomic step: a part never starts twice, not even from two hubs.
+    @abstractmethod
+    def create_job(self, job: JobRecord) -> asyncio.Future[tuple[JobRecord, bool]]:
+        """Store a new RUNNING job (and index it for ``list_jobs``), unless a job with
+        its id exists: then return that one and change nothing (idempotent).
+        Returns the stored job and whether it was created."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> asyncio.Future[JobRecord | None]:
+        """The job with its parts, while it exists (COMPLETE ones until retention)."""
+
+    @abstractmethod
+    def list_jobs(self, limit: int) -> asyncio.Future[list[JobInfo]]:
+        """The newest ``limit`` jobs, newest first."""
+
+    @abstractmethod
+    def end_job_parts(self, job_id: str, ended: Sequence[tuple[str, str]],
+                      now: int) -> asyncio.Future[JobInfo | None]:
+        """Record ``(agent id, outcome)`` of ended parts (each once: a repeat changes
+        nothing); the job is COMPLETE, and expires after retention, once every part
+        ended or was skipped. Returns the job (None: unknown)."""
+
+    @abstractmethod
+    def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
+                       origin: str | None = None,
+                       cancel: bool = False) -> asyncio.Future[JobRecord | None]:
+        """Mark the parts of ``agents`` (None: all) that have not started as skipped,
+        atomically with respect to starting them. With ``origin``, only while that
+        hub runs the job; ``cancel`` also marks the job cancelled. Returns the job
+        (None: unknown, or not run by ``origin``)."""
+
+    def adopt_jobs(self, hub_id: str) -> asyncio.Future[list[str]]:
+        """Take over the RUNNING jobs whose hub is dead (its alive key expired) by
+        making ``hub_id`` their origin, atomically per job; returns the ids of every
+        RUNNING job ``hub_id`` now runs. Engines that serve one hub have no takeover."""
+        raise NotImplementedError
 
     # -- agents ------------------------------------------------------------
     @abstractmethod

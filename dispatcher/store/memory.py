@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from agent_client.protocol import pack, unpack
 
-from ..errors import DispatcherError, TooManyCommands, UnknownCommand
+from ..errors import DispatcherError, JobPartRefused, TooManyCommands, UnknownCommand
 from ..futures import failed
 from ..lifecycle import next_status
-from ..models import AgentInfo, CommandInfo, Outcome
-from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, Store
+from ..models import AgentInfo, CommandInfo, JobInfo, Outcome
+from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, JobRecord, Store, job_counts
 
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
+
+# COMPLETE jobs kept at most (the oldest go first), whatever the retention.
+MAX_RETAINED_JOBS = 10_000
 
 
 class MemoryStore(Store):
@@ -65,6 +69,10 @@ class MemoryStore(Store):
         self._max_queued_bytes = max_queued_bytes
         self._queued_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Jobs, oldest first; COMPLETE ones go after the retention period, and
+        # past MAX_RETAINED_JOBS of them the oldest go first.
+        self._jobs: dict[str, JobRecord] = {}
+        self._jobs_expiry: deque[tuple[int, str]] = deque()
 
     # Every answer is a finished future (the store's calling convention, base.py).
     def _ok(self, value: T) -> asyncio.Future[T]:
@@ -125,14 +133,46 @@ class MemoryStore(Store):
 
     def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        locate: bool = True,
+        locate: bool = True, job: str | None = None,
     ) -> asyncio.Future[CreateResult]:
         # Spelled out rather than through _run (hot path: no closure per command).
         try:
-            res = self._create(cmd, drop, max_pending)
+            if job is None:
+                res = self._create(cmd, drop, max_pending)
+            else:
+                res = self._create_part(cmd, drop, max_pending, job)
         except DispatcherError as exc:
             return self._failed(exc)
         return self._ok(res)
+
+    def _create_part(self, cmd: CommandInfo, drop: DropSpec, max_pending: int | None,
+                     job: str) -> CreateResult:
+        """A job's part: claim the agent's part for ``cmd.id``, and create it, in one step."""
+        rec = self._jobs.get(job)
+        if rec is None:
+            raise JobPartRefused(f"no job {job!r}")
+        agent = cmd.agent_id
+        claimed = rec.parts.get(agent)
+        if claimed is not None:
+            existing = self._get(claimed) if claimed == cmd.id else None
+            if existing is None:
+                raise JobPartRefused(f"the part of {agent!r} started already", claimed)
+            return CreateResult(existing, created=False)
+        if agent in rec.skipped:
+            raise JobPartRefused(f"the part of {agent!r} was skipped")
+        if rec.info.status != "RUNNING" or rec.cancelled:
+            raise JobPartRefused(f"job {job!r} is not running")
+        if rec.info.origin != cmd.origin:
+            raise JobPartRefused(f"job {job!r} is run by hub {rec.info.origin!r}")
+        if agent not in rec.info.agents:
+            raise JobPartRefused(f"agent {agent!r} is not a target of job {job!r}")
+        if cmd.id in self._commands or cmd.id in self._done:
+            raise JobPartRefused(f"command id {cmd.id!r} exists already")
+        cmd.job = job
+        res = self._create(cmd, drop, max_pending)
+        rec.parts[agent] = cmd.id
+        self._job_changed(rec, cmd.ts)
+        return res
 
     def _create(self, cmd: CommandInfo, drop: DropSpec, max_pending: int | None,
                 ) -> CreateResult:
@@ -282,6 +322,73 @@ class MemoryStore(Store):
             heapq.heappush(heap, (cmd.deadline, cmd.id))
         return self._ok(out)
 
+    # -- jobs --------------------------------------------------------------------
+    def _expire_jobs(self, now: int) -> None:
+        expiry = self._jobs_expiry
+        while expiry and (expiry[0][0] <= now or len(expiry) > MAX_RETAINED_JOBS):
+            self._jobs.pop(expiry.popleft()[1], None)
+
+    def _job_changed(self, rec: JobRecord, now: int) -> None:
+        """Counts anew; COMPLETE once every part ended or was skipped."""
+        info = rec.info
+        info.updated = now
+        by_outcome: dict[str, int] = {}
+        for outcome in rec.ended.values():
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+        info.counts = job_counts(len(info.agents), len(rec.parts), len(rec.skipped),
+                                 by_outcome)
+        if info.status == "RUNNING" and len(rec.ended) + len(rec.skipped) == len(info.agents):
+            info.status = "COMPLETE"
+            self._jobs_expiry.append((now + self._retention_ms, info.id))
+            self._expire_jobs(now)
+
+    def create_job(self, job: JobRecord) -> asyncio.Future[tuple[JobRecord, bool]]:
+        self._expire_jobs(job.info.ts)
+        existing = self._jobs.get(job.info.id)
+        if existing is not None:
+            return self._ok((_copy_job(existing), False))
+        rec = _copy_job(job)
+        self._jobs[rec.info.id] = rec
+        self._job_changed(rec, rec.info.ts)
+        return self._ok((_copy_job(rec), True))
+
+    def get_job(self, job_id: str) -> asyncio.Future[JobRecord | None]:
+        self._expire_jobs(int(time.time() * 1000))
+        rec = self._jobs.get(job_id)
+        return self._ok(None if rec is None else _copy_job(rec))
+
+    def list_jobs(self, limit: int) -> asyncio.Future[list[JobInfo]]:
+        self._expire_jobs(int(time.time() * 1000))
+        newest = sorted(self._jobs.values(), key=lambda r: (r.info.ts, r.info.id), reverse=True)
+        return self._ok([_copy_job(r).info for r in newest[:limit]])
+
+    def end_job_parts(self, job_id: str, ended: Sequence[tuple[str, str]],
+                      now: int) -> asyncio.Future[JobInfo | None]:
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            return self._ok(None)
+        for agent, outcome in ended:
+            if agent in rec.parts and agent not in rec.ended:
+                rec.ended[agent] = outcome
+        self._job_changed(rec, now)
+        return self._ok(_copy_job(rec).info)
+
+    def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
+                       origin: str | None = None,
+                       cancel: bool = False) -> asyncio.Future[JobRecord | None]:
+        rec = self._jobs.get(job_id)
+        if rec is None or (origin is not None and rec.info.origin != origin):
+            return self._ok(None)
+        if rec.info.status == "RUNNING":
+            if cancel:
+                rec.cancelled = True
+            targets = set(rec.info.agents)
+            for agent in rec.info.agents if agents is None else agents:
+                if agent in targets and agent not in rec.parts:
+                    rec.skipped.add(agent)
+            self._job_changed(rec, now)
+        return self._ok(_copy_job(rec))
+
     # -- agents ------------------------------------------------------------
     def register_agent(self, info: AgentInfo) -> asyncio.Future[AgentInfo | None]:
         previous = self._agents.get(info.id)
@@ -397,6 +504,12 @@ class MemoryStore(Store):
         return self._ok(None)
 
 
+def _copy_job(rec: JobRecord) -> JobRecord:
+    info = dataclasses.replace(rec.info, agents=list(rec.info.agents), counts=dict(rec.info.counts))
+    return JobRecord(info, rec.timeout_ms, dict(rec.parts), set(rec.skipped), dict(rec.ended),
+                     rec.cancelled)
+
+
 def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:
     """Whether ``drop_all_pending`` of ``new`` selects the PENDING command ``other``."""
     if isinstance(drop, str):
@@ -405,7 +518,7 @@ def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:
 
 
 _FIELDS = ("id", "agent_id", "key", "outcome", "group", "ts", "updated", "deadline", "origin",
-           "payload", "result", "error")
+           "payload", "result", "error", "job")
 
 
 def _freeze(cmd: CommandInfo) -> bytes | CommandInfo:
@@ -413,7 +526,8 @@ def _freeze(cmd: CommandInfo) -> bytes | CommandInfo:
     ``apply_command_response`` may be given any Python value). Order of ``_FIELDS``."""
     try:
         return pack((cmd.id, cmd.agent_id, cmd.key, cmd.outcome, cmd.group, cmd.ts,
-                     cmd.updated, cmd.deadline, cmd.origin, cmd.payload, cmd.result, cmd.error))
+                     cmd.updated, cmd.deadline, cmd.origin, cmd.payload, cmd.result, cmd.error,
+                     cmd.job))
     except TypeError:
         return cmd
 

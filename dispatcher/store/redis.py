@@ -39,15 +39,15 @@ from redis.retry import Retry
 
 from agent_client.protocol import pack, unpack
 
-from ..errors import StoreUnavailable, TooManyCommands, UnknownCommand
+from ..errors import JobPartRefused, StoreUnavailable, TooManyCommands, UnknownCommand
 from ..futures import resolved
-from ..models import AgentInfo, CommandInfo, Outcome
-from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, Store
+from ..models import AgentInfo, CommandInfo, JobInfo, Outcome
+from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, JobRecord, Store, job_counts
 from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
 from .redis_url import make_pool
-from .scripts import SCRIPTS
+from .scripts import JOB_INFO_FIELDS, SCRIPTS
 
 __all__ = ["RedisStore"]
 
@@ -499,16 +499,22 @@ class RedisStore(Store):
     # -- commands ---------------------------------------------------------------
     def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
-        locate: bool = True,
+        locate: bool = True, job: str | None = None,
     ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
-        return self._call("create", (
-            3, self._k_cmd(cmd.id), self._k_pending(cmd.agent_id), self._k_deadlines,
+        args: tuple[Any, ...] = (
             self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
             1 if locate else 0,
-        ), lambda res: self._created(cmd, max_pending, res))
+        )
+        keys: tuple[Any, ...] = (self._k_cmd(cmd.id), self._k_pending(cmd.agent_id),
+                                 self._k_deadlines)
+        if job is not None:
+            cmd.job = job
+            keys, args = (*keys, self._k_job(job)), (*args, job)
+        return self._call("create", (len(keys), *keys, *args),
+                          lambda res: self._created(cmd, max_pending, res))
 
     def _created(self, cmd: CommandInfo, max_pending: int | None, res: Any) -> CreateResult:
         status = res[0]
@@ -518,6 +524,8 @@ class RedisStore(Store):
             raise TooManyCommands(
                 f"agent {cmd.agent_id!r} already has {max_pending} commands not COMPLETE"
             )
+        if status == -2:
+            raise JobPartRefused(_s(res[1]), _s(res[2]) or None)
         stored = cmd.copy()
         stored.status, stored.outcome, stored.updated = "PENDING", None, cmd.ts
         location = _s(res[3]) or None
@@ -569,6 +577,55 @@ class RedisStore(Store):
 
     def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         return self._call("overdue", (1, self._k_deadlines, self.prefix, now, limit), _commands)
+
+    # -- jobs ---------------------------------------------------------------------
+    def _k_job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    @property
+    def _k_jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def _k_jobs_running(self) -> str:
+        return f"{self.prefix}:jobs:running"
+
+    def create_job(self, job: JobRecord) -> asyncio.Future[tuple[JobRecord, bool]]:
+        info = job.info
+        return self._call("create_job", (
+            3, self._k_job(info.id), self._k_jobs, self._k_jobs_running, self.prefix, info.id,
+            info.key, pack(info.payload), pack(info.target), pack(info.agents), info.ts,
+            _opt(info.batch), _opt(info.max_failures), info.origin, _opt(job.timeout_ms),
+            self._retention_ms, *info.agents,
+        ), lambda res: (_job_from_hash(res[1]), res[0] == 1))
+
+    def get_job(self, job_id: str) -> asyncio.Future[JobRecord | None]:
+        return self._call(None, ("HGETALL", self._k_job(job_id)),
+                          lambda res: _job_from_hash(res) if res else None)
+
+    def list_jobs(self, limit: int) -> asyncio.Future[list[JobInfo]]:
+        return self._call("list_jobs", (1, self._k_jobs, self.prefix, limit),
+                          lambda res: [_job_info(dict(zip(JOB_INFO_FIELDS, r, strict=True)))
+                                       for r in res])
+
+    def end_job_parts(self, job_id: str, ended: Sequence[tuple[str, str]],
+                      now: int) -> asyncio.Future[JobInfo | None]:
+        return self._call("end_job_parts", (
+            2, self._k_job(job_id), self._k_jobs_running, now, self._retention_ms,
+            *(x for pair in ended for x in pair),
+        ), lambda res: _job_info(dict(zip(JOB_INFO_FIELDS, res, strict=True))) if res else None)
+
+    def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
+                       origin: str | None = None,
+                       cancel: bool = False) -> asyncio.Future[JobRecord | None]:
+        return self._call("skip_job_parts", (
+            2, self._k_job(job_id), self._k_jobs_running, now, self._retention_ms,
+            origin or "", 1 if cancel else 0, 1 if agents is None else 0, *(agents or ()),
+        ), lambda res: _job_from_hash(res) if res else None)
+
+    def adopt_jobs(self, hub_id: str) -> asyncio.Future[list[str]]:
+        return self._call("adopt_jobs", (1, self._k_jobs_running, self.prefix, hub_id),
+                          lambda res: [_s(r) for r in res])
 
     # -- agents -------------------------------------------------------------------
     def register_agent(self, info: AgentInfo) -> asyncio.Future[AgentInfo | None]:
@@ -821,7 +878,49 @@ def _command_from_hash(flat: Sequence[Any]) -> CommandInfo:
         payload=_unpack_or_none(h.get("payload")),
         result=_unpack_or_none(h.get("result")) if outcome else None,
         error=_unpack_or_none(h.get("error")),
+        job=_s(h.get("job")) or None,
     )
+
+
+def _opt(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value in (None, b"", "") else int(value)
+
+
+def _job_info(h: dict[str, Any]) -> JobInfo:
+    """A job's public record from its hash fields (JOB_INFO_FIELDS at least)."""
+    ended = {o: _i(h.get(f"n:{o}")) for o in ("ok", "error", "timeout", "cancelled", "dropped")}
+    agents = _unpack_or_none(h.get("agents")) or []
+    return JobInfo(
+        id=_s(h.get("id")), key=_s(h.get("key")), payload=_unpack_or_none(h.get("payload")),
+        target=_unpack_or_none(h.get("target")), agents=agents,
+        status=_s(h.get("status")) or "RUNNING",  # type: ignore[arg-type]
+        counts=job_counts(_i(h.get("n:agents")), _i(h.get("n:started")),
+                          _i(h.get("n:skipped")), ended),
+        ts=_i(h.get("ts")), updated=_i(h.get("updated")), batch=_opt_int(h.get("batch")),
+        max_failures=_opt_int(h.get("max_failures")), origin=_s(h.get("origin")),
+    )
+
+
+def _job_from_hash(flat: Sequence[Any]) -> JobRecord:
+    h = _pairs(flat)
+    parts: dict[str, str] = {}
+    skipped: set[str] = set()
+    ended: dict[str, str] = {}
+    for name, value in h.items():
+        if name.startswith("p:"):
+            part = _s(value)
+            if part == "!":
+                skipped.add(name[2:])
+            elif part:
+                parts[name[2:]] = part
+        elif name.startswith("o:"):
+            ended[name[2:]] = _s(value)
+    return JobRecord(_job_info(h), _opt_int(h.get("timeout")), parts, skipped, ended,
+                     _s(h.get("cancelled")) == "1")
 
 
 def _agent_from_hash(flat: Sequence[Any]) -> AgentInfo:

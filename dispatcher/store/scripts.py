@@ -17,19 +17,46 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["SCRIPTS"]
+__all__ = ["JOB_INFO_FIELDS", "SCRIPTS"]
 
 # KEYS: 1 P:cmd:ID, 2 P:agent:AGENT:pending, 3 P:deadlines
 # ARGV: 1 prefix, 2 id, 3 agent, 4 key, 5 group ('' = none), 6 ts, 7 deadline ('' = none),
 #       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
 #       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack),
-#       14 locate ('1': look up the agent's hub; '0' returns '' as location)
+#       14 locate ('1': look up the agent's hub; '0' returns '' as location),
+#       15 job id ('' or absent: none; then KEYS[4] is P:job:JOB)
 # Returns {0, HGETALL} when the id exists (idempotent submit; a hub other than the
 # command's origin that submits it again while it is not COMPLETE is added to its
 # 'watchers' field, so it is told of the completion too), {-1} over the
 # limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}, location} with
 # location the hub the agent is connected to ('' if none).
+#
+# A job's part (ARGV[15] the job id, KEYS[4] P:job:JOB): in the same step, the
+# agent's part of the job (field p:AGENT: '' not started, '!' skipped, else the
+# command id) is claimed for this command, which is stored with field 'job'. The
+# part is refused, {-2, reason, claimed id}, when it started with another id (or
+# its command is gone), was skipped, the job is not RUNNING or was cancelled, or
+# another hub than ARGV[8] runs it: a part never starts twice (docs/fleets.md).
 CREATE: Final = """
+local job = ARGV[15] or ''
+if job ~= '' then
+  local agent = ARGV[3]
+  local j = redis.call('HMGET', KEYS[4], 'status', 'origin', 'cancelled', 'p:' .. agent)
+  if not j[1] then return {-2, 'no job ' .. job, ''} end
+  local exists = redis.call('EXISTS', KEYS[1]) == 1
+  local part = j[4]
+  if part and part ~= '' and part ~= '!' then
+    if not (part == ARGV[2] and exists) then
+      return {-2, 'the part of ' .. agent .. ' started already', part}
+    end
+  else
+    if not part then return {-2, agent .. ' is not a target of job ' .. job, ''} end
+    if part == '!' then return {-2, 'the part of ' .. agent .. ' was skipped', ''} end
+    if j[1] ~= 'RUNNING' or j[3] == '1' then return {-2, 'job ' .. job .. ' is not running', ''} end
+    if j[2] ~= ARGV[8] then return {-2, 'job ' .. job .. ' is run by hub ' .. j[2], ''} end
+    if exists then return {-2, 'command id ' .. ARGV[2] .. ' exists already', ''} end
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local f = redis.call('HMGET', KEYS[1], 'status', 'origin', 'watchers')
   if f[1] ~= 'COMPLETE' and f[2] ~= ARGV[8] then
@@ -79,6 +106,11 @@ end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'agent', ARGV[3], 'key', ARGV[4],
            'status', 'PENDING', 'outcome', '', 'group', group, 'ts', ARGV[6],
            'updated', ARGV[6], 'deadline', ARGV[7], 'origin', ARGV[8], 'payload', ARGV[9])
+if job ~= '' then
+  redis.call('HSET', KEYS[1], 'job', job)
+  redis.call('HSET', KEYS[4], 'p:' .. ARGV[3], ARGV[2], 'updated', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'n:started', 1)
+end
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
 if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
@@ -398,7 +430,160 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return all
 """
 
+# -- jobs (docs/fleets.md, docs/redis.md) ---------------------------------------
+# P:job:ID hash: id, key, payload, target, agents (msgpack), status RUNNING|COMPLETE,
+# ts, updated, batch, max_failures ('' = none), origin (the hub running it),
+# timeout (ms, '' = the hub's default), cancelled ('0'|'1'); counters n:agents,
+# n:started, n:skipped, n:ended, n:<outcome>; per target agent p:AGENT ('' not
+# started, '!' skipped, else its command id) and o:AGENT (outcome once ended).
+# P:jobs zset (score ts) lists jobs; P:jobs:running set: the RUNNING ones.
+
+# A job is COMPLETE once every part ended or was skipped: then it expires
+# after the retention period and leaves P:jobs:running (KEYS[1], KEYS[2]).
+_JOB_FINISH = """
+local function finish(now, retention)
+  local f = redis.call('HMGET', KEYS[1], 'status', 'n:agents', 'n:ended', 'n:skipped', 'id')
+  if f[1] == 'RUNNING' and tonumber(f[3]) + tonumber(f[4]) >= tonumber(f[2]) then
+    redis.call('HSET', KEYS[1], 'status', 'COMPLETE', 'updated', now)
+    redis.call('PEXPIRE', KEYS[1], retention)
+    redis.call('SREM', KEYS[2], f[5])
+  end
+end
+"""
+
+# The fields of a job without its parts (list_jobs, end_job_parts).
+JOB_INFO_FIELDS: Final = ("id", "key", "payload", "target", "agents", "status", "ts", "updated",
+                          "batch", "max_failures", "origin", "n:agents", "n:started",
+                          "n:skipped", "n:ok", "n:error", "n:timeout", "n:cancelled",
+                          "n:dropped")
+_JOB_INFO = "local JOB_INFO = {" + ", ".join(f"'{f}'" for f in JOB_INFO_FIELDS) + "}\n"
+
+# KEYS: 1 P:job:ID, 2 P:jobs, 3 P:jobs:running
+# ARGV: 1 prefix, 2 id, 3 key, 4 payload, 5 target, 6 agents (msgpack list), 7 ts,
+#       8 batch, 9 max_failures, 10 origin, 11 timeout, 12 retention ms, 13.. agent ids
+# Returns {0, HGETALL} when the job exists (idempotent), else {1, HGETALL}.
+CREATE_JOB: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+local n = #ARGV - 12
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'key', ARGV[3], 'payload', ARGV[4],
+           'target', ARGV[5], 'agents', ARGV[6], 'status', 'RUNNING', 'ts', ARGV[7],
+           'updated', ARGV[7], 'batch', ARGV[8], 'max_failures', ARGV[9], 'origin', ARGV[10],
+           'timeout', ARGV[11], 'cancelled', '0', 'n:agents', n, 'n:started', 0,
+           'n:skipped', 0, 'n:ended', 0)
+for i = 13, #ARGV do
+  redis.call('HSET', KEYS[1], 'p:' .. ARGV[i], '')
+end
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+-- The index forgets jobs whose hash expired (retention), a few at a time.
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[12]),
+                       'LIMIT', 0, 100)
+for _, id in ipairs(old) do
+  if redis.call('EXISTS', ARGV[1] .. ':job:' .. id) == 0 then
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: 1 P:jobs.  ARGV: 1 prefix, 2 limit.  Newest first; jobs whose hash expired
+# are skipped (create_job forgets them).
+LIST_JOBS: Final = _JOB_INFO + """
+local out = {}
+local want = tonumber(ARGV[2])
+local start = 0
+for _ = 1, 10 do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + want - 1)
+  start = start + #ids
+  for _, id in ipairs(ids) do
+    local k = ARGV[1] .. ':job:' .. id
+    if #out < want and redis.call('EXISTS', k) == 1 then
+      table.insert(out, redis.call('HMGET', k, unpack(JOB_INFO)))
+    end
+  end
+  if #ids < want or #out >= want then break end
+end
+return out
+"""
+
+# KEYS: 1 P:job:ID, 2 P:jobs:running.  ARGV: 1 now, 2 retention ms, 3.. agent, outcome
+# pairs.  Each started part's outcome is recorded once.  Returns the job's info
+# fields (JOB_INFO_FIELDS), or {} for an unknown job.
+END_JOB_PARTS: Final = _JOB_FINISH + _JOB_INFO + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+for i = 3, #ARGV, 2 do
+  local agent, outcome = ARGV[i], ARGV[i + 1]
+  local part = redis.call('HGET', KEYS[1], 'p:' .. agent)
+  if part and part ~= '' and part ~= '!'
+      and redis.call('HSETNX', KEYS[1], 'o:' .. agent, outcome) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'n:' .. outcome, 1)
+    redis.call('HINCRBY', KEYS[1], 'n:ended', 1)
+  end
+end
+redis.call('HSET', KEYS[1], 'updated', ARGV[1])
+finish(ARGV[1], ARGV[2])
+return redis.call('HMGET', KEYS[1], unpack(JOB_INFO))
+"""
+
+# KEYS: 1 P:job:ID, 2 P:jobs:running.
+# ARGV: 1 now, 2 retention ms, 3 origin ('' = any hub), 4 cancel ('1'|'0'),
+#       5 all ('1': every target), 6.. agent ids
+# Marks the parts not started as skipped ('!'), which a start can then no longer
+# claim. Returns HGETALL of the job, or {} (unknown, or run by another hub).
+SKIP_JOB_PARTS: Final = _JOB_FINISH + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'origin', 'agents')
+if not f[1] then return {} end
+if ARGV[3] ~= '' and f[2] ~= ARGV[3] then return {} end
+if f[1] == 'RUNNING' then
+  if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'cancelled', '1') end
+  local agents = {}
+  if ARGV[5] == '1' then
+    agents = cmsgpack.unpack(f[3])
+  else
+    for i = 6, #ARGV do table.insert(agents, ARGV[i]) end
+  end
+  local skipped = 0
+  for _, agent in ipairs(agents) do
+    if redis.call('HGET', KEYS[1], 'p:' .. agent) == '' then
+      redis.call('HSET', KEYS[1], 'p:' .. agent, '!')
+      skipped = skipped + 1
+    end
+  end
+  redis.call('HINCRBY', KEYS[1], 'n:skipped', skipped)
+  redis.call('HSET', KEYS[1], 'updated', ARGV[1])
+  finish(ARGV[1], ARGV[2])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: 1 P:jobs:running.  ARGV: 1 prefix, 2 this hub's id.
+# Takes over the RUNNING jobs whose hub's alive key expired (that hub died), one
+# atomic step per job, and returns the ids of every RUNNING job this hub runs.
+ADOPT_JOBS: Final = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local k = ARGV[1] .. ':job:' .. id
+  local f = redis.call('HMGET', k, 'status', 'origin')
+  if f[1] ~= 'RUNNING' then
+    redis.call('SREM', KEYS[1], id)
+  elseif f[2] == ARGV[2] then
+    table.insert(out, id)
+  elseif redis.call('EXISTS', ARGV[1] .. ':hub:' .. f[2] .. ':alive') == 0 then
+    redis.call('HSET', k, 'origin', ARGV[2])
+    table.insert(out, id)
+  end
+end
+return out
+"""
+
 SCRIPTS: Final = {
+    "create_job": CREATE_JOB,
+    "list_jobs": LIST_JOBS,
+    "end_job_parts": END_JOB_PARTS,
+    "skip_job_parts": SKIP_JOB_PARTS,
+    "adopt_jobs": ADOPT_JOBS,
     "hub_alive": HUB_ALIVE,
     "reap_dead_hubs": REAP_DEAD_HUBS,
     "hub_gone": HUB_GONE,

@@ -1,4 +1,5 @@
-"""The admin HTTP API (aiohttp) on ``admin_port``: health, metrics, agents, commands, events.
+"""The admin HTTP API (aiohttp) on ``admin_port``: health, metrics, agents, commands, jobs,
+events.
 
 API.md, "HTTP admin API". Every route is one row of :data:`ROUTES` (method,
 path, handler, request-body schema, response schemas, summary): the server
@@ -27,7 +28,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +39,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from agent_client import protocol as P
 
 from .errors import (
+    AgentOffline,
     CommandCancelled,
     CommandFailed,
     CommandTimeout,
     DeliveryTimeout,
     DispatcherError,
     HubClosed,
+    NoAgentsMatched,
     StoreUnavailable,
     TooManyCommands,
 )
-from .models import CommandInfo
+from .models import JOB_COUNT_KEYS, CommandInfo, JobInfo
 
 if TYPE_CHECKING:
     from .hub import Dispatcher
@@ -257,6 +260,7 @@ class Route:
     responses: Mapping[int, Answer]
     body: JSON | None = None
     params: Mapping[str, JSON] = field(default_factory=dict)
+    query: Mapping[str, JSON] = field(default_factory=dict)  # optional query parameters
     description: str = ""
     auth: bool = True
     tag: str = "hub"
@@ -326,13 +330,17 @@ SCHEMAS: dict[str, JSON] = {
             "key": {"type": "string"},
             "status": {"type": "string", "enum": ["PENDING", "ACTIVE", "COMPLETE"]},
             "outcome": {"type": ["string", "null"],
-                        "enum": [None, "ok", "error", "timeout", "cancelled", "dropped"],
-                        "description": "null until COMPLETE."},
+                        "enum": [None, "ok", "error", "timeout", "cancelled", "dropped",
+                                 "skipped"],
+                        "description": "null until COMPLETE; 'skipped' only in a job's "
+                        "results, for an agent whose part never started."},
             "group": {"type": ["string", "null"]},
             "ts": {"type": "integer", "description": "Submitted, unix milliseconds."},
             "updated": {"type": "integer", "description": "Last change, unix milliseconds."},
             "deadline": {"type": ["integer", "null"], "description": "Unix milliseconds."},
             "origin": {"type": "string", "description": "The hub that submitted it."},
+            "job": {"type": ["string", "null"],
+                    "description": "The job this command is an agent's part of."},
             "payload": ANY_VALUE,
             "result": {**ANY_VALUE, "description": "The agent's answer when outcome is "
                        "'ok' (bytes as base64 strings)."},
@@ -340,6 +348,32 @@ SCHEMAS: dict[str, JSON] = {
                       "properties": {"code": {"type": "string"},
                                      "message": {"type": "string"}, "data": ANY_VALUE},
                       "description": "Set for outcomes error, timeout and cancelled."},
+        },
+    },
+    "JobInfo": {
+        "type": "object",
+        "required": ["id", "key", "payload", "target", "agents", "status", "counts", "ts",
+                     "updated", "batch", "max_failures", "origin"],
+        "properties": {
+            "id": {"type": "string"},
+            "key": {"type": "string"},
+            "payload": ANY_VALUE,
+            "target": {**ANY_VALUE, "description": "The target as submitted: an id, a list "
+                       "of ids, a glob, or a selector object."},
+            "agents": {"type": "array", "items": {"type": "string"},
+                       "description": "The targeted agents, in rollout order."},
+            "status": {"type": "string", "enum": ["RUNNING", "COMPLETE"]},
+            "counts": {"type": "object", "required": list(JOB_COUNT_KEYS),
+                       "additionalProperties": {"type": "integer", "minimum": 0},
+                       "description": "Parts by state: pending (not started), active "
+                       "(started, not ended), skipped, and ended by outcome."},
+            "ts": {"type": "integer", "description": "Submitted, unix milliseconds."},
+            "updated": {"type": "integer", "description": "Last change, unix milliseconds."},
+            "batch": {"type": ["integer", "null"], "minimum": 1},
+            "max_failures": {"type": ["integer", "null"], "minimum": 0},
+            "origin": {"type": "string", "description": "The hub running the rollout."},
+            "commands": {"type": "array", "items": _ref("CommandInfo"),
+                         "description": "GET /jobs/{id} only: the started parts' commands."},
         },
     },
     "Health": {
@@ -385,6 +419,49 @@ BROADCAST_BODY: JSON = {
     "type": "object", "required": ["key"], "additionalProperties": False,
     "properties": {"key": KEY, "data": VALUE},
 }
+
+# Patterns of the targets the hub accepts (dispatcher/targets.py parses them).
+_ID = "[A-Za-z0-9._:@-]{1,128}"
+_PAIR = _ID + "=[^,\\s][^,]{0,255}"
+TARGET_STRING = f"^({_ID}(,{_ID})*|[A-Za-z0-9._:@*?\\[\\]!-]{{1,128}}|{_PAIR}(,{_PAIR})*)$"
+PERCENT = "^(100|[1-9][0-9]?(\\.[0-9]+)?)%$"
+JOB_BODY: JSON = {
+    "type": "object", "required": ["target", "key"], "additionalProperties": False,
+    "properties": {
+        "target": {"description": "An agent id, a list of ids ('web-1,web-2' too), a glob on "
+                   "ids ('web-*'), or a selector on meta: an object or 'role=db,region=eu*' "
+                   "(values may be globs; the key 'id' matches the agent id).",
+                   "anyOf": [{"type": "string", "pattern": TARGET_STRING},
+                             {"type": "array", "items": AGENT_ID, "minItems": 1,
+                              "maxItems": 10_000},
+                             {"type": "object", "minProperties": 1,
+                              "propertyNames": {"pattern": f"^{_ID}$"},
+                              "additionalProperties": {"type": "string", "minLength": 1,
+                                                       "maxLength": 256}}]},
+        "key": {**KEY, "description": "The command key the agents registered."},
+        "payload": VALUE,
+        "timeout": {**TIMEOUT, "description": "Seconds per command; default: the hub's "
+                    "command_timeout."},
+        "batch": {"anyOf": [{"type": "integer", "minimum": 1},
+                            {"type": "string", "pattern": PERCENT}],
+                  "description": "At most this many parts unfinished at once: a number or "
+                  "a percentage of the targets such as '25%' (rounded down, at least 1)."},
+        "max_failures": {"anyOf": [{"type": "integer", "minimum": 0},
+                                   {"type": "string", "pattern": PERCENT}],
+                         "description": "Once more parts than this ended other than ok, no "
+                         "further part starts: a number or a percentage such as '10%'."},
+        "require_online": {"type": "boolean", "default": False,
+                           "description": "Refuse (409) when a listed agent is not connected."},
+        "job_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,100}$",
+                   "description": "Caller-chosen id: submitting it again returns that job."},
+    },
+}
+SSE_EVENT: JSON = {"type": "object", "description": "One event; 'data' is JSON text.",
+                   "properties": {"event": {"type": "string",
+                                            "enum": ["progress", "result", "end"]},
+                                  "data": {"type": "string"}}}
+JOB_ID: JSON = {"title": "job id", "type": "string", "minLength": 1, "description": "A job id."}
+LIMIT: JSON = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}
 
 E400 = Answer("Bad JSON, a bad field or a bad path parameter.", _ref("Error"))
 E401 = Answer("The admin token is missing or wrong (only when the hub has one).", _ref("Error"))
@@ -527,6 +604,148 @@ async def _broadcast(admin: AdminServer, request: web.Request, body: Any
     return _json({"agents": sent}, 202)
 
 
+async def _submit_job(admin: AdminServer, request: web.Request, body: Any
+                      ) -> web.StreamResponse:
+    hub = admin.hub
+    try:
+        handle = hub.execute_on_agents(
+            body["target"], body["key"], body.get("payload"), timeout=body.get("timeout"),
+            batch=body.get("batch"), max_failures=body.get("max_failures"),
+            require_online=body.get("require_online", False), job_id=body.get("job_id"))
+        await admin.wait(handle.resolved())
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    except NoAgentsMatched as exc:
+        raise ApiError(404, "no_agents_matched", str(exc)) from None
+    except AgentOffline as exc:
+        raise ApiError(409, "agent_offline", str(exc)) from None
+    info = await hub.get_job(handle.id)
+    if info is None:  # already gone (a retention shorter than the request)
+        raise ApiError(404, "not_found", f"no job {handle.id!r}")
+    log.info("admin_job_submitted", job_id=info.id, key=info.key, agents=len(info.agents))
+    return _json(_job(info), 202)
+
+
+async def _list_jobs(admin: AdminServer, request: web.Request, body: Any
+                     ) -> web.StreamResponse:
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ApiError(400, "bad_request", f"limit must be an integer from 1 to 1000, not {raw!r}")
+    return _json([_job(j) for j in await admin.hub.list_jobs(int(raw))])
+
+
+async def _found_job(admin: AdminServer, job_id: str) -> JobInfo:
+    info = await admin.hub.get_job(job_id)
+    if info is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return info
+
+
+async def _get_job(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    info = await _found_job(admin, request.match_info["id"])
+    out = _job(info)
+    out["commands"] = [_command(c) for c in await admin.hub.list_job_commands(info.id)]
+    return _json(out)
+
+
+async def _cancel_job(admin: AdminServer, request: web.Request, body: Any
+                      ) -> web.StreamResponse:
+    job_id = request.match_info["id"]
+    info = await _found_job(admin, job_id)
+    if info.status == "COMPLETE" or await admin.hub.cancel_job(job_id) is None:
+        raise ApiError(409, "already_complete", f"job {job_id} is already COMPLETE")
+    log.info("admin_job_cancelled", job_id=job_id)
+    return _json(_job(await _found_job(admin, job_id)))
+
+
+async def _job_stream(admin: AdminServer, request: web.Request, body: Any
+                      ) -> web.StreamResponse:
+    """``progress`` {agent_id, data} and ``result`` (CommandInfo) events as the job's
+    parts report, then ``end`` (JobInfo), and the stream closes."""
+    job_id = request.match_info["id"]
+    handle = await admin.hub.follow_job(job_id)
+    if handle is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+
+    async def progress() -> AsyncIterator[tuple[str, Any]]:
+        async for agent_id, data in handle.progress():
+            yield "progress", {"agent_id": agent_id, "data": data}
+
+    async def results() -> AsyncIterator[tuple[str, Any]]:
+        async for info in handle.results():
+            yield "result", _command(info)
+
+    async def end() -> tuple[str, Any]:
+        return "end", _job(await handle)
+
+    return await sse_response(request, [progress(), results()], end,
+                              keepalive=admin.hub.config.sse_keepalive)
+
+
+# One function for a Server-Sent Events answer, so that it can move to a shared
+# module as it is. Each reader has a bounded buffer: a reader that falls that
+# far behind is dropped (the stream closes) instead of growing the hub's memory.
+SSE_BUFFER = 1024
+
+
+async def sse_response(request: web.Request, sources: list[AsyncIterator[tuple[str, Any]]],
+                       end: Callable[[], Awaitable[tuple[str, Any]]], *, keepalive: float,
+                       buffer: int = SSE_BUFFER) -> web.StreamResponse:
+    """Stream ``(event, data)`` pairs from ``sources`` as SSE, then ``end()``'s event;
+    a ``: keep-alive`` comment after ``keepalive`` seconds without one."""
+    queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(buffer)
+    overflow = asyncio.Event()
+
+    async def pump(source: AsyncIterator[tuple[str, Any]]) -> None:
+        async for item in source:
+            if queue.full():
+                overflow.set()
+                return
+            queue.put_nowait(item)
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    pumps = [asyncio.ensure_future(pump(s)) for s in sources]
+    all_pumped: asyncio.Future[list[None]] = asyncio.ensure_future(asyncio.gather(*pumps))
+    try:
+        while not overflow.is_set():
+            if all_pumped.done() and queue.empty():
+                all_pumped.result()
+                event, data = await end()
+                await response.write(_sse_event(event, data))
+                break
+            getter = asyncio.ensure_future(queue.get())
+            waits: set[asyncio.Future[Any]] = {getter, all_pumped}
+            await asyncio.wait(waits, timeout=keepalive,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                if not all_pumped.done():
+                    await response.write(b": keep-alive\n\n")
+                continue
+            item = getter.result()
+            if item is not None:
+                await response.write(_sse_event(*item))
+        if overflow.is_set():
+            log.warning("sse_reader_dropped", path=request.path, buffer=buffer)
+    finally:
+        all_pumped.cancel()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, all_pumped, return_exceptions=True)
+    return response
+
+
+def _sse_event(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {_dumps(jsonable(data))}\n\n".encode()
+
+
+def _job(info: JobInfo) -> JSON:
+    out: JSON = jsonable(info.to_dict())
+    return out
+
+
 def _command(info: CommandInfo) -> JSON:
     out: JSON = jsonable(info.to_dict())
     return out
@@ -595,6 +814,36 @@ ROUTES: tuple[Route, ...] = (
            401: E401, 404: Answer("No such command.", _ref("Error")),
            409: Answer("The command is already COMPLETE.", _ref("Error")), 503: E503},
           params={"id": COMMAND_ID}),
+    Route("POST", "/jobs", _submit_job, "submitJob", "Run a command on many agents (a job)",
+          {202: Answer("The job is stored and rolling out.", _ref("JobInfo")),
+           400: E400, 401: E401,
+           404: Answer("The target matched no connected agent.", _ref("Error")),
+           409: Answer("require_online: a listed agent is not connected.", _ref("Error")),
+           413: E413, 503: E503},
+          body=JOB_BODY, tag="jobs",
+          description="Listed agent ids may be offline (their parts wait, PENDING); globs "
+          "and selectors match connected agents only."),
+    Route("GET", "/jobs", _list_jobs, "listJobs", "Jobs, newest first",
+          {200: Answer("The newest jobs.", _list("JobInfo")), 400: E400, 401: E401,
+           503: E503},
+          query={"limit": LIMIT}, tag="jobs"),
+    Route("GET", "/jobs/{id}", _get_job, "getJob", "One job with its parts' commands",
+          {200: Answer("The job, with 'commands'.", _ref("JobInfo")), 401: E401,
+           404: Answer("No such job.", _ref("Error")), 503: E503},
+          params={"id": JOB_ID}, tag="jobs"),
+    Route("DELETE", "/jobs/{id}", _cancel_job, "cancelJob", "Cancel a job",
+          {200: Answer("Cancelled: the parts not started are skipped, the unfinished ones "
+                       "cancelled.", _ref("JobInfo")),
+           401: E401, 404: Answer("No such job.", _ref("Error")),
+           409: Answer("The job is already COMPLETE.", _ref("Error")), 503: E503},
+          params={"id": JOB_ID}, tag="jobs"),
+    Route("GET", "/jobs/{id}/stream", _job_stream, "streamJob", "Follow a job (SSE)",
+          {200: Answer("Server-Sent Events: 'progress' {agent_id, data}, 'result' "
+                       "(CommandInfo) per part as it ends, then 'end' (JobInfo) and the "
+                       "stream closes; a ': keep-alive' comment line at least every 15 s.",
+                       SSE_EVENT, "text/event-stream"),
+           401: E401, 404: Answer("No such job.", _ref("Error")), 503: E503},
+          params={"id": JOB_ID}, tag="jobs"),
     Route("POST", "/agents/{id}/events", _emit, "emitToAgent",
           "Send an event to one agent and wait for its receipt",
           {200: Answer("The agent answered 'received'.",
@@ -626,9 +875,12 @@ def openapi_document(routes: tuple[Route, ...] = ROUTES, *, token: bool = False,
         op: JSON = {"operationId": route.name, "summary": route.summary, "tags": [route.tag]}
         if route.description:
             op["description"] = route.description
-        if route.params:
-            op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": schema}
-                                for name, schema in route.params.items()]
+        if route.params or route.query:
+            op["parameters"] = [
+                *({"name": name, "in": "path", "required": True, "schema": schema}
+                  for name, schema in route.params.items()),
+                *({"name": name, "in": "query", "required": False, "schema": schema}
+                  for name, schema in route.query.items())]
         if route.body is not None:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": route.body}}}

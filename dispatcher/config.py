@@ -62,6 +62,7 @@ class HubConfig:
     bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
     bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
+    sse_keepalive: float = 15.0  # admin API event streams: a comment line after this silence
     # Redis engine (docs/redis.md)
     redis_fast_path: bool = True  # read replies straight from hiredis when the check allows
     redis_max_queued: int = 100_000  # operations waiting for a write; more fail at once
@@ -71,7 +72,7 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "hello_timeout", "command_timeout", "retention",
-                     "rate_limit_grace"):
+                     "rate_limit_grace", "sse_keepalive"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:

@@ -246,6 +246,10 @@ class Dispatcher:
         """The commands of the job's started parts still retained, in target order."""
         return await self._jobs.job_commands(job_id) or []
 
+    async def follow_job(self, job_id: str) -> JobHandle | None:
+        """A handle on an existing job (run here or by another hub); None when unknown."""
+        return await self._jobs.follow(job_id)
+
     async def cancel_job(self, job_id: str) -> JobInfo | None:
         """Cancel a job's unfinished parts and skip those not started; None when
         there is no such job or it had ended (COMPLETE)."""

@@ -283,6 +283,19 @@ class Jobs:
                      batch=info.batch, max_failures=info.max_failures)
         await self._drive(run, rec)
 
+    async def follow(self, job_id: str) -> JobHandle | None:
+        """A handle on the job ``job_id``, run here or elsewhere; None when unknown."""
+        run = self._runs.get(job_id)
+        if run is None:
+            rec = await self.store.get_job(job_id)
+            if rec is None:
+                return None
+            run = self._runs.get(job_id)  # created meanwhile?
+            if run is None:
+                run = self._runs[job_id] = _Run(job_id, self.tasks.loop)
+                run.task = self.tasks.spawn(self._drive(run, rec), name=f"job-{job_id}")
+        return JobHandle(run, self)
+
     async def _resolve(self, spec: TargetSpec, require_online: bool) -> list[str]:
         if spec.ids is not None and not require_online:
             return list(spec.ids)

@@ -26,7 +26,7 @@ __all__ = ["Target", "TargetSpec", "match", "parse_amount", "parse_target", "res
 # What a caller may pass as a target.
 Target = str | list[str] | tuple[str, ...] | dict[str, str]
 
-_GLOB_CHARS = frozenset("*?[")
+_GLOB_CHARS = frozenset("*?[]!")
 _GLOB_RE = re.compile(r"[A-Za-z0-9._:@*?\[\]!-]{1,128}")
 _META_KEY_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _MAX_VALUE = 256
@@ -129,6 +129,8 @@ def parse_amount(value: object, name: str, *, minimum: int) -> int | float | Non
         return None
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number or a percentage like '25%'")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 2.0
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("%"):

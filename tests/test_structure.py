@@ -170,7 +170,7 @@ API_NAMES = {"listen", "close", "on", "once", "off", "execute_on_agent", "emit_t
              "execute_on_agents", "get_job", "list_jobs", "list_job_commands"}
 DOCUMENTED_ADDITIONS = {"config", "hub_id", "engine", "store", "metrics", "port", "admin_port",
                         "auth_required", "connected_count", "bus_status", "cancel_command",
-                        "get_agent", "cancel_job", "on_job_changed"}
+                        "get_agent", "cancel_job", "on_job_changed", "follow_job"}
 
 
 def test_dispatcher_surface_is_the_documented_one() -> None:

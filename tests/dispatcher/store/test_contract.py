@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher.errors import TooManyCommands, UnknownCommand
-from dispatcher.models import AgentInfo, CommandInfo
-from dispatcher.store.base import Store
+from dispatcher.errors import JobPartRefused, TooManyCommands, UnknownCommand
+from dispatcher.models import AgentInfo, CommandInfo, JobInfo
+from dispatcher.store.base import JobRecord, Store
 from dispatcher.store.memory import MemoryStore
 from dispatcher.store.redis import RedisStore
 
@@ -38,7 +38,8 @@ async def store(request: pytest.FixtureRequest, engine: str, prefix: str) -> Asy
 
 def cmd(cmd_id: str, agent: str = "a1", key: str = "k", ts: int = NOW, **kw: Any) -> CommandInfo:
     kw.setdefault("deadline", ts + 60_000)
-    return CommandInfo(id=cmd_id, agent_id=agent, key=key, ts=ts, updated=ts, origin="hub-x", **kw)
+    kw.setdefault("origin", "hub-x")
+    return CommandInfo(id=cmd_id, agent_id=agent, key=key, ts=ts, updated=ts, **kw)
 
 
 async def test_create_then_read(store: Store) -> None:
@@ -298,3 +299,68 @@ async def test_memory_engine_keeps_at_most_max_retained_complete_commands() -> N
     assert [(c.status, c.result) for c in kept if c is not None] == [
         ("COMPLETE", 2), ("COMPLETE", 3), ("COMPLETE", 4), ("PENDING", None)]
     await store.close()
+
+
+# -- jobs: a part is claimed with its command, atomically (docs/fleets.md) ----------------
+
+def job_record(job_id: str = "j1", agents: tuple[str, ...] = ("a1", "a2", "a3"),
+               origin: str = "hub-a") -> JobRecord:
+    return JobRecord(JobInfo(id=job_id, key="k", agents=list(agents), ts=NOW, updated=NOW,
+                             batch=1, max_failures=0, origin=origin, target="a*"),
+                     timeout_ms=5000)
+
+
+async def test_job_create_is_idempotent_and_listed(store: Store) -> None:
+    rec, created = await store.create_job(job_record())
+    assert created and rec.info.status == "RUNNING" and rec.timeout_ms == 5000
+    assert rec.info.counts == {"pending": 3, "active": 0, "skipped": 0, "ok": 0, "error": 0,
+                               "timeout": 0, "cancelled": 0, "dropped": 0}
+    again, created = await store.create_job(job_record(agents=("zz",), origin="hub-b"))
+    assert not created and again.info.agents == ["a1", "a2", "a3"]
+    assert again.info.origin == "hub-a" and again.info.batch == 1
+    await store.create_job(job_record("j2"))
+    assert [j.id for j in await store.list_jobs(10)] == ["j2", "j1"] or \
+        [j.id for j in await store.list_jobs(10)] == ["j1", "j2"]  # same ts: either order
+    assert len(await store.list_jobs(1)) == 1
+
+
+async def test_a_part_starts_once(store: Store) -> None:
+    await store.create_job(job_record())
+    first = await store.create_command(cmd("j1.0", "a1", origin="hub-a"), job="j1")
+    assert first.created and first.command.job == "j1"
+    assert (await store.get_command("j1.0")).job == "j1"  # type: ignore[union-attr]
+    # The same id again: the same command (idempotent); another id: refused.
+    again = await store.create_command(cmd("j1.0", "a1", origin="hub-a"), job="j1")
+    assert not again.created
+    with pytest.raises(JobPartRefused) as refused:
+        await store.create_command(cmd("other", "a1", origin="hub-a"), job="j1")
+    assert refused.value.command_id == "j1.0"
+    assert await store.get_command("other") is None
+    # Only the hub running the job starts parts; never a non-target.
+    with pytest.raises(JobPartRefused, match="run by hub"):
+        await store.create_command(cmd("j1.1", "a2", origin="hub-b"), job="j1")
+    with pytest.raises(JobPartRefused, match="not a target"):
+        await store.create_command(cmd("j1.9", "zz", origin="hub-a"), job="j1")
+    with pytest.raises(JobPartRefused, match="no job"):
+        await store.create_command(cmd("x.0", "a1", origin="hub-a"), job="nope")
+    rec = await store.get_job("j1")
+    assert rec is not None and rec.parts == {"a1": "j1.0"} and rec.info.counts["active"] == 1
+
+
+async def test_skipped_parts_never_start_and_the_job_completes(store: Store) -> None:
+    await store.create_job(job_record())
+    await store.create_command(cmd("j1.0", "a1", origin="hub-a"), job="j1")
+    assert await store.skip_job_parts("j1", ["a2"], NOW, origin="hub-b") is None  # not its job
+    rec = await store.skip_job_parts("j1", ["a1", "a2"], NOW, origin="hub-a")
+    assert rec is not None and rec.skipped == {"a2"}  # a1 started: not skipped
+    with pytest.raises(JobPartRefused, match="skipped"):
+        await store.create_command(cmd("j1.1", "a2", origin="hub-a"), job="j1")
+    info = await store.end_job_parts("j1", [("a1", "error"), ("a1", "ok")], NOW)
+    assert info is not None and info.counts["error"] == 1 and info.counts["ok"] == 0
+    assert info.status == "RUNNING"  # a3 neither ended nor skipped
+    rec = await store.skip_job_parts("j1", None, NOW, cancel=True)  # any hub may cancel
+    assert rec is not None and rec.cancelled and rec.skipped == {"a2", "a3"}
+    assert rec.info.status == "COMPLETE" and rec.ended == {"a1": "error"}
+    assert rec.info.counts == {"pending": 0, "active": 0, "skipped": 2, "ok": 0, "error": 1,
+                               "timeout": 0, "cancelled": 0, "dropped": 0}
+    assert await store.end_job_parts("nope", [("a1", "ok")], NOW) is None

@@ -62,7 +62,7 @@ async def read_events(api: Api, path: str, commented: asyncio.Event | None = Non
 
 
 async def test_post_get_list_and_stream(setup: tuple[Dispatcher, Fleet, Api]) -> None:
-    hub, fleet, api = setup
+    _, fleet, api = setup
     fleet.gate = asyncio.Event()
     status, job = await api.post("/jobs", {"target": "role=web", "key": "work", "batch": 1,
                                            "job_id": "j1"})

@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["DEFAULT_URL", "AdminClient", "AdminError"]
@@ -102,6 +103,65 @@ class AdminClient:
             body["data"] = data
         out: dict[str, Any] = self.request("POST", "/events", body)
         return out
+
+    # -- jobs ----------------------------------------------------------------------------
+    def submit_job(self, target: Any, key: str, payload: Any = None, *,
+                   timeout: float | None = None, batch: int | str | None = None,
+                   max_failures: int | str | None = None, require_online: bool = False,
+                   job_id: str | None = None) -> dict[str, Any]:
+        """The stored JobInfo (the rollout goes on); 404 when the target matched nobody."""
+        body: dict[str, Any] = {"target": target, "key": key}
+        for name, value in (("payload", payload), ("timeout", timeout), ("batch", batch),
+                            ("max_failures", max_failures), ("job_id", job_id)):
+            if value is not None:
+                body[name] = value
+        if require_online:
+            body["require_online"] = True
+        out: dict[str, Any] = self.request("POST", "/jobs", body)
+        return out
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.request("GET", f"/jobs?limit={int(limit)}")
+        return out
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The JobInfo with ``commands``: its started parts' commands."""
+        out: dict[str, Any] = self.request("GET", f"/jobs/{_q(job_id)}")
+        return out
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.request("DELETE", f"/jobs/{_q(job_id)}")
+        return out
+
+    def follow_job(self, job_id: str, *, timeout: float = 24 * 3600.0
+                   ) -> Iterator[tuple[str, Any]]:
+        """The job's events as they come (``progress``, ``result``, then ``end``)."""
+        headers = {"Accept": "text/event-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(f"{self.url}/jobs/{_q(job_id)}/stream", headers=headers)
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                answer = _decode(exc.read(), exc.code, strict=False)
+            err = answer.get("error") if isinstance(answer, dict) else None
+            err = err if isinstance(err, dict) else {}
+            raise AdminError(exc.code, str(err.get("code", "http_error")),
+                             str(err.get("message", f"HTTP {exc.code}")), answer) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdminError(None, "unreachable",
+                             f"cannot reach the hub at {self.url}: {exc}") from None
+        with resp:
+            event = "message"
+            for raw in resp:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    yield event, json.loads(line[6:])
+                    if event == "end":
+                        return
 
     # -- plumbing ----------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, *,

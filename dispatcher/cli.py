@@ -37,17 +37,18 @@ def main() -> None:
 
     Run a hub with `dispatcher serve`, try it with `dispatcher demo`. Drive a
     running hub over its admin API with the client verbs (agents, pending,
-    exec, command, cancel, emit, broadcast): `--admin URL` and `--token`, or
+    exec, command, cancel, jobs, job, emit, broadcast): `--admin URL` and `--token`, or
     DISPATCHER_ADMIN_URL and DISPATCHER_ADMIN_TOKEN; tables by default, `--json`
     for scripts.
 
     \b
     Exit codes of the client verbs:
       0  done
-      1  the command failed, timed out, was cancelled or dropped; an event was
-         not received in time; a cancel came too late (already COMPLETE)
+      1  the command failed, timed out, was cancelled or dropped (for several
+         agents: any of them did not end ok); an event was not received in
+         time; a cancel came too late (already COMPLETE)
       2  usage: bad arguments or JSON, refused by the hub as a bad request
-      3  not found: no such agent or command
+      3  not found: no such agent, command or job; a target that matched nobody
       4  the hub cannot be reached, refused the admin token, or its store is down
     """
 
@@ -374,31 +375,52 @@ def pending(agent_id: str, client: AdminClient, as_json: bool) -> int:
 
 
 @main.command(name="exec")
-@click.argument("agent_id", metavar="AGENT")
+@click.argument("agent_id", metavar="TARGET")
 @click.argument("key")
 @click.argument("payload", metavar="[JSON]", required=False)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds before the command times out (default: the hub's).")
-@click.option("--no-wait", is_flag=True, help="Return the command id once it is stored.")
-@click.option("--group", help="Coalescing group of the command.")
-@click.option("--id", "command_id", help="Your own command id (submitting it again is "
-              "idempotent).")
+@click.option("--no-wait", is_flag=True, help="Return the command (or job) id once it is "
+              "stored.")
+@click.option("--group", help="Coalescing group of the command (one agent).")
+@click.option("--id", "command_id", help="Your own command id, or job id for several agents "
+              "(submitting it again is idempotent).")
+@click.option("--batch", metavar="N|P%", help="Several agents: at most N (or P% of them) "
+              "unfinished at once.")
+@click.option("--max-failures", metavar="N|P%", help="Several agents: stop starting new ones "
+              "once more than N (or P%) failed.")
+@click.option("--require-online", is_flag=True, help="Refuse when a listed agent is not "
+              "connected.")
 @_client_options
 def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | None,
-             no_wait: bool, group: str | None, command_id: str | None, client: AdminClient,
+             no_wait: bool, group: str | None, command_id: str | None, batch: str | None,
+             max_failures: str | None, require_online: bool, client: AdminClient,
              as_json: bool) -> int:
-    """Run command KEY on AGENT with an optional JSON payload ('-' reads stdin).
+    """Run command KEY on TARGET with an optional JSON payload ('-' reads stdin).
 
-    Waits for the outcome and prints the agent's result; exits 1 when the
-    command fails, times out or is cancelled. With --no-wait, prints the
-    command's id once it is stored (follow it with `dispatcher command ID`).
+    TARGET is an agent id, a list ('web-1,web-2'), a glob on connected agents'
+    ids ('web-*') or a selector on their meta ('role=db,region=eu*').
+
+    One agent: waits for the outcome and prints the agent's result; exits 1
+    when the command fails, times out or is cancelled. With --no-wait, prints
+    the command's id once it is stored (follow it with `dispatcher command ID`).
+
+    Several agents (a job, docs/fleets.md): one line per agent as each ends,
+    then a summary; exits 0 when all ended ok, 1 when any did not, 3 when the
+    target matched no agent. With --no-wait, prints the job id.
 
     \b
     Examples:
       dispatcher exec worker-7 echo '{"hello": "world"}'
       dispatcher exec worker-7 sleep '{"seconds": 30}' --timeout 60 --no-wait
+      dispatcher exec 'web-*' deploy '{"version": "1.4"}' --batch 25% --max-failures 1
     """
     value = _payload(payload)
+    if _is_job_target(agent_id) or batch or max_failures or require_online:
+        return _exec_job(client, agent_id, key, value, timeout=timeout, no_wait=no_wait,
+                         job_id=command_id, batch=_amount(batch, "--batch"),
+                         max_failures=_amount(max_failures, "--max-failures"),
+                         require_online=require_online, as_json=as_json)
     try:
         info = client.execute(agent_id, key, value, timeout=timeout, group=group,
                               command_id=command_id, wait=not no_wait)
@@ -419,6 +441,144 @@ def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | N
     if info.get("outcome") != "ok":
         click.echo(f"dispatcher: {_failure_line(info)}", err=True)
     return _outcome_exit(info)
+
+
+def _is_job_target(target: str) -> bool:
+    """Whether ``exec``'s TARGET names several agents (a job) rather than one id."""
+    return any(c in target for c in ",=*?[]!")
+
+
+def _amount(raw: str | None, flag: str) -> int | str | None:
+    if raw is None:
+        return None
+    text = raw.strip()
+    if text.isdigit():
+        return int(text)
+    if text.endswith("%"):
+        return text
+    raise click.BadParameter(f"{raw!r} is not a number or a percentage like 25%",
+                             param_hint=f"'{flag}'")
+
+
+def _exec_job(client: AdminClient, target: str, key: str, payload: Any, *,
+              timeout: float | None, no_wait: bool, job_id: str | None,
+              batch: int | str | None, max_failures: int | str | None,
+              require_online: bool, as_json: bool) -> int:
+    job = client.submit_job(target, key, payload, timeout=timeout, batch=batch,
+                            max_failures=max_failures, require_online=require_online,
+                            job_id=job_id)
+    if no_wait:
+        if as_json:
+            _print_json(job)
+        else:
+            click.echo(job["id"])
+        return EXIT_OK
+    if not as_json:
+        click.echo(f"job {job['id']}: {key} on {len(job['agents'])} agent(s)"
+                   + (f", batch {job['batch']}" if job.get("batch") is not None else "")
+                   + (f", max failures {job['max_failures']}"
+                      if job.get("max_failures") is not None else ""))
+    results: list[dict[str, Any]] = []
+    end: dict[str, Any] = job
+    for event, data in client.follow_job(job["id"]):
+        if event == "result":
+            results.append(data)
+            if not as_json:
+                click.echo(_result_line(data))
+        elif event == "end":
+            end = data
+    if as_json:
+        _print_json({"job": end, "results": results})
+    else:
+        click.echo(_job_summary(end))
+    counts = end.get("counts") or {}
+    return EXIT_OK if counts.get("ok", 0) == len(end.get("agents") or ()) else EXIT_FAILED
+
+
+def _result_line(info: dict[str, Any]) -> str:
+    """``agent  outcome  result-or-error  time`` for one part of a job."""
+    outcome = info.get("outcome") or info.get("status") or "-"
+    if outcome in ("ok", "dropped"):
+        detail = _short(info.get("result"), 60)
+    elif info.get("error"):
+        err = info["error"]
+        detail = f"{err.get('code')}: {err.get('message')}"
+    else:
+        detail = "-"
+    took = "-"
+    if outcome != "skipped" and info.get("ts") and info.get("updated"):
+        took = _span((info["updated"] - info["ts"]) / 1000)
+    return f"{info.get('agent_id', '-'):<20} {outcome:<10} {_short(detail, 60):<60} {took}"
+
+
+def _job_summary(job: dict[str, Any]) -> str:
+    counts = job.get("counts") or {}
+    parts = [f"{counts[k]} {k}" for k in ("ok", "error", "timeout", "cancelled", "dropped",
+                                            "skipped", "active", "pending") if counts.get(k)]
+    took = ""
+    if job.get("status") == "COMPLETE" and job.get("ts") and job.get("updated"):
+        took = f" in {_span((job['updated'] - job['ts']) / 1000)}"
+    return (f"job {job.get('id')} {job.get('status')}: {', '.join(parts) or 'nothing'} "
+            f"of {len(job.get('agents') or ())} agent(s){took}")
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="How many jobs, newest first.")
+@_client_options
+def jobs(limit: int, client: AdminClient, as_json: bool) -> int:
+    """List jobs, newest first.
+
+    \b
+    Example:
+      dispatcher jobs --limit 10
+    """
+    listed = client.jobs(limit)
+    if as_json:
+        _print_json(listed)
+        return EXIT_OK
+    if not listed:
+        click.echo("no jobs")
+        return EXIT_OK
+    rows = []
+    for job in listed:
+        c = job.get("counts") or {}
+        failed = sum(c.get(k, 0) for k in ("error", "timeout", "cancelled", "dropped"))
+        rows.append([job["id"], job["key"], job["status"], str(len(job["agents"])),
+                     str(c.get("ok", 0)), str(failed), str(c.get("skipped", 0)),
+                     _ago(job.get("ts"))])
+    _table(["ID", "KEY", "STATUS", "AGENTS", "OK", "FAILED", "SKIPPED", "SUBMITTED"], rows)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("job_id", metavar="ID")
+@_client_options
+def job(job_id: str, client: AdminClient, as_json: bool) -> int:
+    """Show job ID: its counts and one line per agent (exit 3 if unknown).
+
+    \b
+    Example:
+      dispatcher job deploy-42
+    """
+    info = client.job(job_id)
+    if as_json:
+        _print_json(info)
+        return EXIT_OK
+    click.echo(_job_summary(info))
+    click.echo(f"key: {info['key']}  target: {_short(info.get('target'), 60)}  "
+               f"batch: {info.get('batch') or '-'}  max failures: "
+               f"{'-' if info.get('max_failures') is None else info['max_failures']}  "
+               f"hub: {info.get('origin')}")
+    by_agent = {c["agent_id"]: c for c in info.get("commands") or ()}
+    for agent in info["agents"]:
+        cmd = by_agent.get(agent)
+        if cmd is None:
+            state = "skipped" if info["status"] == "COMPLETE" else "not started"
+            click.echo(f"{agent:<20} {state}")
+        else:
+            click.echo(_result_line(cmd) + f"  {cmd['id']}")
+    return EXIT_OK
 
 
 @main.command()

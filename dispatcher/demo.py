@@ -32,6 +32,18 @@ async def _deploy(payload: Any, ctx: CommandContext) -> Any:
     raise CommandError("disk_full", "no space left on /var", {"free_mb": 3})
 
 
+def _upgrade(agent_id: str) -> Callable[[Any, CommandContext], Awaitable[Any]]:
+    """The rollout's command: fails on the agent the payload names as broken."""
+
+    async def upgrade(payload: Any, ctx: CommandContext) -> Any:
+        await asyncio.sleep(0.05)
+        if agent_id == payload.get("broken"):
+            raise CommandError("unhealthy", f"{agent_id} did not come back after the upgrade")
+        return {"version": payload.get("version")}
+
+    return upgrade
+
+
 class _Seen:
     """Events the demo waits for: each handler prints its line and sets its Event."""
 
@@ -77,6 +89,7 @@ async def run_demo(n_agents: int = 3, port: int = 0,
             agent = build_agent([url], f"demo-{i}", meta={"demo": True})
             agent.add_command("resize", _resize)
             agent.add_command("deploy", _deploy)
+            agent.add_command("upgrade", _upgrade(f"demo-{i}"))
             # Every agent takes config events; the last one also follows jobs.
             agent.on("config.*")(watch.handler(f"config:{agent.agent_id}", agent.agent_id))
             if i == n_agents and n_agents > 1:
@@ -88,6 +101,8 @@ async def run_demo(n_agents: int = 3, port: int = 0,
             await _show(hub, echo, [a.agent_id for a in agents])
             await _show_events(hub, echo, agents, watch)
             await _show_admin(hub, echo, agents[0].agent_id)
+            if len(agents) > 1:
+                await _show_rollout(hub, echo, [a.agent_id for a in agents])
         finally:
             for agent in agents:
                 await agent.stop()
@@ -181,3 +196,21 @@ async def _show_admin(hub: Dispatcher, echo: Callable[[str], None], agent_id: st
             info = await resp.json()
             echo(f"  POST /agents/{agent_id}/commands {json.dumps(body)} -> {resp.status}: "
                  f"outcome {info['outcome']}, result {info['result']}")
+
+
+async def _show_rollout(hub: Dispatcher, echo: Callable[[str], None], ids: list[str]) -> None:
+    broken = ids[1]
+    echo(f"\n10. a rollout: upgrade on 'demo-*', one agent at a time (batch=1), stopping "
+         f"after the first failure (max_failures=0); {broken} is broken:")
+    handle = hub.execute_on_agents("demo-*", "upgrade", {"version": "2.0", "broken": broken},
+                                   batch=1, max_failures=0, timeout=5)
+    echo(f"  job {handle.id} on {await handle.resolved()}")
+    async for info in handle.results():
+        detail = info.result if info.outcome == "ok" else (info.error or {}).get("message")
+        echo(f"  {info.agent_id}: {info.outcome}" + (f" {detail}" if detail else ""))
+    job = await handle
+    counts = {k: v for k, v in job.counts.items() if v}
+    echo(f"  job {job.status}: {counts}")
+    echo("  its history, from the store (list_job_commands):")
+    for cmd in await hub.list_job_commands(job.id):
+        echo(f"    {cmd.id} {cmd.agent_id} {cmd.status} {cmd.outcome}")

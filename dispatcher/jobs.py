@@ -357,6 +357,7 @@ class Jobs:
 
         while True:
             ended = dict(rec.ended)
+            failures = sum(1 for o in ended.values() if o != "ok")
             self._report_skipped(run, rec)
             for agent, cmd_id in rec.parts.items():
                 if agent not in ended and agent not in inflight:
@@ -364,7 +365,6 @@ class Jobs:
             todo = deque(a for a in info.agents if a not in rec.parts and a not in rec.skipped)
             refresh = False
             while todo or inflight:
-                failures = sum(1 for o in ended.values() if o != "ok")
                 over = info.max_failures is not None and failures > info.max_failures
                 if todo and (over or rec.cancelled):
                     skipped = await self.store.skip_job_parts(info.id, list(todo), now_ms(),
@@ -402,6 +402,7 @@ class Jobs:
                         return await self._lost(run)
                     for part in finished:
                         ended[part.agent_id] = cast(str, part.outcome)
+                        failures += part.outcome != "ok"
                         run.report(part)
                     self._changed(run, job)
                 if refresh and not inflight:

@@ -311,5 +311,7 @@ def test_demo_shows_commands_and_events() -> None:
                   "demo-3 got event 'job.done' from demo-1",
                   "the hub saw demo-1 emit job.done",
                   "demo-1 got demo-3's answer", "GET /agents -> 200",
-                  "outcome ok", "done: the hub closed cleanly."):
+                  "outcome ok", "demo-2: error demo-2 did not come back",
+                  "demo-3: skipped", "job COMPLETE: {'skipped': 1, 'ok': 1, 'error': 1}",
+                  "done: the hub closed cleanly."):
         assert words in text, words

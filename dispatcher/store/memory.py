@@ -72,6 +72,7 @@ class MemoryStore(Store):
         # Jobs, oldest first; COMPLETE ones go after the retention period, and
         # past MAX_RETAINED_JOBS of them the oldest go first.
         self._jobs: dict[str, JobRecord] = {}
+        self._job_outcomes: dict[str, dict[str, int]] = {}  # job id -> ended parts by outcome
         self._jobs_expiry: deque[tuple[int, str]] = deque()
 
     # Every answer is a finished future (the store's calling convention, base.py).
@@ -326,17 +327,16 @@ class MemoryStore(Store):
     def _expire_jobs(self, now: int) -> None:
         expiry = self._jobs_expiry
         while expiry and (expiry[0][0] <= now or len(expiry) > MAX_RETAINED_JOBS):
-            self._jobs.pop(expiry.popleft()[1], None)
+            job_id = expiry.popleft()[1]
+            self._jobs.pop(job_id, None)
+            self._job_outcomes.pop(job_id, None)
 
     def _job_changed(self, rec: JobRecord, now: int) -> None:
         """Counts anew; COMPLETE once every part ended or was skipped."""
         info = rec.info
         info.updated = now
-        by_outcome: dict[str, int] = {}
-        for outcome in rec.ended.values():
-            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
         info.counts = job_counts(len(info.agents), len(rec.parts), len(rec.skipped),
-                                 by_outcome)
+                                 self._job_outcomes.setdefault(info.id, {}))
         if info.status == "RUNNING" and len(rec.ended) + len(rec.skipped) == len(info.agents):
             info.status = "COMPLETE"
             self._jobs_expiry.append((now + self._retention_ms, info.id))
@@ -367,11 +367,15 @@ class MemoryStore(Store):
         rec = self._jobs.get(job_id)
         if rec is None:
             return self._ok(None)
+        outcomes = self._job_outcomes.setdefault(job_id, {})
         for agent, outcome in ended:
             if agent in rec.parts and agent not in rec.ended:
                 rec.ended[agent] = outcome
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self._job_changed(rec, now)
-        return self._ok(_copy_job(rec).info)
+        info = rec.info
+        return self._ok(dataclasses.replace(info, agents=list(info.agents),
+                                            counts=dict(info.counts)))
 
     def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
                        origin: str | None = None,

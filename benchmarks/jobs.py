@@ -1,0 +1,186 @@
+"""The jobs workload: one command on 1,000 agents as a job, against 1,000 separate commands.
+
+``python -m benchmarks.jobs [--agents 1000] [--rounds 7] [--engines memory,redis] [--quick]``
+
+Processes: this one embeds the hub (``Dispatcher``, ``HubConfig`` defaults except
+``max_frame_rate=0``, as ``servers/ours.py`` runs it) and drives it as an
+application does; the agents are ``loadgen.py --proto ws`` processes (500 each),
+answering every ``cmd`` with its payload at once. On the Redis engine a private
+``redis-server`` runs.
+
+Each round times, on the same connected agents and one after the other (in
+alternating order from round to round):
+
+- ``job``: ``hub.execute_on_agents(ids, key)`` (the ids listed, no batch), from the
+  call to ``await handle`` (every part ended and recorded in the job);
+- ``job-glob``: the same with the target ``"*"`` (resolved against the agents
+  registered in the store);
+- ``separate``: ``execute_on_agent`` for each id, the handles gathered.
+
+Figures are medians over the rounds: elapsed ms and commands/s; ``ratio`` is
+job / separate (the budget is 1.2). Writes ``benchmarks/results/jobs.json`` and
+``jobs.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import COMMAND_KEY, agent_id, install_uvloop
+from .procs import Child, RedisServer, kill_all
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_PROCESS = 500
+BUDGET = 1.2
+
+
+async def _connect(hub: Any, n: int, log_dir: Path) -> list[Child]:
+    url = f"ws://127.0.0.1:{hub.port}/ws"
+    gens = []
+    for first in range(0, n, PER_PROCESS):
+        count = min(PER_PROCESS, n - first)
+        gens.append(Child(f"jobs-loadgen-{first}", "benchmarks.loadgen",
+                          ["--proto", "ws", "--url", url, "--first", str(first),
+                           "--count", str(count)], log_dir))
+    await asyncio.gather(*(g.start() for g in gens))
+    await asyncio.gather(*(g.expect("ready", 30) for g in gens))
+    await asyncio.gather(*(g.send({"op": "go"}) for g in gens))
+    await asyncio.gather(*(g.expect("connected", 60) for g in gens))
+    deadline = time.monotonic() + 30
+    while hub.connected_count < n or len(await hub.list_connected_agents()) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {hub.connected_count} of {n} agents connected")
+        await asyncio.sleep(0.05)  # another process's agents: nothing to wait on here
+    return gens
+
+
+async def _one(hub: Any, way: str, ids: list[str], payload: Any) -> float:
+    start = time.perf_counter()
+    if way == "separate":
+        await asyncio.gather(*(hub.execute_on_agent(i, COMMAND_KEY, payload) for i in ids))
+    else:
+        target: Any = ids if way == "job" else "*"
+        job = await hub.execute_on_agents(target, COMMAND_KEY, payload)
+        if job.counts["ok"] != len(ids):
+            raise RuntimeError(f"{way}: {job.counts}")
+    return time.perf_counter() - start
+
+
+async def run_engine(engine: str, n: int, rounds: int, log_dir: Path) -> dict[str, Any]:
+    from dispatcher import Dispatcher, HubConfig  # noqa: PLC0415
+
+    redis = None
+    if engine == "redis":
+        redis = RedisServer()
+        redis.start()
+    hub = Dispatcher(HubConfig(host="127.0.0.1", port=0, admin_port=None, max_frame_rate=0,
+                               redis_url=redis.url if redis else None, prefix="benchjobs"))
+    await hub.listen()
+    gens: list[Child] = []
+    try:
+        gens = await _connect(hub, n, log_dir)
+        ids = [agent_id(i) for i in range(n)]
+        payload = {"n": 1}
+        ways = ["job", "job-glob", "separate"]
+        for way in ways:  # warm-up: one of each, not measured
+            await _one(hub, way, ids, payload)
+        times: dict[str, list[float]] = {w: [] for w in ways}
+        for r in range(rounds):
+            for way in ways if r % 2 == 0 else list(reversed(ways)):
+                times[way].append(await _one(hub, way, ids, payload))
+        out: dict[str, Any] = {}
+        for way, values in times.items():
+            med = statistics.median(values)
+            out[way] = {"ms": round(med * 1000, 1), "commands_per_s": round(n / med),
+                        "all_ms": [round(v * 1000, 1) for v in values]}
+        out["ratio"] = round(out["job"]["ms"] / out["separate"]["ms"], 3)
+        out["ratio_glob"] = round(out["job-glob"]["ms"] / out["separate"]["ms"], 3)
+        return out
+    finally:
+        for g in gens:
+            await g.stop()
+        await hub.close()
+        if redis is not None:
+            redis.stop()
+
+
+def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Jobs: one command on {meta['agents']} agents",
+        "",
+        f"`python -m benchmarks.jobs` ({meta['when']}, {meta['rounds']} rounds, medians; "
+        f"loop {meta['loop']}, {meta['cpus']} CPUs, shared machine).",
+        "",
+        "| engine | path | ms to the last result | commands/s | vs separate |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for engine, row in results.items():
+        sep = row["separate"]["ms"]
+        for way in ("separate", "job", "job-glob"):
+            lines.append(f"| {engine} | {way} | {row[way]['ms']:,.1f} | "
+                         f"{row[way]['commands_per_s']:,} | {row[way]['ms'] / sep:.2f}x |")
+    lines += ["", f"Budget: a job costs at most {BUDGET}x the separate commands "
+              "(`job` row, the ids listed)."]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out_dir: Path, meta: dict[str, Any], results: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "jobs.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                  indent=2) + "\n")
+    (out_dir / "jobs.md").write_text(_markdown(results, meta))
+
+
+async def main_async(args: argparse.Namespace, loop_name: str) -> int:
+    out_dir = Path(args.out)
+    log_dir = out_dir / "logs-jobs"
+    results: dict[str, Any] = {}
+    try:
+        for engine in args.engines.split(","):
+            results[engine] = await run_engine(engine, args.agents, args.rounds, log_dir)
+            print(json.dumps({engine: results[engine]}), flush=True)
+    finally:
+        kill_all()
+    import os  # noqa: PLC0415
+
+    meta = {"agents": args.agents, "rounds": args.rounds, "loop": loop_name,
+            "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if not args.quick:
+        _write(out_dir, meta, results)
+    over = [e for e, r in results.items() if r["ratio"] > BUDGET]
+    if over:
+        print(f"over budget ({BUDGET}x): {', '.join(over)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.jobs", description=__doc__)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--engines", default="memory,redis")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--quick", action="store_true",
+                        help="100 agents, 2 rounds, nothing written (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.agents, args.rounds = 100, 2
+    import logging  # noqa: PLC0415
+
+    import structlog  # noqa: PLC0415
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    loop_name = install_uvloop()  # before the loop exists, as every bench process does
+    return asyncio.run(main_async(args, loop_name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -364,6 +364,7 @@ class Jobs:
                     start(agent, cmd_id)  # started before (another hub, an earlier life)
             todo = deque(a for a in info.agents if a not in rec.parts and a not in rec.skipped)
             refresh = False
+            latest: JobInfo | None = None
             while todo or inflight:
                 over = info.max_failures is not None and failures > info.max_failures
                 if todo and (over or rec.cancelled):
@@ -397,7 +398,7 @@ class Jobs:
                     elif outcome == "retry":
                         todo.appendleft(agent)
                 if finished:
-                    job = await self._record(info.id, finished)
+                    job = latest = await self._record(info.id, finished)
                     if job is None:
                         return await self._lost(run)
                     for part in finished:
@@ -407,6 +408,10 @@ class Jobs:
                     self._changed(run, job)
                 if refresh and not inflight:
                     break
+            if latest is not None and latest.status == "COMPLETE" \
+                    and len(run.reported) == len(info.agents):
+                # Every part's end was seen here: the last write's record is the job's.
+                return self._complete(run, latest)
             stored = await self.store.get_job(info.id)
             if stored is None:
                 raise DispatcherError(f"job {info.id} is gone from the store")
@@ -414,16 +419,18 @@ class Jobs:
             if rec.info.status == "COMPLETE":
                 self._report_skipped(run, rec)
                 await self._report_missing(run, rec)
-                log.info("job_complete", job_id=info.id, **rec.info.counts)
-                run.finish(rec.info)
-                self._changed(run, rec.info)
-                return
+                return self._complete(run, rec.info)
             if rec.info.origin != self.hub_id:
                 return await self._lost(run)
             if not refresh:
                 # Parts ended that this hub did not see end (e.g. cancelled from
                 # another hub): look again shortly rather than spin.
                 await asyncio.sleep(self.config.sweep_interval)
+
+    def _complete(self, run: _Run, info: JobInfo) -> None:
+        log.info("job_complete", job_id=info.id, **info.counts)
+        run.finish(info)
+        self._changed(run, info)
 
     async def _part_ended(self, run: _Run, agent: str, handle: CommandHandle,
                           finished: list[CommandInfo]) -> str:

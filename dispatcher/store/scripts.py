@@ -105,10 +105,10 @@ if drop ~= '' or group ~= '' then
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'agent', ARGV[3], 'key', ARGV[4],
            'status', 'PENDING', 'outcome', '', 'group', group, 'ts', ARGV[6],
-           'updated', ARGV[6], 'deadline', ARGV[7], 'origin', ARGV[8], 'payload', ARGV[9])
+           'updated', ARGV[6], 'deadline', ARGV[7], 'origin', ARGV[8], 'payload', ARGV[9],
+           'job', job)
 if job ~= '' then
-  redis.call('HSET', KEYS[1], 'job', job)
-  redis.call('HSET', KEYS[4], 'p:' .. ARGV[3], ARGV[2], 'updated', ARGV[6])
+  redis.call('HSET', KEYS[4], 'p:' .. ARGV[3], ARGV[2])
   redis.call('HINCRBY', KEYS[4], 'n:started', 1)
 end
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
@@ -509,19 +509,19 @@ return out
 """
 
 # KEYS: 1 P:job:ID, 2 P:jobs:running.  ARGV: 1 now, 2 retention ms, 3.. agent, outcome
-# pairs.  Each started part's outcome is recorded once.  Returns the job's info
+# pairs of started parts.  Each part's outcome is recorded once.  Returns the job's info
 # fields (JOB_INFO_FIELDS), or {} for an unknown job.
 END_JOB_PARTS: Final = _JOB_FINISH + _JOB_INFO + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local ended = 0
 for i = 3, #ARGV, 2 do
-  local agent, outcome = ARGV[i], ARGV[i + 1]
-  local part = redis.call('HGET', KEYS[1], 'p:' .. agent)
-  if part and part ~= '' and part ~= '!'
-      and redis.call('HSETNX', KEYS[1], 'o:' .. agent, outcome) == 1 then
-    redis.call('HINCRBY', KEYS[1], 'n:' .. outcome, 1)
-    redis.call('HINCRBY', KEYS[1], 'n:ended', 1)
+  -- Only started parts end (the hub records the parts it started: no check here).
+  if redis.call('HSETNX', KEYS[1], 'o:' .. ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[i + 1], 1)
+    ended = ended + 1
   end
 end
+redis.call('HINCRBY', KEYS[1], 'n:ended', ended)
 redis.call('HSET', KEYS[1], 'updated', ARGV[1])
 finish(ARGV[1], ARGV[2])
 return redis.call('HMGET', KEYS[1], unpack(JOB_INFO))

@@ -458,7 +458,8 @@ JOB_BODY: JSON = {
 }
 SSE_EVENT: JSON = {"type": "object", "description": "One event; 'data' is JSON text.",
                    "properties": {"event": {"type": "string",
-                                            "enum": ["progress", "result", "end"]},
+                                            "enum": ["progress", "result", "end",
+                                                     "error"]},
                                   "data": {"type": "string"}}}
 JOB_ID: JSON = {"title": "job id", "type": "string", "minLength": 1, "description": "A job id."}
 LIMIT: JSON = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}
@@ -691,8 +692,9 @@ SSE_BUFFER = 1024
 async def sse_response(request: web.Request, sources: list[AsyncIterator[tuple[str, Any]]],
                        end: Callable[[], Awaitable[tuple[str, Any]]], *, keepalive: float,
                        buffer: int = SSE_BUFFER) -> web.StreamResponse:
-    """Stream ``(event, data)`` pairs from ``sources`` as SSE, then ``end()``'s event;
-    a ``: keep-alive`` comment after ``keepalive`` seconds without one."""
+    """Stream ``(event, data)`` pairs from ``sources`` as SSE, then ``end()``'s event
+    (an ``error`` event instead if a source or ``end`` failed with a hub error); a
+    ``: keep-alive`` comment after ``keepalive`` seconds without one."""
     queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(buffer)
     overflow = asyncio.Event()
 
@@ -711,8 +713,11 @@ async def sse_response(request: web.Request, sources: list[AsyncIterator[tuple[s
     try:
         while not overflow.is_set():
             if all_pumped.done() and queue.empty():
-                all_pumped.result()
-                event, data = await end()
+                try:
+                    all_pumped.result()
+                    event, data = await end()
+                except DispatcherError as exc:  # the answer has begun: say it, then close
+                    event, data = "error", {"code": type(exc).__name__, "message": str(exc)}
                 await response.write(_sse_event(event, data))
                 break
             getter = asyncio.ensure_future(queue.get())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator
@@ -398,7 +399,7 @@ class Jobs:
                     elif outcome == "retry":
                         todo.appendleft(agent)
                 if finished:
-                    job = latest = await self._record(info.id, finished)
+                    job = latest = await self._record(info, finished)
                     if job is None:
                         return await self._lost(run)
                     for part in finished:
@@ -471,12 +472,16 @@ class Jobs:
             raise
         return "refresh"  # not reached: a handle without info failed
 
-    async def _record(self, job_id: str, finished: list[CommandInfo]) -> JobInfo | None:
+    async def _record(self, job: JobInfo, finished: list[CommandInfo]) -> JobInfo | None:
         """Record ended parts in the job; retried while the store is away."""
         pairs = [(i.agent_id, cast(str, i.outcome)) for i in finished]
         while True:
             try:
-                return await self.store.end_job_parts(job_id, pairs, now_ms())
+                got = await self.store.end_job_parts(job.id, pairs, now_ms())
+                if got is None:
+                    return None
+                return dataclasses.replace(got, agents=job.agents, payload=job.payload,
+                                           target=job.target)
             except StoreUnavailable:
                 if self._closing:
                     raise

@@ -235,7 +235,9 @@ class Store(ABC):
                       now: int) -> asyncio.Future[JobInfo | None]:
         """Record ``(agent id, outcome)`` of ended parts (each once: a repeat changes
         nothing); the job is COMPLETE, and expires after retention, once every part
-        ended or was skipped. Returns the job (None: unknown)."""
+        ended or was skipped. Returns the job (None: unknown) without its
+        ``agents``, ``payload`` and ``target`` (empty: the caller has them, and this
+        is called as often as parts end)."""
 
     @abstractmethod
     def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,

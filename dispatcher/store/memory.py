@@ -73,6 +73,7 @@ class MemoryStore(Store):
         # past MAX_RETAINED_JOBS of them the oldest go first.
         self._jobs: dict[str, JobRecord] = {}
         self._job_outcomes: dict[str, dict[str, int]] = {}  # job id -> ended parts by outcome
+        self._job_targets: dict[str, frozenset[str]] = {}  # job id -> its agents
         self._jobs_expiry: deque[tuple[int, str]] = deque()
 
     # Every answer is a finished future (the store's calling convention, base.py).
@@ -165,7 +166,7 @@ class MemoryStore(Store):
             raise JobPartRefused(f"job {job!r} is not running")
         if rec.info.origin != cmd.origin:
             raise JobPartRefused(f"job {job!r} is run by hub {rec.info.origin!r}")
-        if agent not in rec.info.agents:
+        if agent not in self._job_targets[job]:
             raise JobPartRefused(f"agent {agent!r} is not a target of job {job!r}")
         if cmd.id in self._commands or cmd.id in self._done:
             raise JobPartRefused(f"command id {cmd.id!r} exists already")
@@ -330,6 +331,7 @@ class MemoryStore(Store):
             job_id = expiry.popleft()[1]
             self._jobs.pop(job_id, None)
             self._job_outcomes.pop(job_id, None)
+            self._job_targets.pop(job_id, None)
 
     def _job_changed(self, rec: JobRecord, now: int) -> None:
         """Counts anew; COMPLETE once every part ended or was skipped."""
@@ -349,6 +351,7 @@ class MemoryStore(Store):
             return self._ok((_copy_job(existing), False))
         rec = _copy_job(job)
         self._jobs[rec.info.id] = rec
+        self._job_targets[rec.info.id] = frozenset(rec.info.agents)
         self._job_changed(rec, rec.info.ts)
         return self._ok((_copy_job(rec), True))
 
@@ -374,7 +377,7 @@ class MemoryStore(Store):
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self._job_changed(rec, now)
         info = rec.info
-        return self._ok(dataclasses.replace(info, agents=list(info.agents),
+        return self._ok(dataclasses.replace(info, agents=[], payload=None, target=None,
                                             counts=dict(info.counts)))
 
     def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
@@ -386,7 +389,7 @@ class MemoryStore(Store):
         if rec.info.status == "RUNNING":
             if cancel:
                 rec.cancelled = True
-            targets = set(rec.info.agents)
+            targets = self._job_targets[job_id]
             for agent in rec.info.agents if agents is None else agents:
                 if agent in targets and agent not in rec.parts:
                     rec.skipped.add(agent)

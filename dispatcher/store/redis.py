@@ -47,7 +47,7 @@ from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
 from .redis_url import make_pool
-from .scripts import JOB_INFO_FIELDS, SCRIPTS
+from .scripts import JOB_COUNT_FIELDS, JOB_INFO_FIELDS, SCRIPTS
 
 __all__ = ["RedisStore"]
 
@@ -613,7 +613,7 @@ class RedisStore(Store):
         return self._call("end_job_parts", (
             2, self._k_job(job_id), self._k_jobs_running, now, self._retention_ms,
             *(x for pair in ended for x in pair),
-        ), lambda res: _job_info(dict(zip(JOB_INFO_FIELDS, res, strict=True))) if res else None)
+        ), lambda res: _job_info(dict(zip(JOB_COUNT_FIELDS, res, strict=True))) if res else None)
 
     def skip_job_parts(self, job_id: str, agents: Sequence[str] | None, now: int, *,
                        origin: str | None = None,

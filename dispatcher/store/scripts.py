@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["JOB_INFO_FIELDS", "SCRIPTS"]
+__all__ = ["JOB_COUNT_FIELDS", "JOB_INFO_FIELDS", "SCRIPTS"]
 
 # KEYS: 1 P:cmd:ID, 2 P:agent:AGENT:pending, 3 P:deadlines
 # ARGV: 1 prefix, 2 id, 3 agent, 4 key, 5 group ('' = none), 6 ts, 7 deadline ('' = none),
@@ -457,6 +457,10 @@ JOB_INFO_FIELDS: Final = ("id", "key", "payload", "target", "agents", "status", 
                           "n:skipped", "n:ok", "n:error", "n:timeout", "n:cancelled",
                           "n:dropped")
 _JOB_INFO = "local JOB_INFO = {" + ", ".join(f"'{f}'" for f in JOB_INFO_FIELDS) + "}\n"
+# The fields end_job_parts answers with (no agents, payload, target: see base.py).
+JOB_COUNT_FIELDS: Final = tuple(f for f in JOB_INFO_FIELDS
+                                if f not in ("agents", "payload", "target"))
+_JOB_COUNTS = "local JOB_COUNTS = {" + ", ".join(f"'{f}'" for f in JOB_COUNT_FIELDS) + "}\n"
 
 # KEYS: 1 P:job:ID, 2 P:jobs, 3 P:jobs:running
 # ARGV: 1 prefix, 2 id, 3 key, 4 payload, 5 target, 6 agents (msgpack list), 7 ts,
@@ -511,7 +515,7 @@ return out
 # KEYS: 1 P:job:ID, 2 P:jobs:running.  ARGV: 1 now, 2 retention ms, 3.. agent, outcome
 # pairs of started parts.  Each part's outcome is recorded once.  Returns the job's info
 # fields (JOB_INFO_FIELDS), or {} for an unknown job.
-END_JOB_PARTS: Final = _JOB_FINISH + _JOB_INFO + """
+END_JOB_PARTS: Final = _JOB_FINISH + _JOB_COUNTS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local ended = 0
 for i = 3, #ARGV, 2 do
@@ -524,7 +528,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'n:ended', ended)
 redis.call('HSET', KEYS[1], 'updated', ARGV[1])
 finish(ARGV[1], ARGV[2])
-return redis.call('HMGET', KEYS[1], unpack(JOB_INFO))
+return redis.call('HMGET', KEYS[1], unpack(JOB_COUNTS))
 """
 
 # KEYS: 1 P:job:ID, 2 P:jobs:running.

@@ -30,6 +30,7 @@ import asyncio
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def _write(out_dir: Path, meta: dict[str, Any], results: dict[str, Any]) -> None
 
 async def main_async(args: argparse.Namespace, loop_name: str) -> int:
     out_dir = Path(args.out)
-    log_dir = out_dir / "logs-jobs"
+    log_dir = Path(tempfile.mkdtemp(prefix="dispatcher-bench-jobs-"))  # the agents' logs
     results: dict[str, Any] = {}
     try:
         for engine in args.engines.split(","):

@@ -167,7 +167,7 @@ async def main_async(args: argparse.Namespace, loop_name: str) -> int:
     if not args.quick:
         _write(out_dir, meta, results)
     over = [e for e, r in results.items() if max(r["ratio"], r["cpu_ratio"]) > BUDGET]
-    if over:
+    if over and not args.quick:  # a smoke run's few rounds say nothing about the budget
         print(f"over budget ({BUDGET}x): {', '.join(over)}", file=sys.stderr)
         return 1
     return 0

@@ -77,3 +77,15 @@ def test_quick_storm_moves_every_agent_to_the_surviving_hub(tmp_path: Path) -> N
     assert next(t for t in results["targets"] if t["id"] == "storm-all-back")["met"]
     md = (tmp_path / "storm.md").read_text()
     assert "Reconnect storm" in md
+
+
+@pytest.mark.timeout(60)
+def test_quick_jobs_benchmark_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.jobs", "--quick", "--engines", "memory"],
+        cwd=ROOT, capture_output=True, text=True, timeout=50, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    row = json.loads(line)["memory"]
+    assert {"job", "job-glob", "separate", "ratio", "cpu_ratio"} <= set(row)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..models import AgentInfo, CommandInfo, Outcome
@@ -53,7 +53,7 @@ class CreateResult:
 
     command: CommandInfo
     created: bool
-    dropped: list[CommandInfo] = field(default_factory=list)
+    dropped: Sequence[CommandInfo] = ()
     coalesced: bool = False
     location: str | None = None  # hub the agent is connected to (shared stores), if any
 

@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="storm: agents on the hub that is killed (default 5000; 200 with "
                         "--quick)")
     parser.add_argument("--max-handshakes", type=int, default=None,
-                        help="storm: the hubs' max_handshakes (default: HubConfig's, 1000)")
+                        help="storm: the hubs' max_handshakes (default: HubConfig's)")
     parser.add_argument("--backoff", default=None, metavar="INITIAL,MAX",
                         help="storm: the agents' backoff_initial,backoff_max in seconds "
                         "(default: agent_client.Agent's, 0.5,30)")

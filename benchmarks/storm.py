@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from dispatcher.config import HubConfig
+
 from . import profile as profiling
 from .common import agent_id, now, percentile
 from .procs import BenchError, Child, free_port
@@ -74,7 +76,7 @@ class StormPlan:
     after: float = 2.0  # at least this long after every agent is back
     timeout: float = 120.0  # for every agent to be registered again
     hub_ttl: float = 5.0  # HubConfig default
-    max_handshakes: int | None = None  # None: HubConfig default (1000)
+    max_handshakes: int | None = None  # None: HubConfig default
     backoff_initial: float = 0.5  # agent_client.Agent defaults
     backoff_max: float = 30.0
     profile_s: float = 15.0  # --profile: seconds of hub B sampled from the kill
@@ -454,7 +456,7 @@ async def storm(bench: Bench) -> dict[str, Any]:
     res: dict[str, Any] = {
         "agents": plan.agents, "loadgen_procs": procs, "calm_agents": plan.calm,
         "calm_rate_per_s": plan.rate, "baseline_s": plan.baseline, "hub_ttl_s": plan.hub_ttl,
-        "max_handshakes": plan.max_handshakes or 1000,
+        "max_handshakes": plan.max_handshakes or HubConfig().max_handshakes,
         "backoff": {"initial_s": plan.backoff_initial, "max_s": plan.backoff_max},
         "initial_connect_s": connect_s,
         "reconnect_s": None if t_all is None else t_all - t_kill,

@@ -77,6 +77,11 @@ class Commands:
         self._new_id = IdFactory()
         self._timeout_ms = int(config.command_timeout * 1000)
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = self.tasks.loop
+        return self._loop
 
     # -- queries ----------------------------------------------------------------
     def waiting_ids(self) -> list[str]:
@@ -141,7 +146,8 @@ class Commands:
         # Encoded once, here: fails fast (TypeError) on payloads that cannot
         # cross the wire or be stored, and is the frame the agent gets.
         frame = cmd_frame(cmd)
-        handle = CommandHandle(cmd.id, agent_id, command_key, self.tasks.loop, self.cancel)
+        handle = CommandHandle(cmd.id, agent_id, command_key, self._loop or self._get_loop(),
+                               self.cancel)
         self._handles[cmd.id] = handle
         self._deadlines.add(cmd.id, handle, timeout_ms / 1000)
         drop: DropSpec = drop_all_pending or None
@@ -168,10 +174,13 @@ class Commands:
         # is skipped otherwise, and if the agent left meanwhile, delivery looks
         # it up after all (location "unknown", see _created).
         located = cmd.agent_id not in self.connections.by_id
-        then(self.store.create_command(cmd, drop=drop,
-                                       max_pending=self.config.max_inflight_per_agent,
-                                       locate=located, job=cmd.job),
-             self._created, handle, cmd, frame, located)
+        fut = self.store.create_command(cmd, drop=drop,
+                                        max_pending=self.config.max_inflight_per_agent,
+                                        locate=located, job=cmd.job)
+        if fut.done():  # then(), spelled out: see its docstring
+            self._created(handle, cmd, frame, located, fut)
+        else:
+            then(fut, self._created, handle, cmd, frame, located)
 
     def _created(self, handle: CommandHandle, cmd: CommandInfo, frame: bytes, located: bool,
                  fut: asyncio.Future[CreateResult]) -> None:
@@ -182,7 +191,8 @@ class Commands:
             assert exc is not None
             self._submit_failed(handle, cmd, exc)
             return
-        handle._set_submitted()
+        if handle._submit_state is False:
+            handle._set_submitted()
         # Dropped commands first: their cancels go out before the new command.
         heads: dict[str, CommandInfo] | None = {} if res.dropped else None
         for info in res.dropped:
@@ -202,7 +212,7 @@ class Commands:
                 delay = max(0.0, (stored.deadline - now_ms()) / 1000)
                 self._deadlines.add(cmd.id, handle, delay)
         else:
-            self.metrics.command_submitted()
+            self.metrics.commands_submitted += 1
             if not res.coalesced:
                 # Not looked up: unknown (None), see _deliver.
                 self._deliver(stored, res.location if located else None, frame, located)
@@ -253,7 +263,10 @@ class Commands:
         """
         fut = self.store.complete(cmd_id, outcome, now=now_ms(), result=result, error=error,
                                   agent_id=agent_id)
-        then(fut, self._completed, tell_agent)
+        if fut.done():  # then(), spelled out: see its docstring
+            self._completed(tell_agent, fut)
+        else:
+            then(fut, self._completed, tell_agent)
         return fut
 
     def _completed(self, tell_agent: bool, fut: asyncio.Future[Completion]) -> None:
@@ -279,7 +292,8 @@ class Commands:
         handle = self._handles.pop(info.id, None)  # resolve(), inlined (hot path)
         if handle is not None:
             handle._resolve(info)
-        self.peers.notify_done(info, watchers)
+        if watchers or info.origin != self.hub_id:  # other hubs wait on it
+            self.peers.notify_done(info, watchers)
         if tell_agent:
             # Through Connections.send: during a catch-up the cancel waits behind
             # the redelivered commands instead of overtaking its own command.

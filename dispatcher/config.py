@@ -45,7 +45,11 @@ class HubConfig:
     max_send_buffer: int = 4 * MiB  # per connection; a reader that does not read is dropped
     max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
-    max_handshakes: int = 1000  # connections still in their handshake (more: HTTP 503)
+    # Connections in their handshake, waiting for a turn included (more: HTTP 503).
+    max_handshakes: int = 10_000
+    # Handshakes worked on at once (upgrade to hello answered); the others wait
+    # their turn, at most hello_timeout, before the upgrade (docs/guide.md).
+    handshake_concurrency: int = 64
     max_control_rate: float = 100.0  # Ping/Pong frames/s per connection (0: no limit; fast path)
     max_frame_rate: float = 20_000.0  # frames/s per connection (0: no limit)
     rate_limit_grace: float = 5.0  # seconds over max_frame_rate before the close (1008)
@@ -88,6 +92,8 @@ class HubConfig:
                 raise ValueError(f"HubConfig.{name} must be at least 1")
         if self.max_job_agents < 1:
             raise ValueError("HubConfig.max_job_agents must be at least 1")
+        if self.handshake_concurrency < 1:
+            raise ValueError("HubConfig.handshake_concurrency must be at least 1")
         if self.redis_max_queued < 1:
             raise ValueError("HubConfig.redis_max_queued must be at least 1")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):

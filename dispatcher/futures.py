@@ -26,6 +26,12 @@ def then(fut: asyncio.Future[T], fn: Callable[..., None], *args: Any) -> None:
     the in-memory engine's always are, continues at once instead of one
     event-loop turn later through ``add_done_callback``. Same order either
     way: nothing else of this command can run in between.
+
+    The two calls made for every command (``Commands._create`` and
+    ``Commands.complete``) spell the ``done()`` test out before calling
+    ``then``: the ``*args`` call costs ~0.2 µs a command there (rows
+    "roundtrip 1x100" and "100x10"). They continue with the same function
+    either way: one path, not a variant.
     """
     if fut.done():
         fn(*args, fut)  # no partial made for the finished case (the hot one)

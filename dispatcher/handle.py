@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from types import TracebackType
 from typing import Any
 
 from .errors import CommandCancelled, CommandFailed, CommandTimeout, DispatcherError
@@ -45,11 +46,17 @@ class CommandHandle:
     ``id`` is known at once; ``await handle.submitted()`` resolves once the
     command is stored; ``async for update in handle.progress()`` follows the
     agent's progress frames; ``await handle.cancel()`` cancels it.
+
+    The outcome is kept in the handle itself; an :class:`asyncio.Future` holding
+    it is made only for the callers that ask for one (``add_done_callback``,
+    ``result``, ``progress``): a future less per command on the hot path
+    (benchmark rows "roundtrip" of the in-memory engine).
     """
 
     __slots__ = (
-        "_canceller", "_deadline", "_progress", "_progress_seq", "_progress_waiter",
-        "_result", "_submit_state", "_submitted", "_waiters", "agent_id", "id", "info", "key",
+        "_canceller", "_deadline", "_future", "_loop", "_progress", "_progress_seq",
+        "_progress_waiter", "_state", "_submit_state", "_submitted", "_tb", "_value",
+        "_waiters", "agent_id", "id", "info", "key",
     )
 
     def __init__(
@@ -63,7 +70,12 @@ class CommandHandle:
         self.id = cmd_id
         self.agent_id = agent_id
         self.key = key
-        self._result: asyncio.Future[Any] = loop.create_future()
+        self._loop = loop
+        # _WAITING, _VALUE (_value is the result) or _RAISED (_value is the exception)
+        self._state = _WAITING
+        self._value: Any = None
+        self._tb: TracebackType | None = None
+        self._future: asyncio.Future[Any] | None = None  # see _as_future
         self._waiters: list[asyncio.Future[None]] | None = None  # see __await__
         # Created only if someone asks (most callers never do): a future less
         # per command on the hot path. True/exception once known.
@@ -81,7 +93,7 @@ class CommandHandle:
         self.info: CommandInfo | None = None
 
     def __repr__(self) -> str:
-        state = "done" if self._result.done() else "waiting"
+        state = "done" if self._state else "waiting"
         return f"<CommandHandle {self.id} {self.key!r} on {self.agent_id} {state}>"
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -91,9 +103,8 @@ class CommandHandle:
         # which is what a cancellation cancels, and the hub wakes it directly
         # when the command completes (a done-callback relay would cost one
         # more event-loop turn per command).
-        inner = self._result
-        if not inner.done():
-            outer: asyncio.Future[None] = inner.get_loop().create_future()
+        if not self._state:
+            outer: asyncio.Future[None] = self._loop.create_future()
             waiters = self._waiters
             if waiters is None:
                 waiters = self._waiters = []
@@ -104,7 +115,11 @@ class CommandHandle:
                 with contextlib.suppress(ValueError):  # already woken
                     waiters.remove(outer)
                 raise
-        return inner.result()
+        if self._state == _RAISED:
+            # As asyncio.Future does: each await raises with the traceback the
+            # exception had when set, not one that grows with every await.
+            raise self._value.with_traceback(self._tb)
+        return self._value
 
     def _wake(self) -> None:
         """The outcome is set: wake every ``await handle``."""
@@ -115,16 +130,24 @@ class CommandHandle:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _as_future(self) -> asyncio.Future[Any]:
+        """A future that holds (or will hold) the outcome."""
+        fut = self._future
+        if fut is None:
+            fut = self._future = self._loop.create_future()
+            _settle(fut, self._state, self._value)
+        return fut
+
     def done(self) -> bool:
-        return self._result.done()
+        return self._state != _WAITING
 
     def add_done_callback(self, fn: Callable[[asyncio.Future[Any]], None]) -> None:
         """Call ``fn(future)`` once the command completes (the future holds the outcome)."""
-        self._result.add_done_callback(fn)
+        self._as_future().add_done_callback(fn)
 
     async def result(self, timeout: float | None = None) -> Any:
         """The result, waiting at most ``timeout`` seconds (the command keeps running)."""
-        return await asyncio.wait_for(asyncio.shield(self._result), timeout)
+        return await asyncio.wait_for(asyncio.shield(self._as_future()), timeout)
 
     async def submitted(self) -> None:
         """Resolve once the command is stored (raises ``StoreUnavailable`` if it was not)."""
@@ -134,7 +157,7 @@ class CommandHandle:
         if isinstance(state, BaseException):
             raise state
         if self._submitted is None:
-            self._submitted = self._result.get_loop().create_future()
+            self._submitted = self._loop.create_future()
             self._submitted.add_done_callback(_consume)
         await asyncio.shield(self._submitted)
 
@@ -147,7 +170,7 @@ class CommandHandle:
 
         Returns False when it had already completed.
         """
-        if self._result.done() and not self._result.cancelled():
+        if self._state:
             return False
         await self.submitted()
         return await self._canceller(self.id)
@@ -165,12 +188,12 @@ class CommandHandle:
                 seq += 1
                 oldest = self._progress_seq - len(self._progress)
                 seq = max(seq, oldest)
-            if self._result.done():
+            if self._state:
                 return
             if self._progress_waiter is None or self._progress_waiter.done():
-                self._progress_waiter = self._result.get_loop().create_future()
+                self._progress_waiter = self._loop.create_future()
             waiter = self._progress_waiter
-            await asyncio.wait([waiter, self._result], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([waiter, self._as_future()], return_when=asyncio.FIRST_COMPLETED)
 
     # -- called by the hub core --------------------------------------------
     def _set_submitted(self) -> None:
@@ -189,23 +212,29 @@ class CommandHandle:
             waiter.set_result(None)
 
     def _resolve(self, info: CommandInfo) -> None:
-        self._set_submitted()
-        self._forget_deadline()
-        if self._result.done():
+        if self._submit_state is False:
+            self._set_submitted()
+        self._deadline = None  # _forget_deadline, inlined (hot path)
+        if self._state:
             return
         self.info = info
-        exc = outcome_exception(info)
+        exc = None if info.outcome == "ok" else outcome_exception(info)
         if exc is None:
-            self._result.set_result(info.result)
-            self._wake()
+            self._state = _VALUE
+            self._value = info.result
+            if self._future is not None:
+                self._future.set_result(info.result)
+            if self._waiters:
+                self._wake()
         else:
             self._set_exception(exc)
 
     def _set_exception(self, exc: BaseException) -> None:
-        # Nobody has to await a handle (fire-and-forget is legitimate): mark
-        # the exception retrieved so it is not logged at garbage collection.
-        self._result.set_exception(exc)
-        self._result.exception()
+        self._state = _RAISED
+        self._value = exc
+        self._tb = exc.__traceback__
+        if self._future is not None:
+            _settle(self._future, _RAISED, exc)
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -214,8 +243,22 @@ class CommandHandle:
             self._submit_state = exc
             if self._submitted is not None and not self._submitted.done():
                 self._submitted.set_exception(exc)
-        if not self._result.done():
+        if not self._state:
             self._set_exception(exc)
 
     def _forget_deadline(self) -> None:
         self._deadline = None
+
+
+_WAITING, _VALUE, _RAISED = 0, 1, 2
+
+
+def _settle(fut: asyncio.Future[Any], state: int, value: Any) -> None:
+    """Give ``fut`` the handle's outcome, if it has one."""
+    if state == _VALUE:
+        fut.set_result(value)
+    elif state == _RAISED:
+        # Nobody has to await a handle (fire-and-forget is legitimate): the
+        # exception is marked retrieved so it is not logged at garbage collection.
+        fut.set_exception(value)
+        fut.exception()

@@ -130,9 +130,6 @@ class Metrics:
             name = self._out_names.get(data[4:4 + (data[3] & 0x1F)], "other")
         self.frames_out[name] += n
 
-    def command_submitted(self) -> None:
-        self.commands_submitted += 1
-
     def command_completed(self, info: CommandInfo) -> None:
         """A command reached COMPLETE here: count its outcome, observe submit→terminal."""
         outcome = info.outcome or ""

@@ -22,7 +22,7 @@ import hmac
 import http
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -64,6 +64,14 @@ FAIR_SLICE = 64
 REFUSED_COST = 10
 # Connections the kernel queues for accept() (see start()).
 LISTEN_BACKLOG = 2048
+# websockets' bound on an opening handshake, on top of the wait for a turn
+# (HubConfig.hello_timeout at most).
+OPEN_TIMEOUT = 10.0
+# Seconds a connection keeps its handshake slot (HandshakeGate) at most: one
+# slower to say hello (or whose handshake failed before the hub's handler ran)
+# lets the next one in meanwhile, so connections that never say hello cannot
+# hold the gate shut; their own limit stays hello_timeout.
+HANDSHAKE_TURN = 1.0
 # Seconds a closing connection gets to finish its closing handshake (websockets'
 # close_timeout), and, on the public path, to flush what it still has queued.
 CLOSE_TIMEOUT = 5.0
@@ -273,6 +281,78 @@ class WsSession:
         return self.ws.buffered()
 
 
+class HandshakeGate:
+    """At most ``size`` connections in their handshake at once; the others wait.
+
+    A reconnect storm (a hub died, thousands of its agents arrive here within
+    a second) would otherwise have every handshake step of every arrival run
+    in the same event-loop turns as the frames of the agents already here, and
+    their round trips wait for all of it (the storm row of docs/benchmarks.md).
+    A connection takes a slot before its upgrade is answered and gives it back
+    once its hello is handled (attached or refused), or after ``hold_max``
+    seconds at the latest (a timer: a peer slow to say hello, or one whose
+    handshake failed before the hub's handler ran). So the handshake work in
+    flight stays bounded, arrivals are served in order, and waiting costs them
+    nothing but memory (bounded by ``max_handshakes``).
+    """
+
+    def __init__(self, size: int, hold_max: float) -> None:
+        self.free = size
+        self.hold_max = hold_max
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self._holders: dict[object, asyncio.TimerHandle] = {}
+
+    def take_now(self, conn: object) -> bool:
+        """Take a slot for ``conn`` if one is free and nobody waits ahead."""
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            self._hold(conn)
+            return True
+        return False
+
+    async def take(self, conn: object, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for a slot, in order of arrival."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            self._abandon(fut)
+            return False
+        except asyncio.CancelledError:
+            self._abandon(fut)
+            raise
+        self._hold(conn)
+        return True
+
+    def _abandon(self, fut: asyncio.Future[None]) -> None:
+        if fut.done() and not fut.cancelled():
+            self._pass_on()  # handed over just as the wait ended: the next one's
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(fut)
+
+    def give_back(self, conn: object) -> None:
+        """``conn``'s handshake is over: its slot goes to the next waiting one."""
+        timer = self._holders.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
+            self._pass_on()
+
+    def _hold(self, conn: object) -> None:
+        self._holders[conn] = asyncio.get_running_loop().call_later(
+            self.hold_max, self.give_back, conn)
+
+    def _pass_on(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
 class AgentServer:
     """Serves ``/ws`` (agents) and ``GET /healthz`` (load balancers) on one port."""
 
@@ -290,10 +370,17 @@ class AgentServer:
         self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
         self.port: int | None = None
         self._open = 0  # connections past the upgrade, handshaking or attached
+        self._gate = HandshakeGate(config.handshake_concurrency, hold_max=HANDSHAKE_TURN)
         self._writer = TurnWriter()
         # Decided at start(): the fast path, or websockets' public API only.
         self.fast_path = False
         self.fast_path_reason = "not started"
+
+    @property
+    def _open_timeout(self) -> float:
+        # websockets' bound on the opening handshake, which includes the wait
+        # for a turn at the gate (HandshakeGate).
+        return self.config.hello_timeout + OPEN_TIMEOUT
 
     @property
     def auth_required(self) -> bool:
@@ -323,6 +410,7 @@ class AgentServer:
             config.host,
             config.port,
             process_request=self._process_request,
+            open_timeout=self._open_timeout,
             max_size=config.max_frame,
             ping_timeout=None,
             close_timeout=CLOSE_TIMEOUT,
@@ -359,7 +447,8 @@ class AgentServer:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # -- HTTP on the agent port -------------------------------------------------
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, conn: ServerConnection, request: Request,
+                         ) -> Response | Awaitable[Response | None] | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             body = json.dumps({"status": "ok", "hub": self.hub_id,
@@ -380,12 +469,26 @@ class AgentServer:
             self.metrics.connection_refused("hub_full")
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 f"hub full: {config.max_agents} agents (max_agents)\n")
-        if opened - attached >= config.max_handshakes:
+        if opened - attached + len(self._gate.waiters) >= config.max_handshakes:
             log.warning("agent_refused_handshakes", max_handshakes=config.max_handshakes)
             self.metrics.connection_refused("too_many_handshakes")
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "too many connections in their handshake; retry\n")
-        return None
+        if self._gate.take_now(conn):
+            return None  # the common case: no coroutine, websockets goes on at once
+        return self._wait_turn(conn)
+
+    async def _wait_turn(self, conn: ServerConnection) -> Response | None:
+        """Wait for a handshake slot (HandshakeGate), at most ``hello_timeout``."""
+        if await self._gate.take(conn, self.config.hello_timeout):
+            if conn.transport.is_closing():  # it left while waiting: the next one's turn
+                self._gate.give_back(conn)
+            return None
+        log.warning("agent_refused_handshakes", max_handshakes=self.config.max_handshakes,
+                    waited=self.config.hello_timeout)
+        self.metrics.connection_refused("too_many_handshakes")
+        return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                            "too many connections in their handshake; retry\n")
 
     # -- one connection ----------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
@@ -397,6 +500,7 @@ class AgentServer:
                 await self._serve_public(ws)
         finally:
             self._open -= 1
+            self._gate.give_back(ws)  # if the handshake did not (it raised)
 
     async def _serve(self, ws: ServerConnection) -> None:
         assert isinstance(ws, AgentConnection)
@@ -445,6 +549,12 @@ class AgentServer:
 
     async def _handshake(self, ws: ServerConnection, link: Link) -> WsSession | None:
         """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
+        try:
+            return await self._hello(ws, link)
+        finally:
+            self._gate.give_back(ws)  # the next connection's turn
+
+    async def _hello(self, ws: ServerConnection, link: Link) -> WsSession | None:
         config = self.config
         try:
             async with asyncio.timeout(config.hello_timeout):

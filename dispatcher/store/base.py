@@ -53,7 +53,7 @@ class CreateResult:
 
     command: CommandInfo
     created: bool
-    dropped: list[CommandInfo] = field(default_factory=list)
+    dropped: Sequence[CommandInfo] = ()
     coalesced: bool = False
     location: str | None = None  # hub the agent is connected to (shared stores), if any
 

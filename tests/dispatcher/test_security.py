@@ -36,7 +36,7 @@ from dispatcher.models import AgentInfo
 from dispatcher.transport import WsSession
 
 from ..conftest import HubFactory, ws_url
-from ..support import WAIT, RawAgent, hub_config
+from ..support import WAIT, RawAgent, hub_config, wait_for
 
 # Run again with the fast paths off in CI (pytest -m fallback).
 pytestmark = pytest.mark.fallback
@@ -717,3 +717,86 @@ async def test_an_agent_cannot_take_another_agents_session(memory_hub: MemoryHub
     assert sessions == {"alice": alice_welcome["session"], "mallory": welcome["session"]}
     await round_trip(hub, alice, "alice", "still mine")
     await round_trip(hub, mallory, "mallory", "mine")
+
+
+async def test_handshakes_wait_their_turn_at_the_gate(memory_hub: MemoryHubFactory) -> None:
+    """With ``handshake_concurrency`` slots taken, the next upgrade waits (not 503) and
+    is answered as soon as a slot's hello is handled, in order of arrival."""
+    hub = await memory_hub(handshake_concurrency=1, hello_timeout=5.0)
+    first = await RawAgent.connect(ws_url(hub))  # holds the one slot: no hello yet
+    second = asyncio.create_task(RawAgent.connect(ws_url(hub)))
+    third = asyncio.create_task(RawAgent.connect(ws_url(hub)))
+    # Neither is upgraded while the slot is taken (well under HANDSHAKE_TURN).
+    done, _ = await asyncio.wait({second, third}, timeout=0.3)
+    assert not done
+    await first.send({"t": "hello", "v": 1, "agent": "g0", "token": None})
+    assert (await first.recv())["t"] == "welcome"
+    raw = await asyncio.wait_for(second, WAIT)  # its turn came with that hello
+    assert not third.done()
+    await raw.send({"t": "hello", "v": 1, "agent": "g1", "token": None})
+    assert (await raw.recv())["t"] == "welcome"
+    last = await asyncio.wait_for(third, WAIT)
+    await last.send({"t": "hello", "v": 1, "agent": "g2", "token": None})
+    assert (await last.recv())["t"] == "welcome"
+    assert hub.connected_count == 3
+
+
+async def test_a_peer_that_never_says_hello_holds_the_gate_one_turn_at_most(
+        memory_hub: MemoryHubFactory) -> None:
+    from dispatcher.transport import HANDSHAKE_TURN
+
+    hub = await memory_hub(handshake_concurrency=1, hello_timeout=30.0)
+    loop = asyncio.get_running_loop()
+    mute = await RawAgent.connect(ws_url(hub))
+    started = loop.time()
+    agent = await asyncio.wait_for(RawAgent.connect(ws_url(hub)), HANDSHAKE_TURN + WAIT)
+    waited = loop.time() - started
+    assert waited >= HANDSHAKE_TURN * 0.8, waited  # it did wait for the mute one's turn
+    await agent.send({"t": "hello", "v": 1, "agent": "patient", "token": None})
+    assert (await agent.recv())["t"] == "welcome"
+    # The mute connection is still bound by hello_timeout, not dropped by the gate.
+    assert not mute.ws.close_code
+
+
+async def test_waiting_connections_count_against_max_handshakes(
+        memory_hub: MemoryHubFactory) -> None:
+    hub = await memory_hub(handshake_concurrency=1, max_handshakes=2, hello_timeout=5.0)
+    first = await RawAgent.connect(ws_url(hub))
+    waiting = asyncio.create_task(RawAgent.connect(ws_url(hub)))
+    gate = hub._agents_server._gate
+    await wait_for(lambda: len(gate.waiters) == 1, what="the second connection at the gate")
+    assert "handshake" in await refused_503(ws_url(hub))
+    await first.send({"t": "hello", "v": 1, "agent": "w0", "token": None})
+    assert (await first.recv())["t"] == "welcome"
+    raw = await asyncio.wait_for(waiting, WAIT)
+    await raw.send({"t": "hello", "v": 1, "agent": "w1", "token": None})
+    assert (await raw.recv())["t"] == "welcome"
+
+
+async def test_a_connection_that_left_while_waiting_costs_no_turn(
+        memory_hub: MemoryHubFactory) -> None:
+    from dispatcher.transport import HANDSHAKE_TURN
+
+    hub = await memory_hub(handshake_concurrency=1, hello_timeout=5.0)
+    gate = hub._agents_server._gate
+    first = await RawAgent.connect(ws_url(hub))
+    # A client that asks for the upgrade, waits at the gate, and goes away.
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: len(gate.waiters) == 1, what="the leaving client at the gate")
+    writer.close()
+    await writer.wait_closed()
+    patient = asyncio.create_task(RawAgent.connect(ws_url(hub)))
+    await wait_for(lambda: len(gate.waiters) == 2, what="the patient client at the gate")
+    loop = asyncio.get_running_loop()
+    await first.send({"t": "hello", "v": 1, "agent": "l0", "token": None})
+    assert (await first.recv())["t"] == "welcome"
+    started = loop.time()
+    raw = await asyncio.wait_for(patient, WAIT)
+    assert loop.time() - started < HANDSHAKE_TURN / 2  # not a turn lost to the gone one
+    await raw.send({"t": "hello", "v": 1, "agent": "l1", "token": None})
+    assert (await raw.recv())["t"] == "welcome"
+    del reader

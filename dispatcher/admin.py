@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent_client import protocol as P
 
+from . import dashboard
 from .errors import (
     AgentOffline,
     CommandCancelled,
@@ -939,6 +940,7 @@ class AdminServer:
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._endpoint(route),
                                  name=route.name)
+        dashboard.add_routes(app)  # the web page at /, outside the API's table
         self.app = app
 
     async def start(self) -> int:

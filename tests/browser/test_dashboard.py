@@ -1,0 +1,275 @@
+"""The dashboard in a real headless Chromium, against a real hub and real agents.
+
+Each test opens the page on its own hub (a new port, so a new origin: nothing
+kept in session storage leaks between tests) and waits on the page's hooks
+(API.md, "Dashboard": ``data-agent-id``, ``form#run``, ``data-result-agent``,
+``data-job-id``, ``data-event-key``, ``form#login``) with bounded waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from agent_client import CommandError
+from dispatcher import Dispatcher
+
+from .conftest import Cluster
+
+pytestmark = pytest.mark.browser
+
+WAIT = 6.0
+
+
+def wait(browser: WebDriver, condition: Any, timeout: float = WAIT, what: str = "") -> Any:
+    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition, what)
+
+
+def found(css: str) -> Any:
+    """A wait condition: the element matching ``css``, once there."""
+    def check(browser: WebDriver) -> Any:
+        elements = browser.find_elements(By.CSS_SELECTOR, css)
+        return elements[0] if elements else False
+    return check
+
+
+def gone(css: str) -> Any:
+    return lambda browser: not browser.find_elements(By.CSS_SELECTOR, css)
+
+
+def text_of(browser: WebDriver, css: str) -> str:
+    return str(browser.find_element(By.CSS_SELECTOR, css).get_attribute("textContent"))
+
+
+def console_errors(browser: WebDriver, allow: tuple[str, ...] = ()) -> list[str]:
+    """SEVERE console entries since the last call (reading the log drains it)."""
+    return [entry["message"] for entry in browser.get_log("browser")
+            if entry["level"] == "SEVERE" and not any(a in entry["message"] for a in allow)]
+
+
+def open_page(browser: WebDriver, hub: Dispatcher) -> None:
+    console_errors(browser)  # forget what earlier tests left
+    browser.get(f"http://127.0.0.1:{hub.admin_port}/")
+
+
+def tab(browser: WebDriver, view: str) -> None:
+    browser.find_element(By.CSS_SELECTOR, f'#tabs button[data-view="{view}"]').click()
+
+
+async def resize(payload: Any, ctx: Any) -> Any:
+    await ctx.progress({"done": 0.5})
+    return {"resized": payload}
+
+
+async def refuse(payload: Any, ctx: Any) -> Any:
+    raise CommandError("disk_full", "no space left")
+
+
+def test_agents_appear_and_disappear_live_and_filter(cluster: Cluster, browser: WebDriver
+                                                     ) -> None:
+    hub = cluster.hub()
+    first = cluster.agent(hub, "db-1", meta={"role": "db", "region": "eu-west"})
+    open_page(browser, hub)
+    row = wait(browser, found('[data-agent-id="db-1"]'), what="db-1 listed")
+    assert "eu-west" in str(row.get_attribute("textContent"))
+    assert "db" in str(row.get_attribute("textContent"))
+    assert hub.hub_id in str(row.get_attribute("textContent"))
+
+    cluster.agent(hub, "web-1", meta={"role": "web"})
+    wait(browser, found('[data-agent-id="web-1"]'), what="web-1 appears live")
+    browser.find_element(By.ID, "agent-filter").send_keys("role=web")
+    wait(browser, gone('[data-agent-id="db-1"]'), what="the filter hides db-1")
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-agent-id="web-1"]')
+    browser.find_element(By.ID, "agent-filter").clear()
+    browser.execute_script("document.getElementById('agent-filter')"
+                           ".dispatchEvent(new Event('input'))")
+    wait(browser, found('[data-agent-id="db-1"]'))
+
+    cluster.stop_agent(first)
+    wait(browser, gone('[data-agent-id="db-1"]'), what="db-1 disappears live")
+    tab(browser, "activity")
+    wait(browser, found('[data-activity="disconnected"]'), what="the disconnect in the activity")
+    assert "db-1" in text_of(browser, '[data-activity="disconnected"]')
+    assert "?" not in browser.current_url and "#" not in browser.current_url
+    assert console_errors(browser) == []
+
+
+def fill(browser: WebDriver, form: str, **fields: str) -> None:
+    for name, value in fields.items():
+        field = browser.find_element(By.CSS_SELECTOR, f'{form} [name="{name}"]')
+        field.clear()
+        field.send_keys(value)
+
+
+def test_run_form_streams_each_agents_result_and_the_job_fills_in(cluster: Cluster,
+                                                                  browser: WebDriver) -> None:
+    hub = cluster.hub()
+    cluster.agent(hub, "w-1", commands={"resize": resize})
+    cluster.agent(hub, "w-2", commands={"resize": refuse})
+    cluster.agent(hub, "other", commands={"resize": resize})
+    open_page(browser, hub)
+    wait(browser, found('[data-agent-id="w-2"]'))
+    tab(browser, "run")
+
+    # Not JSON: refused in the form, nothing sent.
+    fill(browser, "form#run", target="w-*", key="resize", payload='{"size": 3,}')
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    wait(browser, lambda b: "payload is not JSON" in text_of(b, "#run-error"))
+    assert cluster.runner.run(hub.list_jobs()) == []
+
+    fill(browser, "form#run", payload='{"size": 3}', batch="1")
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    ok = wait(browser, found('[data-result-agent="w-1"][data-outcome="ok"]'), what="w-1 ok")
+    assert '"resized":{"size":3}' in str(ok.get_attribute("textContent"))
+    failed = wait(browser, found('[data-result-agent="w-2"][data-outcome="error"]'))
+    assert "disk_full: no space left" in str(failed.get_attribute("textContent"))
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-result-agent="other"]')
+    wait(browser, lambda b: "ok 1" in text_of(b, "#run-counts")
+         and "error 1" in text_of(b, "#run-counts"), what="the counts")
+    [job] = cluster.runner.run(hub.list_jobs())
+    assert job.batch == 1
+    assert text_of(browser, "#run-job") == job.id
+
+    tab(browser, "jobs")
+    row = wait(browser, found(f'[data-job-id="{job.id}"]'), what="the job listed")
+    row.click()
+    wait(browser, found('#jd-parts [data-part-agent="w-1"][data-outcome="ok"]'))
+    wait(browser, found('#jd-parts [data-part-agent="w-2"][data-outcome="error"]'))
+    assert "ok 1" in text_of(browser, "#jd-counts")
+    assert console_errors(browser) == []
+
+
+def test_a_target_that_matches_nobody_is_said_in_the_form(cluster: Cluster,
+                                                          browser: WebDriver) -> None:
+    hub = cluster.hub()
+    open_page(browser, hub)
+    tab(browser, "run")
+    fill(browser, "form#run", target="nobody-*", key="resize", batch="2x")
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    wait(browser, lambda b: "batch must be a number" in text_of(b, "#run-error"))
+    fill(browser, "form#run", batch="")
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    wait(browser, lambda b: "nobody-*" in text_of(b, "#run-error"), what="no agents matched")
+    assert console_errors(browser, allow=("/jobs - Failed to load resource",)) == []
+
+
+def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: WebDriver
+                                                  ) -> None:
+    hub = cluster.hub()
+    release = asyncio.Event()
+
+    async def slow(payload: Any, ctx: Any) -> Any:
+        await ctx.progress({"step": "halfway"})
+        await release.wait()
+        return "done"
+
+    cluster.agent(hub, "c-1", commands={"slow": slow, "resize": resize})
+    done = cluster.runner.run(_finished(hub, "c-1", "resize", {"size": 1}))
+    handle = hub.execute_on_agent("c-1", "slow", {"nested": {"list": [1, 2]}}, timeout=30)
+    cluster.runner.run(handle.submitted())
+    open_page(browser, hub)
+    tab(browser, "commands")
+    wait(browser, found(f'[data-command-id="{done}"]'), what="history lists the command")
+    row = wait(browser, found(f'[data-command-id="{handle.id}"]'))
+    row.click()
+    wait(browser, lambda b: text_of(b, "#cd-id") == handle.id)
+    assert json.loads(text_of(browser, "#cd-payload")) == {"nested": {"list": [1, 2]}}
+    assert '\n  "nested"' in text_of(browser, "#cd-payload")  # formatted
+    wait(browser, lambda b: "halfway" in text_of(b, "#cd-progress"), what="progress")
+    browser.find_element(By.ID, "cd-cancel").click()
+    wait(browser, lambda b: "cancelled" in text_of(b, "#cd-fields"), what="cancelled")
+    info = cluster.runner.run(hub.get_command(handle.id))
+    assert info is not None and info.outcome == "cancelled"
+    wait(browser, found(f'[data-command-id="{handle.id}"][data-outcome="cancelled"]'))
+
+    # Filters go to the store; the ok command alone matches outcome=ok.
+    browser.find_element(By.CSS_SELECTOR, '#command-filters [name="outcome"] option[value="ok"]'
+                         ).click()
+    browser.find_element(By.CSS_SELECTOR, "#command-filters button[type=submit]").click()
+    wait(browser, gone(f'[data-command-id="{handle.id}"]'))
+    assert browser.find_elements(By.CSS_SELECTOR, f'[data-command-id="{done}"]')
+    cluster.runner.loop.call_soon_threadsafe(release.set)
+    assert console_errors(browser) == []
+
+
+async def _finished(hub: Dispatcher, agent_id: str, key: str, payload: Any) -> str:
+    handle = hub.execute_on_agent(agent_id, key, payload)
+    await handle
+    return handle.id
+
+
+def test_agent_events_stream_into_the_activity_view(cluster: Cluster, browser: WebDriver
+                                                    ) -> None:
+    hub = cluster.hub()
+    agent = cluster.agent(hub, "e-1")
+    open_page(browser, hub)
+    tab(browser, "activity")
+    wait(browser, lambda b: b.execute_script("return window.dashboardMetrics.streamOpens") > 0)
+    cluster.runner.run(agent.emit("disk.usage", {"percent": 97}))
+    item = wait(browser, found('[data-event-key="disk.usage"]'), what="the event listed")
+    assert "e-1" in str(item.get_attribute("textContent"))
+    assert '"percent":97' in str(item.get_attribute("textContent"))
+    assert console_errors(browser) == []
+
+
+XSS = '<img src=x onerror="window.__xss=1">'
+
+
+def test_agent_strings_are_rendered_as_text_never_html(cluster: Cluster, browser: WebDriver
+                                                      ) -> None:
+    hub = cluster.hub()
+    agent = cluster.agent(hub, "x-1", meta={"note": XSS, XSS: "key too"},
+                          commands={"resize": resize})
+    open_page(browser, hub)
+    row = wait(browser, found('[data-agent-id="x-1"]'))
+    wait(browser, lambda b: b.execute_script("return window.dashboardMetrics.streamOpens") > 0)
+    assert XSS in str(row.get_attribute("textContent"))
+    cluster.runner.run(agent.emit("note", {"html": XSS}))
+    tab(browser, "run")
+    fill(browser, "form#run", target="x-1", key="resize", payload=json.dumps(XSS))
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    wait(browser, found('[data-result-agent="x-1"][data-outcome="ok"]'))
+    tab(browser, "activity")
+    wait(browser, found('[data-event-key="note"]'))
+    assert XSS.replace('"', '\\"') in text_of(browser, '[data-event-key="note"]')
+    assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+    assert browser.execute_script("return window.__xss") is None
+    assert console_errors(browser) == []
+
+
+def test_token_flow(cluster: Cluster, browser: WebDriver) -> None:
+    hub = cluster.hub(admin_token="s3cret-token")
+    cluster.agent(hub, "t-1")
+    open_page(browser, hub)
+    form = wait(browser, found("form#login"), what="the login form")
+    assert form.is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-agent-id="t-1"]')
+
+    fill(browser, "form#login", token="wrong")
+    form.submit()
+    wait(browser, lambda b: "refused" in text_of(b, "#login-message"), what="refused")
+    assert browser.execute_script("return sessionStorage.length") == 0
+
+    fill(browser, "form#login", token="s3cret-token")
+    browser.find_element(By.CSS_SELECTOR, "form#login button").click()
+    wait(browser, found('[data-agent-id="t-1"]'), what="signed in")
+    assert not browser.find_element(By.ID, "login-view").is_displayed()
+    assert "s3cret" not in browser.current_url
+    # Kept for this tab: a reload stays signed in.
+    browser.refresh()
+    wait(browser, found('[data-agent-id="t-1"]'), what="still signed in")
+
+    # The token changes (or expires) under the page: back to the form, with a message.
+    browser.execute_script("sessionStorage.setItem('dispatcher.adminToken', 'expired')")
+    browser.refresh()
+    wait(browser, lambda b: b.find_element(By.ID, "login-view").is_displayed())
+    assert "refused" in text_of(browser, "#login-message")
+    logs = console_errors(browser, allow=("status of 401",))
+    assert logs == []
+    assert not any("s3cret" in entry["message"] for entry in browser.get_log("browser"))

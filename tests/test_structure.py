@@ -26,7 +26,8 @@ FEATURES = ("events", "calls", "cluster", "metrics", "admin", "transport", "ws_f
 CORE = ("commands", "connections", "sessions", "router", "tasks", "peers", "events", "calls",
         "cluster", "metrics", "deadlines", "handle", "lifecycle", "models", "errors", "futures",
         "emitter", "ids", "clock", "config", "jobs", "targets")
-SERVERS_AND_ABOVE = ("transport", "ws_fastpath", "admin", "cli", "hub", "demo", "admin_client")
+SERVERS_AND_ABOVE = ("transport", "ws_fastpath", "admin", "dashboard", "cli", "hub", "demo",
+                     "admin_client")
 
 
 def _module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from agent_client import CommandError
 from dispatcher import Dispatcher
@@ -162,9 +162,10 @@ def test_a_target_that_matches_nobody_is_said_in_the_form(cluster: Cluster,
 def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: WebDriver
                                                   ) -> None:
     hub = cluster.hub()
-    release = asyncio.Event()
+    step, release = asyncio.Event(), asyncio.Event()
 
     async def slow(payload: Any, ctx: Any) -> Any:
+        await step.wait()
         await ctx.progress({"step": "halfway"})
         await release.wait()
         return "done"
@@ -181,6 +182,9 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
     wait(browser, lambda b: text_of(b, "#cd-id") == handle.id)
     assert json.loads(text_of(browser, "#cd-payload")) == {"nested": {"list": [1, 2]}}
     assert '\n  "nested"' in text_of(browser, "#cd-payload")  # formatted
+    # The page follows the command's stream (after the cluster stream): progress shows live.
+    wait(browser, lambda b: b.execute_script("return window.dashboardMetrics.streamOpens") >= 2)
+    cluster.runner.loop.call_soon_threadsafe(step.set)
     wait(browser, lambda b: "halfway" in text_of(b, "#cd-progress"), what="progress")
     browser.find_element(By.ID, "cd-cancel").click()
     wait(browser, lambda b: "cancelled" in text_of(b, "#cd-fields"), what="cancelled")
@@ -189,8 +193,8 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
     wait(browser, found(f'[data-command-id="{handle.id}"][data-outcome="cancelled"]'))
 
     # Filters go to the store; the ok command alone matches outcome=ok.
-    browser.find_element(By.CSS_SELECTOR, '#command-filters [name="outcome"] option[value="ok"]'
-                         ).click()
+    Select(browser.find_element(By.CSS_SELECTOR, '#command-filters [name="outcome"]')
+           ).select_by_visible_text("ok")
     browser.find_element(By.CSS_SELECTOR, "#command-filters button[type=submit]").click()
     wait(browser, gone(f'[data-command-id="{handle.id}"]'))
     assert browser.find_elements(By.CSS_SELECTOR, f'[data-command-id="{done}"]')
@@ -273,3 +277,26 @@ def test_token_flow(cluster: Cluster, browser: WebDriver) -> None:
     logs = console_errors(browser, allow=("status of 401",))
     assert logs == []
     assert not any("s3cret" in entry["message"] for entry in browser.get_log("browser"))
+
+
+def test_a_hub_going_away_shows_a_banner_and_the_page_reconnects(cluster: Cluster,
+                                                                 browser: WebDriver) -> None:
+    hub = cluster.hub()
+    ports = {"port": hub.port, "admin_port": hub.admin_port}
+    cluster.agent(hub, "r-1")
+    open_page(browser, hub)
+    wait(browser, found('[data-agent-id="r-1"]'))
+    banner = browser.find_element(By.ID, "banner")
+    assert not banner.is_displayed()
+
+    cluster.runner.run(hub.close())
+    wait(browser, lambda b: banner.is_displayed(), what="the banner")
+    assert "reconnect" in str(banner.get_attribute("textContent")) or \
+        "cannot be reached" in str(banner.get_attribute("textContent"))
+
+    # The hub is back on the same ports; the agent reconnects, and so does the page.
+    cluster.hub(**ports)
+    wait(browser, lambda b: not banner.is_displayed(), timeout=10, what="the banner clears")
+    wait(browser, found('[data-agent-id="r-1"]'), timeout=10, what="r-1 listed again")
+    assert console_errors(browser, allow=("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED",
+                                          "ERR_EMPTY_RESPONSE", "net::")) == []

@@ -546,7 +546,7 @@
     const took = performance.now() - started;
     metrics.agentsRender.push(took);
     if (metrics.firstFullRender === null && state.agents.size > 0) {
-      metrics.firstFullRender = { ms: took, agents: state.agents.size,
+      metrics.firstFullRender = { ms: took, at: performance.now(), agents: state.agents.size,
         rows: $("agents-body").children.length };
     }
   }

@@ -19,6 +19,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from agent_client import CommandError
 from dispatcher import Dispatcher
+from dispatcher.handle import CommandHandle
 
 from .conftest import Cluster
 
@@ -172,8 +173,13 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
 
     cluster.agent(hub, "c-1", commands={"slow": slow, "resize": resize})
     done = cluster.runner.run(_finished(hub, "c-1", "resize", {"size": 1}))
-    handle = hub.execute_on_agent("c-1", "slow", {"nested": {"list": [1, 2]}}, timeout=30)
-    cluster.runner.run(handle.submitted())
+
+    async def submit() -> CommandHandle:
+        handle = hub.execute_on_agent("c-1", "slow", {"nested": {"list": [1, 2]}}, timeout=30)
+        await handle.submitted()
+        return handle
+
+    handle = cluster.runner.run(submit())
     open_page(browser, hub)
     tab(browser, "commands")
     wait(browser, found(f'[data-command-id="{done}"]'), what="history lists the command")

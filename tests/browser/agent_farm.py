@@ -36,9 +36,13 @@ async def agent(url: str, index: int, delay: float, gate: asyncio.Semaphore,
             pass
     ready.put_nowait(True)
 
+    sending: set[asyncio.Task[None]] = set()  # held until sent
+
     def answer(frame: dict[str, Any]) -> None:
         reply = {"t": "result", "id": frame["id"], "data": {"ok": True, "agent": aid}}
-        loop.create_task(ws.send(msgpack.packb(reply)))
+        task = loop.create_task(ws.send(msgpack.packb(reply)))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
 
     async for message in ws:
         frame = msgpack.unpackb(message)

@@ -104,6 +104,7 @@
     inflight: new Map(), // command id -> agent id, commands not COMPLETE
     inflightCount: new Map(), // agent id -> number
     hasStream: true,
+    hasHistory: true,
     commandQuery: {},
     commandNext: null,
     commandRows: new Map(), // command id -> row
@@ -378,6 +379,8 @@
     const items = queue;
     queue = [];
     const activity = [];
+    const commands = new Map(); // the latest state of each command in this batch
+    const jobs = new Map();
     for (const [kind, data] of items) {
       if (kind === "agent-connected") {
         addAgent(data);
@@ -387,13 +390,20 @@
         activity.push([kind, data]);
       } else if (kind === "command") {
         trackCommand(data);
-        if (state.view === "commands") liveCommand(data);
+        commands.delete(data.id);
+        commands.set(data.id, data);
       } else if (kind === "job") {
-        if (state.view === "jobs") liveJob(data);
+        jobs.set(data.id, data);
       } else if (kind === "event") {
         activity.push([kind, data]);
       }
     }
+    if (state.view === "commands") {
+      for (const cmd of [...commands.values()].slice(-MAX_COMMAND_ROWS)) liveCommand(cmd);
+    } else if (state.openCommand !== null && commands.has(state.openCommand)) {
+      renderCommand(commands.get(state.openCommand));
+    }
+    if (state.view === "jobs") for (const job of jobs.values()) liveJob(job);
     if (activity.length) addActivity(activity.slice(-MAX_ACTIVITY));
     if (agentsDirty) {
       agentsDirty = false;
@@ -413,6 +423,7 @@
             setProblem("stream", null);
             delay = 500;
             await loadAgents();
+            await seedInflight();
           },
         });
         if (!current(generation)) return;
@@ -446,7 +457,10 @@
     for (;;) {
       await sleep(REFRESH_MS);
       if (!current(generation)) return;
-      if (state.hasStream) await loadAgents().catch(swallow);
+      if (state.hasStream) {
+        await loadAgents().catch(swallow);
+        await seedInflight().catch(swallow);
+      }
     }
   }
 
@@ -484,6 +498,33 @@
     }
     if (activity.length) addActivity(activity);
     agentsDirty = false;
+    $("agent-count").textContent = String(state.agents.size);
+    if (state.view === "agents") renderAgents();
+  }
+
+  // Commands not finished, read from the history when the stream opens and every
+  // refresh (at most 1,000 of each status); the stream keeps the counts live between.
+  async function seedInflight() {
+    if (!state.hasHistory) return;
+    const fresh = new Map();
+    for (const status of ["PENDING", "ACTIVE"]) {
+      let page;
+      try {
+        page = await api(`commands?status=${status}&limit=1000`);
+      } catch (exc) {
+        if (exc instanceof ApiError && exc.status === 404) {
+          state.hasHistory = false;
+          return;
+        }
+        throw exc;
+      }
+      for (const cmd of page.commands) fresh.set(cmd.id, cmd.agent_id);
+    }
+    state.inflight = fresh;
+    state.inflightCount = new Map();
+    for (const agentId of fresh.values()) {
+      state.inflightCount.set(agentId, (state.inflightCount.get(agentId) || 0) + 1);
+    }
     $("agent-count").textContent = String(state.agents.size);
     if (state.view === "agents") renderAgents();
   }

@@ -181,6 +181,8 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
 
     handle = cluster.runner.run(submit())
     open_page(browser, hub)
+    in_flight = '[data-agent-id="c-1"] td:last-child'
+    wait(browser, lambda b: text_of(b, in_flight) == "1", what="one command in flight")
     tab(browser, "commands")
     wait(browser, found(f'[data-command-id="{done}"]'), what="history lists the command")
     row = wait(browser, found(f'[data-command-id="{handle.id}"]'))
@@ -197,6 +199,9 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
     info = cluster.runner.run(hub.get_command(handle.id))
     assert info is not None and info.outcome == "cancelled"
     wait(browser, found(f'[data-command-id="{handle.id}"][data-outcome="cancelled"]'))
+    tab(browser, "agents")
+    wait(browser, lambda b: text_of(b, in_flight) == "0", what="nothing in flight")
+    tab(browser, "commands")
 
     # Filters go to the store; the ok command alone matches outcome=ok.
     Select(browser.find_element(By.CSS_SELECTOR, '#command-filters [name="outcome"]')

@@ -90,6 +90,7 @@ def browser() -> Iterator[Any]:
                  "--disable-background-networking"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.accept_insecure_certs = True  # the TLS test's hub has a self-signed certificate
     driver = webdriver.Chrome(options=options, service=Service(chromedriver))
     driver.set_page_load_timeout(15)
     driver.set_script_timeout(15)
@@ -121,14 +122,14 @@ class Cluster:
         self.hubs.append(hub)
         return hub
 
-    def agent(self, hub: Dispatcher, agent_id: str, *,
+    def agent(self, hub: Dispatcher, agent_id: str, *, url: str | None = None,
               commands: dict[str, Callable[..., Any]] | None = None, **kwargs: Any) -> Agent:
         """Start an agent and wait until the hub has it."""
         kwargs.setdefault("backoff_initial", 0.05)
         kwargs.setdefault("backoff_max", 0.2)
 
         async def start() -> Agent:
-            agent = Agent([f"ws://127.0.0.1:{hub.port}/ws"], agent_id, **kwargs)
+            agent = Agent([url or f"ws://127.0.0.1:{hub.port}/ws"], agent_id, **kwargs)
             for key, handler in (commands or {}).items():
                 agent.add_command(key, handler)
             await agent.start()

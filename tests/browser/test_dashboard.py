@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from agent_client import CommandError
 from dispatcher import Dispatcher
 from dispatcher.handle import CommandHandle
 
+from ..dispatcher.test_security import tls_files  # noqa: F401  (a fixture)
 from .conftest import Cluster
 
 pytestmark = pytest.mark.browser
@@ -311,3 +313,20 @@ def test_a_hub_going_away_shows_a_banner_and_the_page_reconnects(cluster: Cluste
     wait(browser, found('[data-agent-id="r-1"]'), timeout=10, what="r-1 listed again")
     assert console_errors(browser, allow=("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED",
                                           "ERR_EMPTY_RESPONSE", "net::")) == []
+
+
+def test_over_tls(cluster: Cluster, browser: WebDriver,
+                  tls_files: tuple[str, str]) -> None:  # noqa: F811  (the imported fixture)
+    certfile, keyfile = tls_files
+    hub = cluster.hub(certfile=certfile, keyfile=keyfile, admin_token="tls-token")
+    console_errors(browser)
+    browser.get(f"https://127.0.0.1:{hub.admin_port}/")
+    fill(browser, "form#login", token="tls-token")
+    browser.find_element(By.CSS_SELECTOR, "form#login button").click()
+    wait(browser, lambda b: b.execute_script("return window.dashboardMetrics.streamOpens") > 0)
+    # An agent connecting now appears live: the stream runs over TLS too.
+    cluster.agent(hub, "tls-1", ssl=ssl.create_default_context(cafile=certfile),
+                  url=f"wss://127.0.0.1:{hub.port}/ws")
+    wait(browser, found('[data-agent-id="tls-1"]'), what="tls-1 over TLS")
+    assert browser.execute_script("return location.protocol") == "https:"
+    assert console_errors(browser) == []

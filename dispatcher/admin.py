@@ -512,6 +512,21 @@ async def _openapi(admin: AdminServer, request: web.Request, body: Any) -> web.S
     return _json(admin.openapi)
 
 
+async def _dashboard_page(admin: AdminServer, request: web.Request, body: Any
+                          ) -> web.StreamResponse:
+    return admin.dashboard.response(request, "index.html")
+
+
+async def _dashboard_script(admin: AdminServer, request: web.Request, body: Any
+                            ) -> web.StreamResponse:
+    return admin.dashboard.response(request, "app.js")
+
+
+async def _dashboard_style(admin: AdminServer, request: web.Request, body: Any
+                           ) -> web.StreamResponse:
+    return admin.dashboard.response(request, "app.css")
+
+
 async def _agents(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
     agents = await admin.hub.list_connected_agents()
     return _json([jsonable(a.to_dict()) for a in agents])
@@ -782,6 +797,20 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", _openapi, "openapi", "This document",
           {200: Answer("The OpenAPI document of this API.", {"type": "object"})},
           auth=False, tag="operations"),
+    Route("GET", "/", _dashboard_page, "dashboard", "The web dashboard",
+          {200: Answer("The dashboard's page; it asks for the admin token when the hub has "
+                       "one, and reads everything from this API.", {"type": "string"},
+                       "text/html"),
+           304: Answer("Not modified (If-None-Match)")},
+          auth=False, tag="dashboard"),
+    Route("GET", "/ui/app.js", _dashboard_script, "dashboardScript", "The dashboard's script",
+          {200: Answer("JavaScript.", {"type": "string"}, "text/javascript"),
+           304: Answer("Not modified (If-None-Match)")},
+          auth=False, tag="dashboard"),
+    Route("GET", "/ui/app.css", _dashboard_style, "dashboardStyle", "The dashboard's style",
+          {200: Answer("CSS.", {"type": "string"}, "text/css"),
+           304: Answer("Not modified (If-None-Match)")},
+          auth=False, tag="dashboard"),
     Route("GET", "/agents", _agents, "listAgents", "Connected agents (whole cluster)",
           {200: Answer("Every connected agent.", _list("AgentInfo")), 401: E401, 503: E503}),
     Route("GET", "/agents/{id}", _agent, "getAgent", "One connected agent",
@@ -934,13 +963,13 @@ class AdminServer:
         token = hub.config.admin_token
         self._token = token.encode() if token else None
         self.openapi = openapi_document(token=self._token is not None)
+        self.dashboard = dashboard.Files()
         # A body is a frame's content plus a little JSON around it.
         app = web.Application(middlewares=[self._middleware],
                               client_max_size=hub.config.max_frame + 64 * 1024)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, self._endpoint(route),
                                  name=route.name)
-        dashboard.add_routes(app)  # the web page at /, outside the API's table
         self.app = app
 
     async def start(self) -> int:

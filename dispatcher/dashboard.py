@@ -3,7 +3,9 @@
 The page (``dispatcher/dashboard/``: HTML, CSS and plain JavaScript, no build
 step) is package data, read once through :mod:`importlib.resources` so it is
 found wherever the package is installed (a wheel, a zip, an editable checkout).
-The files hold no data and need no token: the page asks for the admin token
+The admin server's route table has one row per file (``/``, ``/ui/app.js``,
+``/ui/app.css``), so the OpenAPI document lists them too. The files hold no
+data and need no token: the page asks for the admin token
 itself and sends it with every API request, so it works with and without one.
 Everything it shows comes from the admin API and its event streams.
 """
@@ -15,7 +17,7 @@ from importlib import resources
 
 from aiohttp import web
 
-__all__ = ["FILES", "add_routes", "read_files"]
+__all__ = ["CSP", "FILES", "Files", "read_files"]
 
 # The files of the page and their content types; nothing else is served.
 FILES: dict[str, str] = {
@@ -36,28 +38,18 @@ def read_files() -> dict[str, bytes]:
     return {name: folder.joinpath(name).read_bytes() for name in FILES}
 
 
-def add_routes(app: web.Application) -> None:
-    """Serve the dashboard: ``/`` is the page, ``/ui/NAME`` its script and style."""
-    files = read_files()
-    etags = {name: '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-             for name, body in files.items()}
+class Files:
+    """The page's files, read once, answered with an ETag and the page's policy."""
 
-    def answer(request: web.Request, name: str) -> web.Response:
-        headers = {"Content-Type": FILES[name], "ETag": etags[name],
+    def __init__(self) -> None:
+        self.files = read_files()
+        self.etags = {name: '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+                      for name, body in self.files.items()}
+
+    def response(self, request: web.Request, name: str) -> web.Response:
+        headers = {"Content-Type": FILES[name], "ETag": self.etags[name],
                    "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
                    "Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"}
-        if request.headers.get("If-None-Match") == etags[name]:
+        if request.headers.get("If-None-Match") == self.etags[name]:
             return web.Response(status=304, headers=headers)
-        return web.Response(body=files[name], headers=headers)
-
-    async def page(request: web.Request) -> web.Response:
-        return answer(request, "index.html")
-
-    async def asset(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in files or name == "index.html":
-            raise web.HTTPNotFound()
-        return answer(request, name)
-
-    app.router.add_get("/", page, name="dashboard")
-    app.router.add_get("/ui/{name}", asset, name="dashboard_asset")
+        return web.Response(body=self.files[name], headers=headers)

@@ -330,3 +330,21 @@ def test_over_tls(cluster: Cluster, browser: WebDriver,
     wait(browser, found('[data-agent-id="tls-1"]'), what="tls-1 over TLS")
     assert browser.execute_script("return location.protocol") == "https:"
     assert console_errors(browser) == []
+
+
+def test_a_cluster_shows_as_one(cluster: Cluster, browser: WebDriver, redis_url: str) -> None:
+    a = cluster.hub(redis_url=redis_url)
+    b = cluster.hub(redis_url=redis_url)
+    cluster.agent(a, "on-a")
+    open_page(browser, a)
+    wait(browser, found('[data-agent-id="on-a"]'))
+    wait(browser, lambda b_: b_.execute_script("return window.dashboardMetrics.streamOpens") > 0)
+    cluster.agent(b, "on-b", meta={"zone": "b"})
+    row = wait(browser, found('[data-agent-id="on-b"]'), what="an agent of the other hub")
+    assert b.hub_id in str(row.get_attribute("textContent"))
+    tab(browser, "run")
+    fill(browser, "form#run", target="on-*", key="nothing-here", timeout="0.5")
+    browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()
+    wait(browser, found('[data-result-agent="on-b"][data-outcome="error"]'), what="on-b's part")
+    wait(browser, found('[data-result-agent="on-a"][data-outcome="error"]'))
+    assert console_errors(browser) == []

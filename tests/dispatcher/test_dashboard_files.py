@@ -53,10 +53,17 @@ async def test_served_at_root_without_a_token(make_hub: object) -> None:
         async with http.get(f"{base}/ui/app.js") as response:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/javascript")
-        for missing in ("/ui/index.html", "/ui/nope.js", "/ui/..%2fdashboard.py"):
+        async with http.get(f"{base}/ui/app.css") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/css")
+        for missing in ("/ui/index.html", "/ui/nope.js", "/ui/..%2fdashboard.py", "/ui/"):
             async with http.get(f"{base}{missing}") as response:
                 assert response.status == 404, missing
                 assert (await response.json())["error"]["code"] == "not_found"
-        # The data still needs the token.
+        # The data still needs the token; the description lists the page's files.
         async with http.get(f"{base}/agents") as response:
             assert response.status == 401
+        async with http.get(f"{base}/openapi.json") as response:
+            paths = (await response.json())["paths"]
+            assert {"/", "/ui/app.js", "/ui/app.css"} <= set(paths)
+            assert paths["/"]["get"]["security"] == []

@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AgentInfo", "CommandInfo", "Outcome", "Status", "TERMINAL_OUTCOMES"]
+__all__ = ["STATUSES", "TERMINAL_OUTCOMES", "AgentInfo", "CommandInfo", "CommandPage", "Outcome",
+           "Status"]
 
 Status = Literal["PENDING", "ACTIVE", "COMPLETE"]
 Outcome = Literal["ok", "error", "timeout", "cancelled", "dropped"]
 TERMINAL_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancelled", "dropped"})
+STATUSES: frozenset[str] = frozenset({"PENDING", "ACTIVE", "COMPLETE"})
 
 
 @dataclass(slots=True)
@@ -35,6 +37,7 @@ class CommandInfo:
     payload: Any = None
     result: Any = None
     error: dict[str, Any] | None = None
+    job: str | None = None  # the job this command is one agent's part of
 
     def copy(self) -> CommandInfo:
         # Spelled out: dataclasses.replace costs several times more, and the
@@ -42,6 +45,7 @@ class CommandInfo:
         return CommandInfo(
             self.id, self.agent_id, self.key, self.status, self.outcome, self.group, self.ts,
             self.updated, self.deadline, self.origin, self.payload, self.result, self.error,
+            self.job,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,6 +53,15 @@ class CommandInfo:
         ``dataclasses.asdict`` copies them recursively, which fails with
         RecursionError on agent data nested a few hundred levels deep."""
         return _fields(self)
+
+
+@dataclass(slots=True)
+class CommandPage:
+    """One page of ``list_commands``: ``commands`` newest first; ``next`` is the
+    opaque cursor of the following page, or None on the last one."""
+
+    commands: list[CommandInfo]
+    next: str | None = None
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from .errors import (
 )
 from .handle import CommandHandle
 from .hub import Dispatcher
-from .models import AgentInfo, CommandInfo
+from .models import AgentInfo, CommandInfo, CommandPage
 from .transport import agent_token
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "CommandFailed",
     "CommandHandle",
     "CommandInfo",
+    "CommandPage",
     "CommandTimeout",
     "DeliveryTimeout",
     "Dispatcher",

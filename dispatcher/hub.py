@@ -24,10 +24,12 @@ from .config import HubConfig
 from .connections import Connections
 from .emitter import EventEmitter, Handler
 from .events import Events
+from .feed import Feed
 from .handle import CommandHandle
+from .history import History
 from .ids import new_hub_id
 from .metrics import Levels, Metrics
-from .models import AgentInfo, CommandInfo
+from .models import AgentInfo, CommandInfo, CommandPage
 from .peers import NoPeers, Peers
 from .router import FrameRouter
 from .sessions import Sessions
@@ -76,17 +78,22 @@ class Dispatcher:
         self._connections = Connections()
         bus = self._store.make_bus(self.hub_id)
         self._bus = bus
+        self._feed = Feed(store=self._store, tasks=self._tasks, metrics=self._metrics,
+                          shared=bus is not None)
+        self._history = History(store=self._store, tasks=self._tasks)
+        hub_event = self._hub_event
         self._cluster = Cluster(config=config, hub_id=self.hub_id, store=self._store,
-                                tasks=self._tasks, emit=emit) if bus is not None else None
+                                tasks=self._tasks, emit=hub_event) if bus is not None else None
         peers: Peers = self._cluster if self._cluster is not None else NoPeers()
         parts: dict[str, Any] = {"config": config, "hub_id": self.hub_id, "store": self._store,
                                  "connections": self._connections, "peers": peers}
-        self._commands = Commands(**parts, tasks=self._tasks, metrics=self._metrics)
-        self._events = Events(**parts, emit=emit)
+        self._commands = Commands(**parts, tasks=self._tasks, metrics=self._metrics,
+                                  feed=self._feed)
+        self._events = Events(**parts, emit=emit, feed=self._feed)
         self._calls = Calls(commands=self._commands, connections=self._connections,
                             events=self._events, tasks=self._tasks)
         self._sessions = Sessions(**parts, events=self._events, tasks=self._tasks,
-                                  metrics=self._metrics, emit=emit)
+                                  metrics=self._metrics, emit=hub_event)
         self._router = FrameRouter(commands=self._commands, events=self._events,
                                    calls=self._calls, tasks=self._tasks)
         if self._cluster is not None:
@@ -120,6 +127,12 @@ class Dispatcher:
     def metrics(self) -> Metrics:
         """This hub's metrics (``metrics.render()``: the Prometheus exposition)."""
         return self._metrics
+
+    @property
+    def feed(self) -> Feed:
+        """What happens on the cluster, for watchers: ``await feed.subscribe(kinds)``;
+        parts of the hub ``feed.publish(kind, data)`` (docs/guide.md, The feed)."""
+        return self._feed
 
     @property
     def port(self) -> int | None:
@@ -206,6 +219,17 @@ class Dispatcher:
     async def get_command(self, cmd_id: str) -> CommandInfo | None:
         return await self._store.get_command(cmd_id)
 
+    async def list_commands(self, *, agent_id: str | None = None, key: str | None = None,
+                            status: str | None = None, outcome: str | None = None,
+                            job: str | None = None, limit: int = 100,
+                            cursor: str | None = None) -> CommandPage:
+        """Retained commands, COMPLETE or not, newest first (API.md, History):
+        ``.commands`` and ``.next`` (the cursor of the next page, or None).
+        Raises ``ValueError`` for an unknown status or outcome, a limit outside
+        1..1000 or a malformed cursor."""
+        return await self._history.list(agent_id=agent_id, key=key, status=status,
+                                        outcome=outcome, job=job, limit=limit, cursor=cursor)
+
     # -- events -----------------------------------------------------------------
     async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -241,6 +265,9 @@ class Dispatcher:
             await self._agents_server.start()
             if self._admin_server is not None:
                 await self._admin_server.start()
+            self._feed.start()
+            self._history.start()
+            self._tasks.spawn(self._sessions.touch_forever(), name="last-seen")
         except BaseException:
             await self.close()
             raise
@@ -260,6 +287,7 @@ class Dispatcher:
             return
         self._closed = True
         self._commands.close()
+        await self._feed.close()  # the admin API's streams end now
         await self._agents_server.close()
         if self._admin_server is not None:
             await self._admin_server.close()
@@ -282,6 +310,16 @@ class Dispatcher:
         await self.close()
 
     # -- internals ----------------------------------------------------------------
+    def _hub_event(self, key: str, *args: Any) -> bool:
+        """A hub event (agent-connected, agent-disconnected): the emitter's handlers,
+        and the feed's watchers when there are any."""
+        if self._feed.active and key in ("agent-connected", "agent-disconnected"):
+            data = args[0].to_dict()
+            if len(args) > 1:
+                data["reason"] = args[1]
+            self._feed.publish(key, data)
+        return self._emitter.emit(key, *args)
+
     def _on_store_health(self, ok: bool, exc: BaseException | None) -> None:
         """The store's outage listener: ``internal.db.error`` once per outage."""
         if not ok:

@@ -269,6 +269,19 @@ class Store(ABC):
     def events_channel(self) -> str:
         return "events"
 
+    @property
+    def feed_channel(self) -> str:
+        return "feed"
+
+    def make_feed_bus(self) -> Bus | None:
+        """A bus subscribed to ``feed_channel`` only (the cluster's feed for
+        watchers, subscribed while this hub has watchers); None without a bus."""
+        return None
+
+    def listeners(self, channel: str) -> asyncio.Future[int]:
+        """How many subscribers (hubs' buses) ``channel`` has."""
+        raise NotImplementedError
+
     def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
         """Send a message to a channel (fire and forget: the future holds the outcome)."""
         raise NotImplementedError

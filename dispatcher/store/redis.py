@@ -650,6 +650,17 @@ class RedisStore(Store):
     def events_channel(self) -> str:
         return f"{self.prefix}:events"
 
+    @property
+    def feed_channel(self) -> str:
+        return f"{self.prefix}:feed"
+
+    def make_feed_bus(self) -> RedisBus:
+        return RedisBus(self.url, [self.feed_channel], self.feed_channel, self.publish,
+                        probe_interval=self._bus_probe[0], probe_timeout=self._bus_probe[1])
+
+    def listeners(self, channel: str) -> asyncio.Future[int]:
+        return self._call(None, ("PUBSUB", "NUMSUB", channel), lambda res: _i(res[1]))
+
     def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[bool]:
         return self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
                                         f"{self.prefix}:hubs", hub_id, ttl_ms), bool)

@@ -79,7 +79,7 @@ class Dispatcher:
         bus = self._store.make_bus(self.hub_id)
         self._bus = bus
         self._feed = Feed(store=self._store, tasks=self._tasks, metrics=self._metrics,
-                          shared=bus is not None)
+                          shared=bus is not None, buffer=config.stream_buffer)
         self._history = History(store=self._store, tasks=self._tasks)
         hub_event = self._hub_event
         self._cluster = Cluster(config=config, hub_id=self.hub_id, store=self._store,

@@ -37,15 +37,16 @@ def main() -> None:
 
     Run a hub with `dispatcher serve`, try it with `dispatcher demo`. Drive a
     running hub over its admin API with the client verbs (agents, pending,
-    exec, command, cancel, emit, broadcast): `--admin URL` and `--token`, or
+    exec, commands, command, cancel, emit, broadcast): `--admin URL` and `--token`, or
     DISPATCHER_ADMIN_URL and DISPATCHER_ADMIN_TOKEN; tables by default, `--json`
     for scripts.
 
     \b
     Exit codes of the client verbs:
       0  done
-      1  the command failed, timed out, was cancelled or dropped; an event was
-         not received in time; a cancel came too late (already COMPLETE)
+      1  the command failed, timed out, was cancelled or dropped; the agent is
+         not connected (exec without --queue); an event was not received in
+         time; a cancel came too late (already COMPLETE)
       2  usage: bad arguments or JSON, refused by the hub as a bad request
       3  not found: no such agent or command
       4  the hub cannot be reached, refused the admin token, or its store is down
@@ -383,28 +384,41 @@ def pending(agent_id: str, client: AdminClient, as_json: bool) -> int:
 @click.option("--group", help="Coalescing group of the command.")
 @click.option("--id", "command_id", help="Your own command id (submitting it again is "
               "idempotent).")
+@click.option("--queue", is_flag=True, help="Let the command wait, PENDING, for an agent that "
+              "is not connected (until it connects or the timeout passes).")
+@click.option("--require-online", is_flag=True, help="Refuse at once when the agent is not "
+              "connected (the default for one agent; see --queue).")
 @_client_options
 def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | None,
-             no_wait: bool, group: str | None, command_id: str | None, client: AdminClient,
-             as_json: bool) -> int:
+             no_wait: bool, group: str | None, command_id: str | None, queue: bool,
+             require_online: bool, client: AdminClient, as_json: bool) -> int:
     """Run command KEY on AGENT with an optional JSON payload ('-' reads stdin).
 
     Waits for the outcome and prints the agent's result; exits 1 when the
     command fails, times out or is cancelled. With --no-wait, prints the
     command's id once it is stored (follow it with `dispatcher command ID`).
+    An agent that is not connected is an error at once (exit 1), unless
+    --queue lets the command wait for it.
 
     \b
     Examples:
       dispatcher exec worker-7 echo '{"hello": "world"}'
       dispatcher exec worker-7 sleep '{"seconds": 30}' --timeout 60 --no-wait
+      dispatcher exec laptop-3 sync --queue --no-wait
     """
+    if queue and require_online:
+        raise click.UsageError("--queue and --require-online contradict each other")
     value = _payload(payload)
     try:
         info = client.execute(agent_id, key, value, timeout=timeout, group=group,
-                              command_id=command_id, wait=not no_wait)
+                              command_id=command_id, wait=not no_wait,
+                              require_online=not queue)
     except AdminError as exc:
         if exc.status == 504 and as_json:
             _print_json(exc.body)
+        if exc.code == "agent_offline":
+            raise _Exit(EXIT_FAILED, f"agent {agent_id!r} is not connected (--queue lets "
+                        "the command wait for it)") from None
         raise
     if no_wait:
         if as_json:
@@ -419,6 +433,48 @@ def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | N
     if info.get("outcome") != "ok":
         click.echo(f"dispatcher: {_failure_line(info)}", err=True)
     return _outcome_exit(info)
+
+
+@main.command()
+@click.option("--agent", help="Only this agent's commands.")
+@click.option("--key", help="Only commands with this key.")
+@click.option("--status", type=click.Choice(["PENDING", "ACTIVE", "COMPLETE"]))
+@click.option("--outcome", type=click.Choice(["ok", "error", "timeout", "cancelled", "dropped"]))
+@click.option("--job", help="Only the commands of this job.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Commands per page.")
+@click.option("--cursor", help="The page after the one that printed this cursor.")
+@_client_options
+def commands(*, agent: str | None, key: str | None, status: str | None, outcome: str | None,
+             job: str | None, limit: int, cursor: str | None, client: AdminClient,
+             as_json: bool) -> int:
+    """List the command history, newest first: every retained command, COMPLETE or not.
+
+    When there is more, the last line gives the option for the next page.
+
+    \b
+    Examples:
+      dispatcher commands --agent worker-7 --outcome error
+      dispatcher commands --key backup --limit 10 --cursor CURSOR
+    """
+    page = client.commands(agent=agent, key=key, status=status, outcome=outcome, job=job,
+                           limit=limit, cursor=cursor)
+    if as_json:
+        _print_json(page)
+        return EXIT_OK
+    found = page.get("commands") or []
+    if not found:
+        click.echo("no commands" if not page.get("next") else
+                   "no commands on this page")
+    else:
+        now = datetime.now(UTC).timestamp()
+        rows = [[c["id"], c.get("agent_id", ""), c.get("key", ""), c.get("status", ""),
+                 c.get("outcome") or "-", _ago(c.get("ts"), now), c.get("job") or "-"]
+                for c in found]
+        _table(["COMMAND", "AGENT", "KEY", "STATUS", "OUTCOME", "SUBMITTED", "JOB"], rows)
+    if page.get("next"):
+        click.echo(f"next page: --cursor {page['next']}")
+    return EXIT_OK
 
 
 @main.command()

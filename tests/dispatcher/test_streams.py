@@ -235,7 +235,7 @@ async def test_stream_covers_the_whole_cluster(http: aiohttp.ClientSession, engi
         pytest.skip("a cluster needs the Redis engine")
     watched = await make_hub(admin_token=TOKEN)
     other = await make_hub(admin_token=TOKEN)
-    other.feed.poll = 0.05  # how soon it learns somebody listens
+    other.feed.poll = watched.feed.poll = 0.05  # how soon each learns who listens
     resp, sse = await open_stream(http, watched, "/stream")
     await wait_for(lambda: other.feed.active, what="the other hub to see a watcher")
     await _worker(other, make_agent, "far")

@@ -73,23 +73,27 @@ CASES: list[tuple[str, dict[str, str]]] = [
     ("key + outcome", {"key": "key-3", "outcome": "error"}),
     ("agent + outcome", {"agent_id": "agent-7", "outcome": "error"}),
     ("outcome (2%)", {"outcome": "cancelled"}),
-    ("status PENDING (none: a full walk of 1,000 entries)", {"status": "PENDING"}),
+    ("status PENDING (none: a full walk of 2,000 entries)", {"status": "PENDING"}),
 ]
 
 
-async def fill(url: str, commands: int, base: int) -> float:
+async def fill(url: str, commands: int, base: int) -> tuple[float, int]:
+    """Seconds to fill, and Redis's used memory before and after (bytes)."""
     import redis.asyncio as aioredis  # noqa: PLC0415 - the benchmark's own client
 
     client = aioredis.from_url(url)
     start = time.perf_counter()
     try:
+        empty = int((await client.info("memory"))["used_memory"])
         sha = await client.script_load(FILL)
         for first in range(0, commands, CHUNK):
             await client.evalsha(sha, 0, PREFIX, first, min(CHUNK, commands - first), base,
                                  AGENTS, KEYS, 3_600_000)
+        seconds = time.perf_counter() - start
+        full = int((await client.info("memory"))["used_memory"])
     finally:
         await client.aclose()
-    return time.perf_counter() - start
+    return seconds, full - empty
 
 
 async def timed(store: RedisStore, where: HistoryFilter, calls: int,
@@ -106,15 +110,54 @@ async def timed(store: RedisStore, where: HistoryFilter, calls: int,
             "found": found}
 
 
+async def lifecycle_cost(n: int = 20_000) -> float:
+    """Redis CPU (µs) per command lifecycle (create + complete, through the store's own
+    scripts, 500 at a time), from ``INFO commandstats``: what the indexes add to Redis's
+    work per command. Run it on another commit of the hub to compare."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    from dispatcher.models import CommandInfo  # noqa: PLC0415
+
+    server = RedisServer()
+    server.start()
+    store = RedisStore(server.url, prefix="cost", retention=3600.0)
+    client = aioredis.from_url(server.url)
+    try:
+        await store.start()
+        now = int(time.time() * 1000)
+        for rnd in range(2):  # the first round warms up; the second is measured
+            if rnd == 1:
+                await client.config_resetstat()
+            for first in range(0, n, 500):
+                await asyncio.gather(*(store.create_command(CommandInfo(
+                    id=f"c{rnd}-{i}", agent_id=f"agent-{i % 100}", key=f"key-{i % 10}",
+                    ts=now + i, updated=now + i, deadline=now + i + 60_000, origin="h",
+                    payload={"n": i}), locate=False) for i in range(first, first + 500)))
+            for first in range(0, n, 500):
+                await asyncio.gather(*(store.complete(f"c{rnd}-{i}", "ok", now=now + i + 5,
+                                                      result={"ok": True})
+                                       for i in range(first, first + 500)))
+        stats = await client.info("commandstats")
+        return float(stats["cmdstat_evalsha"]["usec"]) / n
+    finally:
+        await client.aclose()
+        await store.close()
+        server.stop()
+
+
 async def run(commands: int, calls: int) -> dict[str, Any]:
+    cost = min([await lifecycle_cost() for _ in range(3)])
+    print(f"Redis CPU per command lifecycle (create + complete): {cost:.1f} µs "
+          "(best of 3)", flush=True)
     server = RedisServer()
     server.start()
     store = RedisStore(server.url, prefix=PREFIX, retention=3600.0)
     try:
         await store.start()
         base = int(time.time() * 1000) - commands - 60_000
-        fill_s = await fill(server.url, commands, base)
-        print(f"filled {commands:,} commands in {fill_s:.1f} s", flush=True)
+        fill_s, used = await fill(server.url, commands, base)
+        print(f"filled {commands:,} commands in {fill_s:.1f} s; Redis memory "
+              f"{used / commands:.0f} bytes per command, indexes included", flush=True)
         rows: list[dict[str, Any]] = []
         for name, where in CASES:
             res = await timed(store, HistoryFilter(**where), calls)
@@ -129,6 +172,8 @@ async def run(commands: int, calls: int) -> dict[str, Any]:
         print(f"  {'no filter, from the middle':<48} {res['median_ms']:>7.2f} ms median, "
               f"{res['max_ms']:>7.2f} max", flush=True)
         return {"commands": commands, "calls": calls, "fill_seconds": round(fill_s, 1),
+                "bytes_per_command": round(used / commands),
+                "lifecycle_redis_us": round(cost, 1),
                 "redis": server.version(), "limit": 100, "rows": rows}
     finally:
         await store.close()
@@ -145,7 +190,10 @@ def write(result: dict[str, Any], out: Path) -> None:
              "| filter | median ms | worst ms | found |", "|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['median_ms']} | {r['max_ms']} | {r['found']} |"
               for r in result["rows"]]
-    lines += ["", f"Filled in {result['fill_seconds']} s."]
+    lines += ["", f"Filled in {result['fill_seconds']} s; Redis used "
+              f"{result['bytes_per_command']} bytes per retained command (hash, expiry and "
+              "the history indexes). Redis CPU per command lifecycle (create + complete "
+              f"scripts, best of 3 runs of 20,000): {result['lifecycle_redis_us']} µs."]
     (out / "history.md").write_text("\n".join(lines) + "\n")
 
 

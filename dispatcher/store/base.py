@@ -43,7 +43,7 @@ DROPPED_RESULT: dict[str, Any] = {"dropped": True}
 # Index entries one ``list_commands`` call looks at, at most: a filter that
 # matches few of the entries of the index walked returns a short page (and a
 # cursor to go on from) instead of walking the whole index in one call.
-HISTORY_SCAN = 1000  # also bounds how long one listing holds Redis (a few ms)
+HISTORY_SCAN = 2000  # also bounds how long one listing holds Redis (~10 ms)
 
 
 @dataclass(slots=True, frozen=True)

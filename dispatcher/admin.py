@@ -50,7 +50,10 @@ from .errors import (
     StoreUnavailable,
     TooManyCommands,
 )
-from .models import JOB_COUNT_KEYS, CommandInfo, JobInfo
+from .feed import CLUSTER_KINDS, Subscription
+from .history import MAX_LIMIT
+from .models import JOB_COUNT_KEYS, STATUSES, TERMINAL_OUTCOMES, CommandInfo, JobInfo
+from .sse import OnItem, OnOpen, SseStream, serve
 
 if TYPE_CHECKING:
     from .hub import Dispatcher
@@ -405,6 +408,9 @@ EXEC_BODY: JSON = {
         "wait": {"type": "boolean", "default": True,
                  "description": "true: answer when the command is finished; false: answer "
                  "202 once it is stored."},
+        "require_online": {"type": "boolean", "default": False,
+                           "description": "true: answer 409 agent_offline when the agent "
+                           "is not connected, instead of letting the command wait."},
     },
 }
 EMIT_BODY: JSON = {
@@ -469,6 +475,26 @@ E401 = Answer("The admin token is missing or wrong (only when the hub has one)."
 E404 = Answer("Not found.", _ref("Error"))
 E413 = Answer("The body is larger than the hub's max_frame.", _ref("Error"))
 E503 = Answer("The store is unreachable, or the hub is closing.", _ref("Error"))
+SSE = Answer("Server-Sent Events: 'event: KIND' and one 'data:' line of JSON each; a "
+             "': keep-alive' comment line at least every stream_keepalive seconds (15).",
+             {"type": "string"}, "text/event-stream")
+FILTER: JSON = {"type": "string", "minLength": 1, "maxLength": 1024}
+HISTORY_QUERY: dict[str, JSON] = {
+    "agent": {**FILTER, "description": "Only this agent's commands."},
+    "key": {**FILTER, "description": "Only commands with this key."},
+    "status": {"type": "string", "enum": sorted(STATUSES)},
+    "outcome": {"type": "string", "enum": sorted(TERMINAL_OUTCOMES)},
+    "job": {**FILTER, "description": "Only the commands of this job."},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+    "cursor": {**FILTER, "description": "The 'next' of the previous page, unchanged."},
+}
+COMMAND_PAGE: JSON = {
+    "type": "object", "required": ["commands", "next"],
+    "properties": {"commands": {"type": "array", "items": _ref("CommandInfo")},
+                   "next": {"type": ["string", "null"],
+                            "description": "The cursor of the next (older) page; null on "
+                            "the last one."}},
+}
 
 
 def _list(name: str) -> JSON:
@@ -536,11 +562,15 @@ async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
         handle = hub.execute_on_agent(
             agent_id, body["key"], body.get("payload"), timeout=body.get("timeout"),
             group=body.get("group"), command_id=body.get("command_id"),
+            require_online=body.get("require_online", False),
         )
     except (ValueError, TypeError) as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
     clog = log.bind(agent_id=agent_id, command_id=handle.id, key=handle.key)
-    await admin.wait(handle.submitted())
+    try:
+        await admin.wait(handle.submitted())
+    except AgentOffline as exc:
+        raise ApiError(409, "agent_offline", str(exc)) from None
     clog.info("admin_command_submitted", wait=body.get("wait", True))
     if not body.get("wait", True):
         stored = await hub.get_command(handle.id)
@@ -568,6 +598,84 @@ async def _get_command(admin: AdminServer, request: web.Request, body: Any
     if info is None:
         raise ApiError(404, "not_found", f"no command {cmd_id!r}")
     return _json(_command(info))
+
+
+async def _list_commands(admin: AdminServer, request: web.Request, body: Any
+                         ) -> web.StreamResponse:
+    query = request.query
+    unknown = sorted(set(query) - set(HISTORY_QUERY))
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown query parameter {unknown[0]!r} "
+                       f"(parameters: {', '.join(HISTORY_QUERY)})")
+    for name, value in query.items():
+        if name != "limit":
+            validate(HISTORY_QUERY[name], value, name)
+    limit = 100
+    if "limit" in query:
+        try:
+            limit = int(query["limit"])
+        except ValueError:
+            raise ApiError(400, "bad_request", "limit must be an integer from 1 to "
+                           f"{MAX_LIMIT}") from None
+    try:
+        page = await admin.hub.list_commands(
+            agent_id=query.get("agent"), key=query.get("key"), status=query.get("status"),
+            outcome=query.get("outcome"), job=query.get("job"), limit=limit,
+            cursor=query.get("cursor"))
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return _json({"commands": [_command(c) for c in page.commands], "next": page.next})
+
+
+async def stream_response(admin: AdminServer, request: web.Request, sub: Subscription,
+                          on_item: OnItem, *, on_open: OnOpen | None = None,
+                          on_tick: OnOpen | None = None) -> web.StreamResponse:
+    """An SSE response relaying ``sub`` (``sse.serve`` with this hub's settings): what
+    every stream route of this API answers with."""
+    hub = admin.hub
+    return await serve(request, hub.feed, sub, keepalive=hub.config.stream_keepalive,
+                       encode=lambda value: _dumps(jsonable(value)), metrics=hub.metrics,
+                       on_item=on_item, on_open=on_open, on_tick=on_tick)
+
+
+async def _command_stream(admin: AdminServer, request: web.Request, body: Any
+                          ) -> web.StreamResponse:
+    hub = admin.hub
+    cmd_id = request.match_info["id"]
+    if await hub.get_command(cmd_id) is None:
+        raise ApiError(404, "not_found", f"no command {cmd_id!r}")
+    sub = await hub.feed.subscribe({"command", "progress"},
+                                   match=lambda kind, data: data.get("id") == cmd_id)
+
+    async def ended(stream: SseStream) -> bool:
+        # Subscribed first, then read: a completion is seen one way or the other.
+        info = await hub.get_command(cmd_id)
+        if info is not None and info.status != "COMPLETE":
+            return False
+        await stream.send("end", None if info is None else _command(info))
+        return True
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        if kind == "progress":
+            await stream.send("progress", data.get("data"))
+            return False
+        if data.get("status") == "COMPLETE":
+            await stream.send("end", data)
+            return True
+        return False
+
+    return await stream_response(admin, request, sub, on_item, on_open=ended, on_tick=ended)
+
+
+async def _cluster_stream(admin: AdminServer, request: web.Request, body: Any
+                          ) -> web.StreamResponse:
+    sub = await admin.hub.feed.subscribe(CLUSTER_KINDS)
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        await stream.send(kind, data)
+        return False
+
+    return await stream_response(admin, request, sub, on_item)
 
 
 async def _cancel(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
@@ -680,7 +788,7 @@ async def _job_stream(admin: AdminServer, request: web.Request, body: Any
         return "end", _job(await handle)
 
     return await sse_response(request, [progress(), results()], end,
-                              keepalive=admin.hub.config.sse_keepalive)
+                              keepalive=admin.hub.config.stream_keepalive)
 
 
 # One function for a Server-Sent Events answer, so that it can move to a shared
@@ -800,7 +908,10 @@ ROUTES: tuple[Route, ...] = (
                         "properties": {"id": {"type": "string"},
                                        "status": {"type": "string",
                                                   "enum": ["PENDING", "ACTIVE", "COMPLETE"]}}}),
-           400: E400, 401: E401, 413: E413,
+           400: E400, 401: E401,
+           409: Answer("With require_online: the agent is not connected (agent_offline).",
+                       _ref("Error")),
+           413: E413,
            429: Answer("The agent has too many commands that are not COMPLETE.",
                        _ref("Error")),
            503: E503,
@@ -808,6 +919,29 @@ ROUTES: tuple[Route, ...] = (
           body=EXEC_BODY, params={"id": AGENT_ID},
           description="A command for an agent that is not connected waits, PENDING, until "
           "it connects or its timeout passes. By default the request waits for the outcome."),
+    Route("GET", "/commands", _list_commands, "listCommands",
+          "Command history: every retained command, newest first, filtered",
+          {200: Answer("One page; follow 'next' for older ones (a page may be short, even "
+                       "empty, with 'next' set when few commands match).", COMMAND_PAGE),
+           400: Answer("An unknown status or outcome, a limit outside 1..1000, a malformed "
+                       "cursor or an unknown parameter.", _ref("Error")),
+           401: E401, 503: E503},
+          query=HISTORY_QUERY,
+          description="COMPLETE commands stay listed for the hub's retention. Filters "
+          "combine with 'and'."),
+    Route("GET", "/commands/{id}/stream", _command_stream, "streamCommand",
+          "A command's progress, then its end, as Server-Sent Events",
+          {200: SSE, 401: E401, 404: Answer("No such command.", _ref("Error")), 503: E503},
+          params={"id": COMMAND_ID},
+          description="'progress' events (the agent's progress data), then one 'end' event "
+          "(the CommandInfo) and the stream closes; 'end' at once for a COMPLETE command."),
+    Route("GET", "/stream", _cluster_stream, "streamCluster",
+          "What happens on the cluster, as Server-Sent Events",
+          {200: SSE, 401: E401, 503: E503},
+          description="Events: agent-connected (AgentInfo), agent-disconnected (AgentInfo "
+          "with reason), command (CommandInfo, when a command is created, becomes ACTIVE "
+          "or completes), job (a job changed), event (an agent emitted {key, data, "
+          "from}). On the Redis engine it covers every hub of the cluster."),
     Route("GET", "/commands/{id}", _get_command, "getCommand", "One command",
           {200: Answer("The command (COMPLETE ones stay readable for the hub's retention).",
                        _ref("CommandInfo")),

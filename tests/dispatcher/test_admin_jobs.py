@@ -33,7 +33,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def setup(make_hub: HubFactory, make_agent: Callable[..., Agent],
                 http: aiohttp.ClientSession) -> tuple[Dispatcher, Fleet, Api]:
-    hub = await make_hub(admin_token=TOKEN, sse_keepalive=0.05)
+    hub = await make_hub(admin_token=TOKEN, stream_keepalive=0.05)
     fleet = await start_fleet(hub, make_agent, {"web-1": {"role": "web"},
                                                 "web-2": {"role": "web"},
                                                 "db-1": {"role": "db"}})

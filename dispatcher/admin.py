@@ -28,7 +28,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -770,88 +770,54 @@ async def _cancel_job(admin: AdminServer, request: web.Request, body: Any
 async def _job_stream(admin: AdminServer, request: web.Request, body: Any
                       ) -> web.StreamResponse:
     """``progress`` {agent_id, data} and ``result`` (CommandInfo) events as the job's
-    parts report, then ``end`` (JobInfo), and the stream closes."""
+    parts report, then ``end`` (JobInfo), and the stream closes. The job's handle
+    (run here, or followed from the store) fills a subscription of the stream's own,
+    served like every other stream (``sse.serve``: bounded, keep-alives)."""
+    hub = admin.hub
     job_id = request.match_info["id"]
-    handle = await admin.hub.follow_job(job_id)
+    handle = await hub.follow_job(job_id)
     if handle is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
+    sub = Subscription(None, None, hub.config.stream_buffer)
 
-    async def progress() -> AsyncIterator[tuple[str, Any]]:
+    def push(kind: str, data: Any) -> bool:
+        if sub.push(kind, data):
+            return True
+        hub.metrics.stream_dropped()
+        log.warning("stream_subscriber_dropped", reason="overflow", path=request.path)
+        return False
+
+    async def progress() -> None:
         async for agent_id, data in handle.progress():
-            yield "progress", {"agent_id": agent_id, "data": data}
-
-    async def results() -> AsyncIterator[tuple[str, Any]]:
-        async for info in handle.results():
-            yield "result", _command(info)
-
-    async def end() -> tuple[str, Any]:
-        return "end", _job(await handle)
-
-    return await sse_response(request, [progress(), results()], end,
-                              keepalive=admin.hub.config.stream_keepalive)
-
-
-# One function for a Server-Sent Events answer, so that it can move to a shared
-# module as it is. Each reader has a bounded buffer: a reader that falls that
-# far behind is dropped (the stream closes) instead of growing the hub's memory.
-SSE_BUFFER = 1024
-
-
-async def sse_response(request: web.Request, sources: list[AsyncIterator[tuple[str, Any]]],
-                       end: Callable[[], Awaitable[tuple[str, Any]]], *, keepalive: float,
-                       buffer: int = SSE_BUFFER) -> web.StreamResponse:
-    """Stream ``(event, data)`` pairs from ``sources`` as SSE, then ``end()``'s event
-    (an ``error`` event instead if a source or ``end`` failed with a hub error); a
-    ``: keep-alive`` comment after ``keepalive`` seconds without one."""
-    queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(buffer)
-    overflow = asyncio.Event()
-
-    async def pump(source: AsyncIterator[tuple[str, Any]]) -> None:
-        async for item in source:
-            if queue.full():
-                overflow.set()
+            if not push("progress", {"agent_id": agent_id, "data": data}):
                 return
-            queue.put_nowait(item)
 
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    pumps = [asyncio.ensure_future(pump(s)) for s in sources]
-    all_pumped: asyncio.Future[list[None]] = asyncio.ensure_future(asyncio.gather(*pumps))
+    async def results() -> None:
+        async for info in handle.results():
+            if not push("result", _command(info)):
+                return
+
+    async def follow() -> None:
+        reporting = asyncio.ensure_future(progress())
+        try:
+            await results()
+            push("end", _job(await handle))
+        except DispatcherError as exc:  # the answer has begun: say it, then close
+            push("error", {"code": type(exc).__name__, "message": str(exc)})
+        finally:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        await stream.send(kind, data)
+        return kind in ("end", "error")
+
+    following = asyncio.ensure_future(follow())
     try:
-        while not overflow.is_set():
-            if all_pumped.done() and queue.empty():
-                try:
-                    all_pumped.result()
-                    event, data = await end()
-                except DispatcherError as exc:  # the answer has begun: say it, then close
-                    event, data = "error", {"code": type(exc).__name__, "message": str(exc)}
-                await response.write(_sse_event(event, data))
-                break
-            getter = asyncio.ensure_future(queue.get())
-            waits: set[asyncio.Future[Any]] = {getter, all_pumped}
-            await asyncio.wait(waits, timeout=keepalive,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                if not all_pumped.done():
-                    await response.write(b": keep-alive\n\n")
-                continue
-            item = getter.result()
-            if item is not None:
-                await response.write(_sse_event(*item))
-        if overflow.is_set():
-            log.warning("sse_reader_dropped", path=request.path, buffer=buffer)
+        return await stream_response(admin, request, sub, on_item)
     finally:
-        all_pumped.cancel()
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, all_pumped, return_exceptions=True)
-    return response
-
-
-def _sse_event(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {_dumps(jsonable(data))}\n\n".encode()
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
 
 
 def _job(info: JobInfo) -> JSON:

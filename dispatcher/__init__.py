@@ -19,7 +19,7 @@ from .errors import (
 from .handle import CommandHandle
 from .hub import Dispatcher
 from .jobs import JobHandle
-from .models import AgentInfo, CommandInfo, JobInfo
+from .models import AgentInfo, CommandInfo, CommandPage, JobInfo
 from .transport import agent_token
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "CommandFailed",
     "CommandHandle",
     "CommandInfo",
+    "CommandPage",
     "CommandTimeout",
     "DeliveryTimeout",
     "Dispatcher",

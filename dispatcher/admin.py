@@ -28,7 +28,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,10 @@ from .errors import (
     StoreUnavailable,
     TooManyCommands,
 )
-from .models import JOB_COUNT_KEYS, CommandInfo, JobInfo
+from .feed import CLUSTER_KINDS, Subscription
+from .history import MAX_LIMIT
+from .models import JOB_COUNT_KEYS, STATUSES, TERMINAL_OUTCOMES, CommandInfo, JobInfo
+from .sse import OnItem, OnOpen, SseStream, serve
 
 if TYPE_CHECKING:
     from .hub import Dispatcher
@@ -406,6 +409,9 @@ EXEC_BODY: JSON = {
         "wait": {"type": "boolean", "default": True,
                  "description": "true: answer when the command is finished; false: answer "
                  "202 once it is stored."},
+        "require_online": {"type": "boolean", "default": False,
+                           "description": "true: answer 409 agent_offline when the agent "
+                           "is not connected, instead of letting the command wait."},
     },
 }
 EMIT_BODY: JSON = {
@@ -470,6 +476,26 @@ E401 = Answer("The admin token is missing or wrong (only when the hub has one)."
 E404 = Answer("Not found.", _ref("Error"))
 E413 = Answer("The body is larger than the hub's max_frame.", _ref("Error"))
 E503 = Answer("The store is unreachable, or the hub is closing.", _ref("Error"))
+SSE = Answer("Server-Sent Events: 'event: KIND' and one 'data:' line of JSON each; a "
+             "': keep-alive' comment line at least every stream_keepalive seconds (15).",
+             {"type": "string"}, "text/event-stream")
+FILTER: JSON = {"type": "string", "minLength": 1, "maxLength": 1024}
+HISTORY_QUERY: dict[str, JSON] = {
+    "agent": {**FILTER, "description": "Only this agent's commands."},
+    "key": {**FILTER, "description": "Only commands with this key."},
+    "status": {"type": "string", "enum": sorted(STATUSES)},
+    "outcome": {"type": "string", "enum": sorted(TERMINAL_OUTCOMES)},
+    "job": {**FILTER, "description": "Only the commands of this job."},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+    "cursor": {**FILTER, "description": "The 'next' of the previous page, unchanged."},
+}
+COMMAND_PAGE: JSON = {
+    "type": "object", "required": ["commands", "next"],
+    "properties": {"commands": {"type": "array", "items": _ref("CommandInfo")},
+                   "next": {"type": ["string", "null"],
+                            "description": "The cursor of the next (older) page; null on "
+                            "the last one."}},
+}
 
 
 def _list(name: str) -> JSON:
@@ -552,11 +578,15 @@ async def _exec(admin: AdminServer, request: web.Request, body: Any) -> web.Stre
         handle = hub.execute_on_agent(
             agent_id, body["key"], body.get("payload"), timeout=body.get("timeout"),
             group=body.get("group"), command_id=body.get("command_id"),
+            require_online=body.get("require_online", False),
         )
     except (ValueError, TypeError) as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
     clog = log.bind(agent_id=agent_id, command_id=handle.id, key=handle.key)
-    await admin.wait(handle.submitted())
+    try:
+        await admin.wait(handle.submitted())
+    except AgentOffline as exc:
+        raise ApiError(409, "agent_offline", str(exc)) from None
     clog.info("admin_command_submitted", wait=body.get("wait", True))
     if not body.get("wait", True):
         stored = await hub.get_command(handle.id)
@@ -584,6 +614,84 @@ async def _get_command(admin: AdminServer, request: web.Request, body: Any
     if info is None:
         raise ApiError(404, "not_found", f"no command {cmd_id!r}")
     return _json(_command(info))
+
+
+async def _list_commands(admin: AdminServer, request: web.Request, body: Any
+                         ) -> web.StreamResponse:
+    query = request.query
+    unknown = sorted(set(query) - set(HISTORY_QUERY))
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown query parameter {unknown[0]!r} "
+                       f"(parameters: {', '.join(HISTORY_QUERY)})")
+    for name, value in query.items():
+        if name != "limit":
+            validate(HISTORY_QUERY[name], value, name)
+    limit = 100
+    if "limit" in query:
+        try:
+            limit = int(query["limit"])
+        except ValueError:
+            raise ApiError(400, "bad_request", "limit must be an integer from 1 to "
+                           f"{MAX_LIMIT}") from None
+    try:
+        page = await admin.hub.list_commands(
+            agent_id=query.get("agent"), key=query.get("key"), status=query.get("status"),
+            outcome=query.get("outcome"), job=query.get("job"), limit=limit,
+            cursor=query.get("cursor"))
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return _json({"commands": [_command(c) for c in page.commands], "next": page.next})
+
+
+async def stream_response(admin: AdminServer, request: web.Request, sub: Subscription,
+                          on_item: OnItem, *, on_open: OnOpen | None = None,
+                          on_tick: OnOpen | None = None) -> web.StreamResponse:
+    """An SSE response relaying ``sub`` (``sse.serve`` with this hub's settings): what
+    every stream route of this API answers with."""
+    hub = admin.hub
+    return await serve(request, hub.feed, sub, keepalive=hub.config.stream_keepalive,
+                       encode=lambda value: _dumps(jsonable(value)), metrics=hub.metrics,
+                       on_item=on_item, on_open=on_open, on_tick=on_tick)
+
+
+async def _command_stream(admin: AdminServer, request: web.Request, body: Any
+                          ) -> web.StreamResponse:
+    hub = admin.hub
+    cmd_id = request.match_info["id"]
+    if await hub.get_command(cmd_id) is None:
+        raise ApiError(404, "not_found", f"no command {cmd_id!r}")
+    sub = await hub.feed.subscribe({"command", "progress"},
+                                   match=lambda kind, data: data.get("id") == cmd_id)
+
+    async def ended(stream: SseStream) -> bool:
+        # Subscribed first, then read: a completion is seen one way or the other.
+        info = await hub.get_command(cmd_id)
+        if info is not None and info.status != "COMPLETE":
+            return False
+        await stream.send("end", None if info is None else _command(info))
+        return True
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        if kind == "progress":
+            await stream.send("progress", data.get("data"))
+            return False
+        if data.get("status") == "COMPLETE":
+            await stream.send("end", data)
+            return True
+        return False
+
+    return await stream_response(admin, request, sub, on_item, on_open=ended, on_tick=ended)
+
+
+async def _cluster_stream(admin: AdminServer, request: web.Request, body: Any
+                          ) -> web.StreamResponse:
+    sub = await admin.hub.feed.subscribe(CLUSTER_KINDS)
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        await stream.send(kind, data)
+        return False
+
+    return await stream_response(admin, request, sub, on_item)
 
 
 async def _cancel(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
@@ -678,88 +786,54 @@ async def _cancel_job(admin: AdminServer, request: web.Request, body: Any
 async def _job_stream(admin: AdminServer, request: web.Request, body: Any
                       ) -> web.StreamResponse:
     """``progress`` {agent_id, data} and ``result`` (CommandInfo) events as the job's
-    parts report, then ``end`` (JobInfo), and the stream closes."""
+    parts report, then ``end`` (JobInfo), and the stream closes. The job's handle
+    (run here, or followed from the store) fills a subscription of the stream's own,
+    served like every other stream (``sse.serve``: bounded, keep-alives)."""
+    hub = admin.hub
     job_id = request.match_info["id"]
-    handle = await admin.hub.follow_job(job_id)
+    handle = await hub.follow_job(job_id)
     if handle is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
+    sub = Subscription(None, None, hub.config.stream_buffer)
 
-    async def progress() -> AsyncIterator[tuple[str, Any]]:
+    def push(kind: str, data: Any) -> bool:
+        if sub.push(kind, data):
+            return True
+        hub.metrics.stream_dropped()
+        log.warning("stream_subscriber_dropped", reason="overflow", path=request.path)
+        return False
+
+    async def progress() -> None:
         async for agent_id, data in handle.progress():
-            yield "progress", {"agent_id": agent_id, "data": data}
-
-    async def results() -> AsyncIterator[tuple[str, Any]]:
-        async for info in handle.results():
-            yield "result", _command(info)
-
-    async def end() -> tuple[str, Any]:
-        return "end", _job(await handle)
-
-    return await sse_response(request, [progress(), results()], end,
-                              keepalive=admin.hub.config.sse_keepalive)
-
-
-# One function for a Server-Sent Events answer, so that it can move to a shared
-# module as it is. Each reader has a bounded buffer: a reader that falls that
-# far behind is dropped (the stream closes) instead of growing the hub's memory.
-SSE_BUFFER = 1024
-
-
-async def sse_response(request: web.Request, sources: list[AsyncIterator[tuple[str, Any]]],
-                       end: Callable[[], Awaitable[tuple[str, Any]]], *, keepalive: float,
-                       buffer: int = SSE_BUFFER) -> web.StreamResponse:
-    """Stream ``(event, data)`` pairs from ``sources`` as SSE, then ``end()``'s event
-    (an ``error`` event instead if a source or ``end`` failed with a hub error); a
-    ``: keep-alive`` comment after ``keepalive`` seconds without one."""
-    queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(buffer)
-    overflow = asyncio.Event()
-
-    async def pump(source: AsyncIterator[tuple[str, Any]]) -> None:
-        async for item in source:
-            if queue.full():
-                overflow.set()
+            if not push("progress", {"agent_id": agent_id, "data": data}):
                 return
-            queue.put_nowait(item)
 
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    pumps = [asyncio.ensure_future(pump(s)) for s in sources]
-    all_pumped: asyncio.Future[list[None]] = asyncio.ensure_future(asyncio.gather(*pumps))
+    async def results() -> None:
+        async for info in handle.results():
+            if not push("result", _command(info)):
+                return
+
+    async def follow() -> None:
+        reporting = asyncio.ensure_future(progress())
+        try:
+            await results()
+            push("end", _job(await handle))
+        except DispatcherError as exc:  # the answer has begun: say it, then close
+            push("error", {"code": type(exc).__name__, "message": str(exc)})
+        finally:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+
+    async def on_item(stream: SseStream, kind: str, data: Any) -> bool:
+        await stream.send(kind, data)
+        return kind in ("end", "error")
+
+    following = asyncio.ensure_future(follow())
     try:
-        while not overflow.is_set():
-            if all_pumped.done() and queue.empty():
-                try:
-                    all_pumped.result()
-                    event, data = await end()
-                except DispatcherError as exc:  # the answer has begun: say it, then close
-                    event, data = "error", {"code": type(exc).__name__, "message": str(exc)}
-                await response.write(_sse_event(event, data))
-                break
-            getter = asyncio.ensure_future(queue.get())
-            waits: set[asyncio.Future[Any]] = {getter, all_pumped}
-            await asyncio.wait(waits, timeout=keepalive,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                if not all_pumped.done():
-                    await response.write(b": keep-alive\n\n")
-                continue
-            item = getter.result()
-            if item is not None:
-                await response.write(_sse_event(*item))
-        if overflow.is_set():
-            log.warning("sse_reader_dropped", path=request.path, buffer=buffer)
+        return await stream_response(admin, request, sub, on_item)
     finally:
-        all_pumped.cancel()
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, all_pumped, return_exceptions=True)
-    return response
-
-
-def _sse_event(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {_dumps(jsonable(data))}\n\n".encode()
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
 
 
 def _job(info: JobInfo) -> JSON:
@@ -830,7 +904,10 @@ ROUTES: tuple[Route, ...] = (
                         "properties": {"id": {"type": "string"},
                                        "status": {"type": "string",
                                                   "enum": ["PENDING", "ACTIVE", "COMPLETE"]}}}),
-           400: E400, 401: E401, 413: E413,
+           400: E400, 401: E401,
+           409: Answer("With require_online: the agent is not connected (agent_offline).",
+                       _ref("Error")),
+           413: E413,
            429: Answer("The agent has too many commands that are not COMPLETE.",
                        _ref("Error")),
            503: E503,
@@ -838,6 +915,29 @@ ROUTES: tuple[Route, ...] = (
           body=EXEC_BODY, params={"id": AGENT_ID},
           description="A command for an agent that is not connected waits, PENDING, until "
           "it connects or its timeout passes. By default the request waits for the outcome."),
+    Route("GET", "/commands", _list_commands, "listCommands",
+          "Command history: every retained command, newest first, filtered",
+          {200: Answer("One page; follow 'next' for older ones (a page may be short, even "
+                       "empty, with 'next' set when few commands match).", COMMAND_PAGE),
+           400: Answer("An unknown status or outcome, a limit outside 1..1000, a malformed "
+                       "cursor or an unknown parameter.", _ref("Error")),
+           401: E401, 503: E503},
+          query=HISTORY_QUERY,
+          description="COMPLETE commands stay listed for the hub's retention. Filters "
+          "combine with 'and'."),
+    Route("GET", "/commands/{id}/stream", _command_stream, "streamCommand",
+          "A command's progress, then its end, as Server-Sent Events",
+          {200: SSE, 401: E401, 404: Answer("No such command.", _ref("Error")), 503: E503},
+          params={"id": COMMAND_ID},
+          description="'progress' events (the agent's progress data), then one 'end' event "
+          "(the CommandInfo) and the stream closes; 'end' at once for a COMPLETE command."),
+    Route("GET", "/stream", _cluster_stream, "streamCluster",
+          "What happens on the cluster, as Server-Sent Events",
+          {200: SSE, 401: E401, 503: E503},
+          description="Events: agent-connected (AgentInfo), agent-disconnected (AgentInfo "
+          "with reason), command (CommandInfo, when a command is created, becomes ACTIVE "
+          "or completes), job (a job changed), event (an agent emitted {key, data, "
+          "from}). On the Redis engine it covers every hub of the cluster."),
     Route("GET", "/commands/{id}", _get_command, "getCommand", "One command",
           {200: Answer("The command (COMPLETE ones stay readable for the hub's retention).",
                        _ref("CommandInfo")),

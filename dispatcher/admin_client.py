@@ -62,10 +62,14 @@ class AdminClient:
 
     def execute(self, agent_id: str, key: str, payload: Any = None, *,
                 timeout: float | None = None, group: str | bool | None = None,
-                command_id: str | None = None, wait: bool = True) -> dict[str, Any]:
+                command_id: str | None = None, wait: bool = True,
+                require_online: bool = False) -> dict[str, Any]:
         """The finished CommandInfo (any outcome but timeout), or ``{id, status}``
-        with ``wait=False``; a timeout raises ``AdminError`` with status 504."""
+        with ``wait=False``; a timeout raises ``AdminError`` with status 504, an agent
+        that is not connected with ``require_online`` one with status 409."""
         body: dict[str, Any] = {"key": key, "wait": wait}
+        if require_online:
+            body["require_online"] = True
         if payload is not None:
             body["payload"] = payload
         for name, value in (("timeout", timeout), ("group", group), ("command_id", command_id)):
@@ -75,6 +79,17 @@ class AdminClient:
         limit = None if not wait else (timeout + 30.0 if timeout is not None else 24 * 3600.0)
         out: dict[str, Any] = self.request("POST", f"/agents/{_q(agent_id)}/commands", body,
                                            timeout=limit)
+        return out
+
+    def commands(self, *, agent: str | None = None, key: str | None = None,
+                 status: str | None = None, outcome: str | None = None, job: str | None = None,
+                 limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """One page of the history: ``{"commands": [...], "next": cursor or None}``."""
+        query = {name: value for name, value in (
+            ("agent", agent), ("key", key), ("status", status), ("outcome", outcome),
+            ("job", job), ("limit", limit), ("cursor", cursor)) if value is not None}
+        path = "/commands" + ("?" + urllib.parse.urlencode(query) if query else "")
+        out: dict[str, Any] = self.request("GET", path)
         return out
 
     def command(self, cmd_id: str) -> dict[str, Any]:

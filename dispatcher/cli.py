@@ -37,7 +37,7 @@ def main() -> None:
 
     Run a hub with `dispatcher serve`, try it with `dispatcher demo`. Drive a
     running hub over its admin API with the client verbs (agents, pending,
-    exec, command, cancel, jobs, job, emit, broadcast): `--admin URL` and `--token`, or
+    exec, jobs, job, commands, command, cancel, emit, broadcast): `--admin URL` and `--token`, or
     DISPATCHER_ADMIN_URL and DISPATCHER_ADMIN_TOKEN; tables by default, `--json`
     for scripts.
 
@@ -45,7 +45,8 @@ def main() -> None:
     Exit codes of the client verbs:
       0  done
       1  the command failed, timed out, was cancelled or dropped (for several
-         agents: any of them did not end ok); an event was not received in
+         agents: any of them did not end ok); the agent is not connected (exec
+         on one agent without --queue); an event was not received in
          time; a cancel came too late (already COMPLETE)
       2  usage: bad arguments or JSON, refused by the hub as a bad request
       3  not found: no such agent, command or job; a target that matched nobody
@@ -389,13 +390,15 @@ def pending(agent_id: str, client: AdminClient, as_json: bool) -> int:
               "unfinished at once.")
 @click.option("--max-failures", metavar="N|P%", help="Several agents: stop starting new ones "
               "once more than N (or P%) failed.")
-@click.option("--require-online", is_flag=True, help="Refuse when a listed agent is not "
-              "connected.")
+@click.option("--queue", is_flag=True, help="One agent: let the command wait, PENDING, for an "
+              "agent that is not connected (until it connects or the timeout passes).")
+@click.option("--require-online", is_flag=True, help="Refuse at once when an agent is not "
+              "connected (the default for one agent; see --queue).")
 @_client_options
 def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | None,
              no_wait: bool, group: str | None, command_id: str | None, batch: str | None,
-             max_failures: str | None, require_online: bool, client: AdminClient,
-             as_json: bool) -> int:
+             max_failures: str | None, queue: bool, require_online: bool,
+             client: AdminClient, as_json: bool) -> int:
     """Run command KEY on TARGET with an optional JSON payload ('-' reads stdin).
 
     TARGET is an agent id, a list ('web-1,web-2'), a glob on connected agents'
@@ -404,6 +407,8 @@ def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | N
     One agent: waits for the outcome and prints the agent's result; exits 1
     when the command fails, times out or is cancelled. With --no-wait, prints
     the command's id once it is stored (follow it with `dispatcher command ID`).
+    An agent that is not connected is an error at once (exit 1), unless
+    --queue lets the command wait for it.
 
     Several agents (a job, docs/fleets.md): one line per agent as each ends,
     then a summary; exits 0 when all ended ok, 1 when any did not, 3 when the
@@ -413,20 +418,30 @@ def exec_cmd(*, agent_id: str, key: str, payload: str | None, timeout: float | N
     Examples:
       dispatcher exec worker-7 echo '{"hello": "world"}'
       dispatcher exec worker-7 sleep '{"seconds": 30}' --timeout 60 --no-wait
+      dispatcher exec laptop-3 sync --queue --no-wait
       dispatcher exec 'web-*' deploy '{"version": "1.4"}' --batch 25% --max-failures 1
     """
+    if queue and require_online:
+        raise click.UsageError("--queue and --require-online contradict each other")
     value = _payload(payload)
-    if _is_job_target(agent_id) or batch or max_failures or require_online:
+    if _is_job_target(agent_id) or batch or max_failures:
+        if queue:
+            raise click.UsageError("--queue is for one agent (a job's listed agents that are "
+                                   "not connected wait for it unless --require-online)")
         return _exec_job(client, agent_id, key, value, timeout=timeout, no_wait=no_wait,
                          job_id=command_id, batch=_amount(batch, "--batch"),
                          max_failures=_amount(max_failures, "--max-failures"),
                          require_online=require_online, as_json=as_json)
     try:
         info = client.execute(agent_id, key, value, timeout=timeout, group=group,
-                              command_id=command_id, wait=not no_wait)
+                              command_id=command_id, wait=not no_wait,
+                              require_online=not queue)
     except AdminError as exc:
         if exc.status == 504 and as_json:
             _print_json(exc.body)
+        if exc.code == "agent_offline":
+            raise _Exit(EXIT_FAILED, f"agent {agent_id!r} is not connected (--queue lets "
+                        "the command wait for it)") from None
         raise
     if no_wait:
         if as_json:
@@ -578,6 +593,48 @@ def job(job_id: str, client: AdminClient, as_json: bool) -> int:
             click.echo(f"{agent:<20} {state}")
         else:
             click.echo(_result_line(cmd) + f"  {cmd['id']}")
+    return EXIT_OK
+
+
+@main.command()
+@click.option("--agent", help="Only this agent's commands.")
+@click.option("--key", help="Only commands with this key.")
+@click.option("--status", type=click.Choice(["PENDING", "ACTIVE", "COMPLETE"]))
+@click.option("--outcome", type=click.Choice(["ok", "error", "timeout", "cancelled", "dropped"]))
+@click.option("--job", help="Only the commands of this job.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Commands per page.")
+@click.option("--cursor", help="The page after the one that printed this cursor.")
+@_client_options
+def commands(*, agent: str | None, key: str | None, status: str | None, outcome: str | None,
+             job: str | None, limit: int, cursor: str | None, client: AdminClient,
+             as_json: bool) -> int:
+    """List the command history, newest first: every retained command, COMPLETE or not.
+
+    When there is more, the last line gives the option for the next page.
+
+    \b
+    Examples:
+      dispatcher commands --agent worker-7 --outcome error
+      dispatcher commands --key backup --limit 10 --cursor CURSOR
+    """
+    page = client.commands(agent=agent, key=key, status=status, outcome=outcome, job=job,
+                           limit=limit, cursor=cursor)
+    if as_json:
+        _print_json(page)
+        return EXIT_OK
+    found = page.get("commands") or []
+    if not found:
+        click.echo("no commands" if not page.get("next") else
+                   "no commands on this page")
+    else:
+        now = datetime.now(UTC).timestamp()
+        rows = [[c["id"], c.get("agent_id", ""), c.get("key", ""), c.get("status", ""),
+                 c.get("outcome") or "-", _ago(c.get("ts"), now), c.get("job") or "-"]
+                for c in found]
+        _table(["COMMAND", "AGENT", "KEY", "STATUS", "OUTCOME", "SUBMITTED", "JOB"], rows)
+    if page.get("next"):
+        click.echo(f"next page: --cursor {page['next']}")
     return EXIT_OK
 
 

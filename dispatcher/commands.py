@@ -28,6 +28,7 @@ from .config import HubConfig
 from .connections import Connections
 from .deadlines import Deadlines
 from .errors import AgentOffline, CommandTimeout, DispatcherError, HubClosed, UnknownCommand
+from .feed import Feed
 from .futures import then
 from .handle import CommandHandle
 from .ids import IdFactory
@@ -64,7 +65,7 @@ class Commands:
 
     def __init__(self, *, config: HubConfig, hub_id: str, store: Store,
                  connections: Connections, peers: Peers, tasks: TaskOwner,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, feed: Feed) -> None:
         self.config = config
         self.hub_id = hub_id
         self.store = store
@@ -72,6 +73,7 @@ class Commands:
         self.peers = peers
         self.tasks = tasks
         self.metrics = metrics
+        self.feed = feed
         self._handles: dict[str, CommandHandle] = {}
         self._deadlines = Deadlines(self._handles, self._on_deadline)
         self._new_id = IdFactory()
@@ -109,7 +111,8 @@ class Commands:
         """``execute_on_agent`` (API.md): returns the handle at once.
 
         ``job``: the command is that job's part for ``agent_id`` (the store claims
-        the part with the command, see ``Store.create_command``).
+        the part with the command, see ``Store.create_command``); not an argument
+        of the public ``execute_on_agent``.
 
         Argument errors raise here, synchronously (``ValueError``/``TypeError``);
         everything that happens later (store, agent) arrives through the handle.
@@ -213,6 +216,8 @@ class Commands:
                 self._deadlines.add(cmd.id, handle, delay)
         else:
             self.metrics.commands_submitted += 1
+            if self.feed.active:
+                self.feed.publish("command", stored.to_dict())
             if not res.coalesced:
                 # Not looked up: unknown (None), see _deliver.
                 self._deliver(stored, res.location if located else None, frame, located)
@@ -300,9 +305,11 @@ class Commands:
             sent = self.connections.send(info.agent_id, P.encode(P.CancelFrame(info.id)))
             if not sent and not self._closing:
                 self.peers.route_cancel(info.agent_id, info.id)
-        if info.outcome not in ("ok", "error"):
-            log.info("command_ended", command_id=info.id, agent_id=info.agent_id,
-                     key=info.key, outcome=info.outcome)
+        # The one place a command's end is logged: every outcome, once.
+        log.info("command_ended", command_id=info.id, agent_id=info.agent_id, key=info.key,
+                 outcome=info.outcome, job=info.job)
+        if self.feed.active:
+            self.feed.publish("command", info.to_dict())
         if move_group and info.group is not None and info.outcome not in ("ok", "error") \
                 and not self._closing:
             # A leader that ended without an answer lets the next member run (an
@@ -334,7 +341,21 @@ class Commands:
 
     # -- answers from agents (the frame router's) ---------------------------------
     def ack(self, agent_id: str, cmd_id: str) -> asyncio.Future[None]:
-        return self.store.mark_active(cmd_id, agent_id, now_ms())
+        fut = self.store.mark_active(cmd_id, agent_id, now_ms())
+        if self.feed.active:
+            then(fut, self._acked, cmd_id)
+        return fut
+
+    def _acked(self, cmd_id: str, fut: asyncio.Future[None]) -> None:
+        """Somebody watches the feed: tell it the command is ACTIVE."""
+        if _failure(fut) is None:
+            then(self.store.get_command(cmd_id), self._publish_found)
+
+    def _publish_found(self, fut: asyncio.Future[CommandInfo | None]) -> None:
+        if _failure(fut) is None:
+            info = fut.result()
+            if info is not None:
+                self.feed.publish("command", info.to_dict())
 
     def progress(self, cmd_id: str, data: Any,
                  agent_id: str | None) -> asyncio.Future[str] | None:
@@ -344,12 +365,16 @@ class Commands:
         handle = self._handles.get(cmd_id)
         if handle is not None and (agent_id is None or handle.agent_id == agent_id):
             handle._push_progress(data)
+            if self.feed.active:
+                self.feed.publish("progress", {"id": cmd_id, "data": data})
             return None
         fut = self.store.progress_origin(cmd_id, agent_id)
 
         def found(fut: asyncio.Future[str]) -> None:
             if not fut.cancelled() and fut.exception() is None:
                 self.peers.notify_progress(fut.result(), cmd_id, data)
+                if self.feed.active:
+                    self.feed.publish("progress", {"id": cmd_id, "data": data})
 
         then(fut, found)
         return fut

@@ -66,7 +66,10 @@ class HubConfig:
     bus_probe_interval: float = 2.0  # loopback probes through the cluster bus
     bus_probe_timeout: float = 5.0  # a probe this late means the bus is deaf
     drain_timeout: float = 10.0  # bounded graceful shutdown
-    sse_keepalive: float = 15.0  # admin API event streams: a comment line after this silence
+    # Admin event streams (SSE): a comment line at least this often, and the items
+    # one reader may fall behind before it is dropped.
+    stream_keepalive: float = 15.0
+    stream_buffer: int = 1000
     # Redis engine (docs/redis.md)
     redis_fast_path: bool = True  # read replies straight from hiredis when the check allows
     redis_max_queued: int = 100_000  # operations waiting for a write; more fail at once
@@ -76,7 +79,7 @@ class HubConfig:
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "hello_timeout", "command_timeout", "retention",
-                     "rate_limit_grace", "sse_keepalive"):
+                     "rate_limit_grace", "stream_keepalive"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive")
         if self.max_frame_rate != 0 and self.max_frame_rate < 1:
@@ -87,7 +90,7 @@ class HubConfig:
             raise ValueError("HubConfig.max_retained must be 0 or more")
         if self.max_frame < 1024:
             raise ValueError("HubConfig.max_frame must be at least 1024 bytes")
-        for name in ("max_offline_queues", "max_offline_bytes"):
+        for name in ("max_offline_queues", "max_offline_bytes", "stream_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HubConfig.{name} must be at least 1")
         if self.max_job_agents < 1:

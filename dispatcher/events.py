@@ -24,6 +24,7 @@ from .clock import now_ms
 from .config import HubConfig
 from .connections import Connections, Session
 from .errors import DeliveryTimeout, DispatcherError
+from .feed import Feed
 from .peers import Peers
 from .store.base import Store
 
@@ -53,12 +54,13 @@ class Events:
 
     def __init__(self, *, config: HubConfig, hub_id: str, store: Store,
                  connections: Connections, peers: Peers,
-                 emit: Callable[..., bool]) -> None:
+                 emit: Callable[..., bool], feed: Feed) -> None:
         self.config = config
         self.store = store
         self.connections = connections
         self.peers = peers
         self._emit = emit  # the hub's emitter: agent events raise there too
+        self.feed = feed  # and watchers of the cluster see them
         self._exact: dict[str, set[str]] = {}
         self._prefix: dict[str, set[str]] = {}
         self._agent_subs: dict[str, set[str]] = {}
@@ -215,6 +217,8 @@ class Events:
                                   f"key {frame.key!r} is reserved for the hub")
         sender = session.agent_id
         self._emit(frame.key, frame.data, sender)
+        if self.feed.active:
+            self.feed.publish("event", {"key": frame.key, "data": frame.data, "from": sender})
         data = P.encode(P.EventFrame(frame.key, frame.data, sender=sender))
         if frame.to is not None:
             full = [a for a in dict.fromkeys(frame.to)

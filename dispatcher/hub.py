@@ -25,11 +25,13 @@ from .config import HubConfig
 from .connections import Connections
 from .emitter import EventEmitter, Handler
 from .events import Events
+from .feed import Feed
 from .handle import CommandHandle
+from .history import History
 from .ids import new_hub_id
 from .jobs import JobHandle, JobListener, Jobs
 from .metrics import Levels, Metrics
-from .models import AgentInfo, CommandInfo, JobInfo
+from .models import AgentInfo, CommandInfo, CommandPage, JobInfo
 from .peers import NoPeers, Peers
 from .router import FrameRouter
 from .sessions import Sessions
@@ -78,20 +80,26 @@ class Dispatcher:
         self._connections = Connections()
         bus = self._store.make_bus(self.hub_id)
         self._bus = bus
+        self._feed = Feed(store=self._store, tasks=self._tasks, metrics=self._metrics,
+                          shared=bus is not None, buffer=config.stream_buffer)
+        self._history = History(store=self._store, tasks=self._tasks)
+        hub_event = self._hub_event
         self._cluster = Cluster(config=config, hub_id=self.hub_id, store=self._store,
-                                tasks=self._tasks, emit=emit) if bus is not None else None
+                                tasks=self._tasks, emit=hub_event) if bus is not None else None
         peers: Peers = self._cluster if self._cluster is not None else NoPeers()
         parts: dict[str, Any] = {"config": config, "hub_id": self.hub_id, "store": self._store,
                                  "connections": self._connections, "peers": peers}
-        self._commands = Commands(**parts, tasks=self._tasks, metrics=self._metrics)
-        self._events = Events(**parts, emit=emit)
+        self._commands = Commands(**parts, tasks=self._tasks, metrics=self._metrics,
+                                  feed=self._feed)
+        self._events = Events(**parts, emit=emit, feed=self._feed)
         self._calls = Calls(commands=self._commands, connections=self._connections,
                             events=self._events, tasks=self._tasks)
         self._sessions = Sessions(**parts, events=self._events, tasks=self._tasks,
-                                  metrics=self._metrics, emit=emit)
+                                  metrics=self._metrics, emit=hub_event)
         self._jobs = Jobs(config=config, hub_id=self.hub_id, store=self._store,
                           commands=self._commands, tasks=self._tasks,
                           takeover=self._cluster is not None)
+        self._jobs.on_job_changed(self._job_changed)
         self._router = FrameRouter(commands=self._commands, events=self._events,
                                    calls=self._calls, tasks=self._tasks)
         if self._cluster is not None:
@@ -125,6 +133,12 @@ class Dispatcher:
     def metrics(self) -> Metrics:
         """This hub's metrics (``metrics.render()``: the Prometheus exposition)."""
         return self._metrics
+
+    @property
+    def feed(self) -> Feed:
+        """What happens on the cluster, for watchers: ``await feed.subscribe(kinds)``;
+        parts of the hub ``feed.publish(kind, data)`` (docs/guide.md, The feed)."""
+        return self._feed
 
     @property
     def port(self) -> int | None:
@@ -259,6 +273,16 @@ class Dispatcher:
         """Call ``listener(job_info)`` whenever a job this hub runs changes (created,
         a part ended, skipped, COMPLETE); returns a function removing it."""
         return self._jobs.on_job_changed(listener)
+    async def list_commands(self, *, agent_id: str | None = None, key: str | None = None,
+                            status: str | None = None, outcome: str | None = None,
+                            job: str | None = None, limit: int = 100,
+                            cursor: str | None = None) -> CommandPage:
+        """Retained commands, COMPLETE or not, newest first (API.md, History):
+        ``.commands`` and ``.next`` (the cursor of the next page, or None).
+        Raises ``ValueError`` for an unknown status or outcome, a limit outside
+        1..1000 or a malformed cursor."""
+        return await self._history.list(agent_id=agent_id, key=key, status=status,
+                                        outcome=outcome, job=job, limit=limit, cursor=cursor)
 
     # -- events -----------------------------------------------------------------
     async def emit_to(self, agent_id: str | list[str], key: str, data: Any = None, *,
@@ -296,6 +320,9 @@ class Dispatcher:
             if self._admin_server is not None:
                 await self._admin_server.start()
             self._jobs.start()
+            self._feed.start()
+            self._history.start()
+            self._tasks.spawn(self._sessions.touch_forever(), name="last-seen")
         except BaseException:
             await self.close()
             raise
@@ -316,6 +343,7 @@ class Dispatcher:
         self._closed = True
         self._jobs.close()
         self._commands.close()
+        await self._feed.close()  # the admin API's streams end now
         await self._agents_server.close()
         if self._admin_server is not None:
             await self._admin_server.close()
@@ -338,6 +366,21 @@ class Dispatcher:
         await self.close()
 
     # -- internals ----------------------------------------------------------------
+    def _hub_event(self, key: str, *args: Any) -> bool:
+        """A hub event (agent-connected, agent-disconnected): the emitter's handlers,
+        and the feed's watchers when there are any."""
+        if self._feed.active and key in ("agent-connected", "agent-disconnected"):
+            data = args[0].to_dict()
+            if len(args) > 1:
+                data["reason"] = args[1]
+            self._feed.publish(key, data)
+        return self._emitter.emit(key, *args)
+
+    def _job_changed(self, info: JobInfo) -> None:
+        """A job this hub runs changed: the feed's watchers learn it (``/stream``)."""
+        if self._feed.active:
+            self._feed.publish("job", info.to_dict())
+
     def _on_store_health(self, ok: bool, exc: BaseException | None) -> None:
         """The store's outage listener: ``internal.db.error`` once per outage."""
         if not ok:

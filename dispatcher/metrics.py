@@ -100,6 +100,10 @@ class Metrics:
         self.admin_requests = Counter(
             "dispatcher_admin_requests", "Admin API requests, by route, method and status.",
             ["route", "method", "status"], registry=r)
+        self.streams_dropped = Counter(
+            "dispatcher_streams_dropped",
+            "Admin event streams (SSE) closed because their reader fell too far behind.",
+            registry=r)
         self._out_names = {t.encode(): t for t in _HUB_FRAME_TYPES}
         self._closed: dict[str, Counter] = {}
         self._store_bound = False
@@ -139,6 +143,9 @@ class Metrics:
             seconds = max(0, info.updated - info.ts) / 1000
             buckets[bisect_left(COMMAND_BUCKETS, seconds)] += 1
             self._duration_sum[outcome] += seconds
+
+    def stream_dropped(self) -> None:
+        self.streams_dropped.inc()
 
     def connection_opened(self) -> None:
         self.connections_opened.inc()

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["JOB_COUNT_KEYS", "AgentInfo", "CommandInfo", "JobInfo", "JobStatus", "Outcome",
-           "Status", "TERMINAL_OUTCOMES"]
+__all__ = ["JOB_COUNT_KEYS", "STATUSES", "TERMINAL_OUTCOMES", "AgentInfo", "CommandInfo",
+           "CommandPage", "JobInfo", "JobStatus", "Outcome", "Status"]
 
 Status = Literal["PENDING", "ACTIVE", "COMPLETE"]
 Outcome = Literal["ok", "error", "timeout", "cancelled", "dropped"]
@@ -17,6 +17,7 @@ JobStatus = Literal["RUNNING", "COMPLETE"]
 # and not ended (``active``), never started (``skipped``), and ended, by outcome.
 JOB_COUNT_KEYS: tuple[str, ...] = ("pending", "active", "skipped", "ok", "error", "timeout",
                                    "cancelled", "dropped")
+STATUSES: frozenset[str] = frozenset({"PENDING", "ACTIVE", "COMPLETE"})
 
 
 @dataclass(slots=True)
@@ -57,6 +58,15 @@ class CommandInfo:
         ``dataclasses.asdict`` copies them recursively, which fails with
         RecursionError on agent data nested a few hundred levels deep."""
         return _fields(self)
+
+
+@dataclass(slots=True)
+class CommandPage:
+    """One page of ``list_commands``: ``commands`` newest first; ``next`` is the
+    opaque cursor of the following page, or None on the last one."""
+
+    commands: list[CommandInfo]
+    next: str | None = None
 
 
 @dataclass(slots=True)

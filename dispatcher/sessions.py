@@ -9,6 +9,7 @@ queued while it was away; what arrives meanwhile waits behind them
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import structlog
@@ -134,6 +135,32 @@ class Sessions:
         log.info("agent_disconnected", agent_id=session.agent_id, session=session.session_id,
                  reason=reason)
         self._emit("agent-disconnected", session.info.copy(), reason)
+
+    async def touch_once(self) -> int:
+        """``last_seen`` of every agent connected here is now, in one store call.
+
+        A connection is alive while its Pongs (or any other frame) keep coming:
+        the transport drops one that is silent for two heartbeats. So an agent
+        still connected here was seen within that bound, and one write per
+        heartbeat for all of them keeps ``AgentInfo.last_seen`` current without
+        a store write per frame or per agent.
+        """
+        sessions = self.connections.sessions()
+        if not sessions:
+            return 0
+        now = now_ms()
+        for session in sessions:
+            session.info.last_seen = now
+        return await self.store.touch_agents(
+            [(s.agent_id, s.session_id) for s in sessions], now)
+
+    async def touch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat)
+            try:
+                await self.touch_once()
+            except DispatcherError as exc:  # the store's health listener reports outages
+                log.debug("touch_failed", error=str(exc))
 
     def kick(self, agent_id: str, session_id: str) -> None:
         """Another hub took this agent's new connection: close the old one here (4409)."""

@@ -136,12 +136,12 @@ def run(served: Served | None, *args: str, **env: str) -> subprocess.CompletedPr
 def test_help_names_every_verb_and_the_exit_codes() -> None:
     out = CliRunner().invoke(main, ["--help"])
     assert out.exit_code == 0
-    for word in ("agents", "pending", "exec", "command", "cancel", "emit", "broadcast",
+    for word in ("agents", "pending", "exec", "commands", "cancel", "emit", "broadcast",
                  "serve", "demo", "Exit codes", "DISPATCHER_ADMIN_URL"):
         assert word in out.stdout
     out = CliRunner().invoke(main, ["exec", "--help"])
-    for word in ("--timeout", "--no-wait", "--admin", "--token", "--json",
-                 "DISPATCHER_ADMIN_TOKEN"):
+    for word in ("--timeout", "--no-wait", "--queue", "--require-online", "--admin", "--token",
+                 "--json", "DISPATCHER_ADMIN_TOKEN"):
         assert word in out.stdout
 
 
@@ -161,6 +161,9 @@ def test_agents_table_and_json(served: Served) -> None:
 
 def test_pending_lists_then_cancel_then_command(served: Served) -> None:
     out = cli(served, "exec", "later-agent", "echo", '{"n": 1}', "--no-wait")
+    assert out.exit_code == 1  # not connected: said at once
+    assert "later-agent" in one_line_error(out) and "--queue" in out.stderr
+    out = cli(served, "exec", "later-agent", "echo", '{"n": 1}', "--no-wait", "--queue")
     assert out.exit_code == 0, out.output
     cmd_id = out.stdout.strip()
     assert cmd_id and " " not in cmd_id
@@ -185,6 +188,28 @@ def test_pending_lists_then_cancel_then_command(served: Served) -> None:
     out = cli(served, "command", cmd_id, "--json")
     assert json.loads(out.stdout)["outcome"] == "cancelled"
     assert cli(served, "pending", "later-agent").stdout.startswith("no pending commands")
+
+
+def test_commands_lists_the_history_with_a_cursor(served: Served) -> None:
+    ids = [cli(served, "exec", AGENT, "echo", str(i), "--json").stdout for i in range(3)]
+    ids = [json.loads(out)["id"] for out in ids]
+    out = cli(served, "commands", "--agent", AGENT, "--key", "echo", "--limit", "2")
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["COMMAND", "AGENT", "KEY", "STATUS", "OUTCOME", "SUBMITTED",
+                                "JOB"]
+    assert [line.split()[0] for line in lines[1:3]] == [ids[2], ids[1]]
+    assert lines[1].split()[1:5] == [AGENT, "echo", "COMPLETE", "ok"]
+    assert lines[3].startswith("next page: --cursor ")
+    cursor = lines[3].split()[-1]
+    out = cli(served, "commands", "--agent", AGENT, "--key", "echo", "--limit", "2",
+              "--cursor", cursor, "--json")
+    page = json.loads(out.stdout)
+    assert page["commands"][0]["id"] == ids[0]
+    out = cli(served, "commands", "--outcome", "fine")
+    assert out.exit_code == 2
+    out = cli(served, "commands", "--cursor", "made-up")
+    assert out.exit_code == 2 and "cursor" in one_line_error(out)
 
 
 def test_unknown_command_and_cancel_exit_3(served: Served) -> None:

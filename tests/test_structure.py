@@ -21,13 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Modules of the hub's parts: what the transports and features must not reach into.
 PARTS = ("commands", "connections", "sessions", "router", "tasks", "hub", "peers")
 # Modules that reach the parts only through their public methods.
-FEATURES = ("events", "calls", "cluster", "metrics", "admin", "transport", "ws_fastpath", "jobs")
+FEATURES = ("events", "calls", "cluster", "metrics", "admin", "transport", "ws_fastpath", "jobs",
+            "feed", "history", "sse")
 # The hub below its servers: never imports a server, the CLI or the composition.
 CORE = ("commands", "connections", "sessions", "router", "tasks", "peers", "events", "calls",
         "cluster", "metrics", "deadlines", "handle", "lifecycle", "models", "errors", "futures",
-        "emitter", "ids", "clock", "config", "jobs", "targets")
-SERVERS_AND_ABOVE = ("transport", "ws_fastpath", "admin", "dashboard", "cli", "hub", "demo",
-                     "admin_client")
+        "emitter", "ids", "clock", "config", "jobs", "targets", "feed", "history")
+SERVERS_AND_ABOVE = ("transport", "ws_fastpath", "admin", "sse", "dashboard", "cli", "hub",
+                     "demo", "admin_client")
 
 
 def _module_name(path: Path) -> str:
@@ -168,10 +169,10 @@ def test_features_use_the_parts_public_methods_only(feature: str) -> None:
 API_NAMES = {"listen", "close", "on", "once", "off", "execute_on_agent", "emit_to", "broadcast",
              "apply_command_response", "apply_command_error", "apply_command_progress",
              "list_pending_commands", "get_command", "list_connected_agents",
-             "execute_on_agents", "get_job", "list_jobs", "list_job_commands"}
+             "execute_on_agents", "get_job", "list_jobs", "list_job_commands", "list_commands"}
 DOCUMENTED_ADDITIONS = {"config", "hub_id", "engine", "store", "metrics", "port", "admin_port",
                         "auth_required", "connected_count", "bus_status", "cancel_command",
-                        "get_agent", "cancel_job", "on_job_changed", "follow_job"}
+                        "get_agent", "cancel_job", "on_job_changed", "follow_job", "feed"}
 
 
 def test_dispatcher_surface_is_the_documented_one() -> None:

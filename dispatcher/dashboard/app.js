@@ -14,6 +14,7 @@
   const RENDER_EVERY_MS = 150; // live updates are applied at most this often
   const POLL_MS = 2000; // agents refresh when the hub has no cluster stream
   const REFRESH_MS = 20000; // agents snapshot refresh (last seen)
+  const SETTLE_MS = 2500; // a second read of the agents after a stream opens
 
   // What a browser test (and anyone curious) can read: render timings, long tasks.
   const metrics = { agentsRender: [], firstFullRender: null, longTasks: [], streamOpens: 0 };
@@ -424,6 +425,11 @@
             delay = 500;
             await loadAgents();
             await seedInflight();
+            // Other hubs of a cluster start publishing to a new watcher within about a
+            // second (they poll for watchers): read the agents once more after that.
+            setTimeout(() => {
+              if (current(generation)) loadAgents().catch(swallow);
+            }, SETTLE_MS);
           },
         });
         if (!current(generation)) return;

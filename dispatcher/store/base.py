@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Protocol
 
 from ..models import JOB_COUNT_KEYS, AgentInfo, CommandInfo, JobInfo, Outcome
 
-__all__ = ["Bus", "Completion", "CreateResult", "DropSpec", "JobRecord", "Store", "job_counts"]
+__all__ = ["HISTORY_SCAN", "Bus", "Completion", "CreateResult", "DropSpec", "HistoryFilter",
+           "HistoryPage", "JobRecord", "Store", "job_counts"]
 
 class Bus(Protocol):
     """Messages between hubs (see ``redis_bus.py``)."""
@@ -38,6 +39,39 @@ class Bus(Protocol):
 DropSpec = bool | str | None
 
 DROPPED_RESULT: dict[str, Any] = {"dropped": True}
+
+# Index entries one ``list_commands`` call looks at, at most: a filter that
+# matches few of the entries of the index walked returns a short page (and a
+# cursor to go on from) instead of walking the whole index in one call.
+HISTORY_SCAN = 2000  # also bounds how long one listing holds Redis (~10 ms)
+
+
+@dataclass(slots=True, frozen=True)
+class HistoryFilter:
+    """What ``list_commands`` selects (None: any). Validated by the caller."""
+
+    agent_id: str | None = None
+    key: str | None = None
+    status: str | None = None
+    outcome: str | None = None
+    job: str | None = None
+
+    def matches(self, agent_id: str, key: str, job: str | None, status: str,
+                outcome: str | None) -> bool:
+        return ((self.agent_id is None or agent_id == self.agent_id)
+                and (self.key is None or key == self.key)
+                and (self.job is None or job == self.job)
+                and (self.status is None or status == self.status)
+                and (self.outcome is None or outcome == self.outcome))
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """What ``list_commands`` found: ``commands`` newest first, and where the next
+    page starts (``(ts, id)`` of the last entry looked at), None when no entry is left."""
+
+    commands: list[CommandInfo]
+    after: tuple[int, str] | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +187,7 @@ class Store(ABC):
         part for ``cmd.id``, or fails with ``JobPartRefused``, changing nothing,
         when the part was started with another id or skipped, the job is not
         RUNNING, was cancelled, or is run by a hub other than ``cmd.origin``.
+        Without ``job`` the command belongs to no job (``cmd.job`` is cleared).
 
         ``locate`` False: the caller does not need ``CreateResult.location``
         (an engine may leave it None without looking it up).
@@ -207,6 +242,24 @@ class Store(ABC):
     @abstractmethod
     def list_pending(self, agent_id: str) -> asyncio.Future[list[CommandInfo]]:
         """The agent's commands that are not COMPLETE, oldest first."""
+
+    @abstractmethod
+    def list_commands(self, where: HistoryFilter, *, limit: int,
+                      before: tuple[int, str] | None, now: int) -> asyncio.Future[HistoryPage]:
+        """Retained commands (COMPLETE or not) that match ``where``, newest first
+        (by ``ts``, then id), at most ``limit``, strictly older than ``before``.
+
+        Answered from the store's history indexes (by agent, key, job and
+        outcome): the smallest index that applies is walked, newest first, and
+        its entries checked against the other filters; at most ``HISTORY_SCAN``
+        entries per call (the page may then be short, with ``after`` set).
+        Entries of commands that expired are dropped from the index when met.
+        """
+
+    @abstractmethod
+    def trim_history(self, now: int, limit: int = 1000) -> asyncio.Future[int]:
+        """Remove up to ``limit`` history index entries of commands that are gone
+        (older than the retention period); returns how many were removed."""
 
     @abstractmethod
     def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
@@ -264,6 +317,11 @@ class Store(ABC):
         """Forget the agent if its record is still this ``session``'s."""
 
     @abstractmethod
+    def touch_agents(self, agents: Sequence[tuple[str, str]], now: int) -> asyncio.Future[int]:
+        """Set ``last_seen`` to ``now`` for each ``(agent id, session)`` whose record is
+        still that session's, in one store call; returns how many were updated."""
+
+    @abstractmethod
     def get_agent(self, agent_id: str) -> asyncio.Future[AgentInfo | None]: ...
 
     @abstractmethod
@@ -287,6 +345,19 @@ class Store(ABC):
     @property
     def events_channel(self) -> str:
         return "events"
+
+    @property
+    def feed_channel(self) -> str:
+        return "feed"
+
+    def make_feed_bus(self) -> Bus | None:
+        """A bus subscribed to ``feed_channel`` only (the cluster's feed for
+        watchers, subscribed while this hub has watchers); None without a bus."""
+        return None
+
+    def listeners(self, channel: str) -> asyncio.Future[int]:
+        """How many subscribers (hubs' buses) ``channel`` has."""
+        raise NotImplementedError
 
     def publish(self, channel: str, data: bytes) -> asyncio.Future[Any]:
         """Send a message to a channel (fire and forget: the future holds the outcome)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import heapq
 import time
@@ -16,7 +17,18 @@ from ..errors import DispatcherError, JobPartRefused, TooManyCommands, UnknownCo
 from ..futures import failed
 from ..lifecycle import next_status
 from ..models import AgentInfo, CommandInfo, JobInfo, Outcome
-from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, JobRecord, Store, job_counts
+from .base import (
+    DROPPED_RESULT,
+    HISTORY_SCAN,
+    Completion,
+    CreateResult,
+    DropSpec,
+    HistoryFilter,
+    HistoryPage,
+    JobRecord,
+    Store,
+    job_counts,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -60,6 +72,14 @@ class MemoryStore(Store):
         self._deadlines: list[tuple[int, str]] | None = None
         # (expires, id) of COMPLETE commands; retention is constant, so FIFO
         self._expiry: deque[tuple[int, str]] = deque()
+        # History (list_commands): per index name ("all", "agent:ID", "key:KEY",
+        # "job:JOB", "outcome:OUTCOME") the (ts, id) of its commands, sorted; and
+        # per retained command its card [agent, key, job, outcome, ts]. A command
+        # that expires loses its card at once; its index entries are skipped
+        # from then on and dropped when they are half of an index (rebuilt).
+        self._hist: dict[str, list[tuple[int, str]]] = {}
+        self._hist_dead: dict[str, int] = {}
+        self._cards: dict[str, list[Any]] = {}
         self._agents: dict[str, AgentInfo] = {}
         # agent id -> its queued (ts, frame), the queues in order of last push
         # (oldest first): past max_queues queues or max_queued_bytes bytes in
@@ -106,7 +126,45 @@ class MemoryStore(Store):
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             _, cmd_id = expiry.popleft()
-            self._done.pop(cmd_id, None)
+            if self._done.pop(cmd_id, None) is not None:
+                self._forget(cmd_id)
+
+    # -- history indexes -------------------------------------------------------
+    def _index(self, name: str, ts: int, cmd_id: str) -> None:
+        entries = self._hist.get(name)
+        if entries is None:
+            self._hist[name] = [(ts, cmd_id)]
+        elif not entries or entries[-1] < (ts, cmd_id):
+            entries.append((ts, cmd_id))  # the usual case: newest last
+        else:
+            bisect.insort(entries, (ts, cmd_id))
+
+    def _forget(self, cmd_id: str) -> None:
+        """A COMPLETE command expired: its card goes, its index entries are dead."""
+        if cmd_id in self._commands:
+            return  # created again under the same id meanwhile
+        card = self._cards.pop(cmd_id, None)
+        if card is None:
+            return
+        for name in _index_names(card):
+            entries = self._hist.get(name)
+            if entries is None:
+                continue
+            dead = self._hist_dead.get(name, 0) + 1
+            if dead * 2 < len(entries):
+                self._hist_dead[name] = dead
+                continue
+            live = [e for e in entries if self._entry_live(name, e)]
+            self._hist_dead.pop(name, None)
+            if live:
+                self._hist[name] = live
+            else:
+                del self._hist[name]
+
+    def _entry_live(self, name: str, entry: tuple[int, str]) -> bool:
+        card = self._cards.get(entry[1])
+        return card is not None and card[4] == entry[0] and (
+            not name.startswith("outcome:") or name == f"outcome:{card[3]}")
 
     def _finish(
         self, cmd: CommandInfo, outcome: Outcome, now: int, result: Any,
@@ -125,11 +183,16 @@ class MemoryStore(Store):
         del self._commands[cmd.id]
         done = self._done
         done[cmd.id] = _freeze(cmd)
+        card = self._cards.get(cmd.id)
+        if card is not None:
+            card[3] = outcome
+            self._index(f"outcome:{outcome}", cmd.ts, cmd.id)
         expiry = self._expiry
         expiry.append((now + self._retention_ms, cmd.id))
         if len(expiry) > self._max_retained:
             _, oldest = expiry.popleft()
-            done.pop(oldest, None)
+            if done.pop(oldest, None) is not None:
+                self._forget(oldest)
 
     def create_command(
         self, cmd: CommandInfo, *, drop: DropSpec = None, max_pending: int | None = None,
@@ -137,8 +200,13 @@ class MemoryStore(Store):
     ) -> asyncio.Future[CreateResult]:
         if job is not None:
             return self._create_part(cmd, drop, max_pending, job)
-        # Hot path (benchmark rows "roundtrip" of the in-memory engine): one
-        # function, the expiry test and _ok inlined.
+        cmd.job = None  # only a job's claimed part belongs to a job
+        return self._insert(cmd, drop, max_pending)
+
+    def _insert(self, cmd: CommandInfo, drop: DropSpec, max_pending: int | None,
+                ) -> asyncio.Future[CreateResult]:
+        # Hot path (benchmark rows "roundtrip" of the in-memory engine): the
+        # expiry test and _ok inlined.
         expiry = self._expiry
         if expiry and expiry[0][0] <= cmd.ts:
             self._expire(cmd.ts)
@@ -172,6 +240,13 @@ class MemoryStore(Store):
         cmd.updated = cmd.ts
         self._commands[cmd.id] = cmd
         index[cmd.id] = None
+        ts, cmd_id = cmd.ts, cmd.id
+        self._cards[cmd_id] = [cmd.agent_id, cmd.key, cmd.job, None, ts]
+        self._index("all", ts, cmd_id)
+        self._index(f"agent:{cmd.agent_id}", ts, cmd_id)
+        self._index(f"key:{cmd.key}", ts, cmd_id)
+        if cmd.job is not None:
+            self._index(f"job:{cmd.job}", ts, cmd_id)
         heap = self._deadlines
         if heap is not None and cmd.deadline is not None:
             heapq.heappush(heap, (cmd.deadline, cmd.id))
@@ -209,7 +284,7 @@ class MemoryStore(Store):
             return self._failed(JobPartRefused(refusal, claimed))
         assert rec is not None
         cmd.job = job
-        fut = self.create_command(cmd, drop=drop, max_pending=max_pending)
+        fut = self._insert(cmd, drop, max_pending)
         if fut.exception() is None and fut.result().created:
             rec.parts[agent] = cmd.id
             self._job_changed(rec, cmd.ts)
@@ -313,6 +388,39 @@ class MemoryStore(Store):
     def progress_origin(self, cmd_id: str, agent_id: str | None) -> asyncio.Future[str]:
         return self._run(lambda: self._addressed(cmd_id, agent_id).origin)
 
+    def list_commands(self, where: HistoryFilter, *, limit: int,
+                      before: tuple[int, str] | None, now: int) -> asyncio.Future[HistoryPage]:
+        self._expire(now)
+        names = [f"{kind}:{value}" for kind, value in (
+            ("agent", where.agent_id), ("key", where.key), ("job", where.job),
+            ("outcome", where.outcome)) if value is not None] or ["all"]
+        entries = min((self._hist.get(name, []) for name in names), key=len)
+        pos = len(entries) if before is None else bisect.bisect_left(entries, before)
+        out: list[CommandInfo] = []
+        last: tuple[int, str] | None = None
+        scanned = 0
+        while pos > 0 and len(out) < limit and scanned < HISTORY_SCAN:
+            pos -= 1
+            scanned += 1
+            last = entries[pos]
+            ts, cmd_id = last
+            card = self._cards.get(cmd_id)
+            if card is None or card[4] != ts:
+                continue
+            live = self._commands.get(cmd_id)
+            status = live.status if live is not None else "COMPLETE"
+            if where.matches(card[0], card[1], card[2], status, card[3]):
+                info = self._get(cmd_id)
+                if info is not None:
+                    out.append(info)
+        return self._ok(HistoryPage(out, last if pos > 0 else None))
+
+    def trim_history(self, now: int, limit: int = 1000) -> asyncio.Future[int]:
+        # Expired commands leave the indexes as they expire (_forget): only the
+        # expiry itself is due.
+        self._expire(now)
+        return self._ok(0)
+
     def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         if self._deadlines is None:
             self._compact_deadlines()
@@ -414,6 +522,15 @@ class MemoryStore(Store):
             return self._ok(False)
         del self._agents[agent_id]
         return self._ok(True)
+
+    def touch_agents(self, agents: Sequence[tuple[str, str]], now: int) -> asyncio.Future[int]:
+        touched = 0
+        for agent_id, session in agents:
+            info = self._agents.get(agent_id)
+            if info is not None and info.session == session:
+                info.last_seen = now
+                touched += 1
+        return self._ok(touched)
 
     def get_agent(self, agent_id: str) -> asyncio.Future[AgentInfo | None]:
         info = self._agents.get(agent_id)
@@ -528,6 +645,16 @@ def _drops(drop: DropSpec, new: CommandInfo, other: CommandInfo) -> bool:
     if isinstance(drop, str):
         return other.key == drop
     return new.group is None or other.group != new.group
+
+
+def _index_names(card: list[Any]) -> list[str]:
+    agent, key, job, outcome, _ = card
+    names = ["all", f"agent:{agent}", f"key:{key}"]
+    if job is not None:
+        names.append(f"job:{job}")
+    if outcome is not None:
+        names.append(f"outcome:{outcome}")
+    return names
 
 
 _FIELDS = ("id", "agent_id", "key", "outcome", "group", "ts", "updated", "deadline", "origin",

@@ -42,7 +42,18 @@ from agent_client.protocol import pack, unpack
 from ..errors import JobPartRefused, StoreUnavailable, TooManyCommands, UnknownCommand
 from ..futures import resolved
 from ..models import AgentInfo, CommandInfo, JobInfo, Outcome
-from .base import DROPPED_RESULT, Completion, CreateResult, DropSpec, JobRecord, Store, job_counts
+from .base import (
+    DROPPED_RESULT,
+    HISTORY_SCAN,
+    Completion,
+    CreateResult,
+    DropSpec,
+    HistoryFilter,
+    HistoryPage,
+    JobRecord,
+    Store,
+    job_counts,
+)
 from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
@@ -502,19 +513,21 @@ class RedisStore(Store):
         locate: bool = True, job: str | None = None,
     ) -> asyncio.Future[CreateResult]:
         drop_arg = "" if not drop else (f"k:{drop}" if isinstance(drop, str) else "*")
-        args: tuple[Any, ...] = (
-            self.prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
+        cmd.job = job  # only a job's claimed part belongs to a job
+        prefix = self.prefix
+        keys: tuple[Any, ...] = (
+            self._k_cmd(cmd.id), self._k_pending(cmd.agent_id), self._k_deadlines,
+            f"{prefix}:history", f"{prefix}:history:agent:{cmd.agent_id}",
+            f"{prefix}:history:key:{cmd.key}")
+        if job is not None:
+            keys += (self._k_job(job), f"{prefix}:history:job:{job}")
+        return self._call("create", (
+            len(keys), *keys,
+            prefix, cmd.id, cmd.agent_id, cmd.key, cmd.group or "", cmd.ts,
             "" if cmd.deadline is None else cmd.deadline, cmd.origin, pack(cmd.payload),
             drop_arg, max_pending or 0, self._retention_ms, _PACKED_DROPPED,
-            1 if locate else 0,
-        )
-        keys: tuple[Any, ...] = (self._k_cmd(cmd.id), self._k_pending(cmd.agent_id),
-                                 self._k_deadlines)
-        if job is not None:
-            cmd.job = job
-            keys, args = (*keys, self._k_job(job)), (*args, job)
-        return self._call("create", (len(keys), *keys, *args),
-                          lambda res: self._created(cmd, max_pending, res))
+            1 if locate else 0, job or "", pack([cmd.id, cmd.agent_id, cmd.key, job]),
+        ), lambda res: self._created(cmd, max_pending, res))
 
     def _created(self, cmd: CommandInfo, max_pending: int | None, res: Any) -> CreateResult:
         status = res[0]
@@ -533,7 +546,7 @@ class RedisStore(Store):
             CommandInfo(
                 id=_s(d[0]), agent_id=cmd.agent_id, key=_s(d[1]), status="COMPLETE",
                 outcome="dropped", group=_s(d[2]) or None, ts=_i(d[4]), updated=cmd.ts,
-                origin=_s(d[3]), result=dict(DROPPED_RESULT),
+                origin=_s(d[3]), result=dict(DROPPED_RESULT), job=_s(d[5]) or None,
             )
             for d in res[2]
         ]
@@ -574,6 +587,38 @@ class RedisStore(Store):
     def list_pending(self, agent_id: str) -> asyncio.Future[list[CommandInfo]]:
         return self._call("list_pending", (1, self._k_pending(agent_id), self.prefix),
                           _commands)
+
+    def list_commands(self, where: HistoryFilter, *, limit: int,
+                      before: tuple[int, str] | None, now: int) -> asyncio.Future[HistoryPage]:
+        prefix = self.prefix
+        keys = [f"{prefix}:history:{kind}:{value}" for kind, value in (
+            ("agent", where.agent_id), ("key", where.key), ("job", where.job),
+            ("outcome", where.outcome)) if value is not None]
+        packed = not keys
+        if packed:
+            keys = [f"{prefix}:history"]
+
+        def parse(res: Any) -> HistoryPage:
+            found, more, last_ts, last_id = res
+            after = (_i(last_ts), _s(last_id)) if more else None
+            return HistoryPage([_command_from_hash(h) for h in found], after)
+
+        return self._call("list_commands", (
+            len(keys), *keys, prefix, where.agent_id or "", where.key or "",
+            where.status or "", where.outcome or "", where.job or "", limit,
+            "" if before is None else before[0], "" if before is None else before[1],
+            HISTORY_SCAN, "1" if packed else "0"), parse)
+
+    def trim_history(self, now: int, limit: int = 1000) -> asyncio.Future[int]:
+        cutoff = now - int(self._retention_ms)
+        return self._call("trim_history", (1, f"{self.prefix}:history", self.prefix, cutoff,
+                                           limit), int)
+
+    def touch_agents(self, agents: Sequence[tuple[str, str]], now: int) -> asyncio.Future[int]:
+        if not agents:
+            return resolved(asyncio.get_running_loop(), 0)
+        return self._call("touch_agents", (
+            0, self.prefix, now, *(item for pair in agents for item in pair)), int)
 
     def overdue(self, now: int, limit: int = 100) -> asyncio.Future[list[CommandInfo]]:
         return self._call("overdue", (1, self._k_deadlines, self.prefix, now, limit), _commands)
@@ -655,6 +700,17 @@ class RedisStore(Store):
     @property
     def events_channel(self) -> str:
         return f"{self.prefix}:events"
+
+    @property
+    def feed_channel(self) -> str:
+        return f"{self.prefix}:feed"
+
+    def make_feed_bus(self) -> RedisBus:
+        return RedisBus(self.url, [self.feed_channel], self.feed_channel, self.publish,
+                        probe_interval=self._bus_probe[0], probe_timeout=self._bus_probe[1])
+
+    def listeners(self, channel: str) -> asyncio.Future[int]:
+        return self._call(None, ("PUBSUB", "NUMSUB", channel), lambda res: _i(res[1]))
 
     def hub_alive(self, hub_id: str, ttl_ms: int) -> asyncio.Future[bool]:
         return self._call("hub_alive", (2, f"{self.prefix}:hub:{hub_id}:alive",
@@ -776,18 +832,18 @@ def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any
     """The COMPLETE script's reply as the completed command and group members."""
     if res[0] != 1:
         raise UnknownCommand(_REJECTIONS[res[0]].format(id=cmd_id, agent=agent_id))
-    _, agent, key, group, origin, ts, deadline, members, watchers = res
+    _, agent, key, group, origin, ts, deadline, members, watchers, job = res
     agent_s, group_s = _s(agent), _s(group) or None
     return Completion(
         CommandInfo(
             id=cmd_id, agent_id=agent_s, key=_s(key), status="COMPLETE", outcome=outcome,
             group=group_s, ts=_i(ts), updated=now,
             deadline=_i(deadline) if deadline else None, origin=_s(origin),
-            result=result, error=error,
+            result=result, error=error, job=_s(job) or None,
         ),
         tuple(CommandInfo(id=_s(m[0]), agent_id=agent_s, key=_s(m[1]), status="COMPLETE",
                           outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
-                          origin=_s(m[2]), result=result, error=error)
+                          origin=_s(m[2]), result=result, error=error, job=_s(m[4]) or None)
               for m in members),
         tuple(w for w in _s(watchers).split(",") if w),
     )

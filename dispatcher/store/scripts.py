@@ -5,7 +5,12 @@ Key layout (ARCHITECTURE.md, binding), with ``P`` the prefix:
 (score deadline; the sweepers' index), ``P:agent:ID`` hash, ``P:agents`` set,
 ``P:agent:ID:events`` list (frames queued for an agent that is away) and
 ``P:queues`` zset (the agent ids that have such a list, score: last push ms;
-the bound of their number, docs/redis.md).
+the bound of their number, docs/redis.md). History (``list_commands``):
+``P:history`` zset of every retained command (member: msgpack ``[id, agent,
+key, job]``, so the trim knows which other indexes to clean; score ts) and
+zsets of command ids, score ts: ``P:history:agent:ID``, ``P:history:key:KEY``,
+``P:history:job:JOB`` (written by CREATE) and ``P:history:outcome:OUTCOME``
+(written when the command completes).
 
 Scripts that walk an agent's pending index build the ``P:cmd:ID`` key names
 they touch from the prefix (ARGV[1]); that is fine on a single Redis or a
@@ -19,19 +24,21 @@ from typing import Final
 
 __all__ = ["JOB_COUNT_FIELDS", "JOB_INFO_FIELDS", "SCRIPTS"]
 
-# KEYS: 1 P:cmd:ID, 2 P:agent:AGENT:pending, 3 P:deadlines
+# KEYS: 1 P:cmd:ID, 2 P:agent:AGENT:pending, 3 P:deadlines, 4 P:history,
+#       5 P:history:agent:AGENT, 6 P:history:key:KEY; a job's part also
+#       7 P:job:JOB and 8 P:history:job:JOB
 # ARGV: 1 prefix, 2 id, 3 agent, 4 key, 5 group ('' = none), 6 ts, 7 deadline ('' = none),
 #       8 origin, 9 payload (msgpack), 10 drop ('' | '*' | 'k:<command key>'),
 #       11 max_pending (0 = no limit), 12 retention ms, 13 dropped result (msgpack),
 #       14 locate ('1': look up the agent's hub; '0' returns '' as location),
-#       15 job id ('' or absent: none; then KEYS[4] is P:job:JOB)
+#       15 job id ('' = none), 16 history card (msgpack [id, agent, key, job])
 # Returns {0, HGETALL} when the id exists (idempotent submit; a hub other than the
 # command's origin that submits it again while it is not COMPLETE is added to its
 # 'watchers' field, so it is told of the completion too), {-1} over the
-# limit, else {1, coalesced, {{id, key, group, origin, ts}...dropped}, location} with
+# limit, else {1, coalesced, {{id, key, group, origin, ts, job}...dropped}, location} with
 # location the hub the agent is connected to ('' if none).
 #
-# A job's part (ARGV[15] the job id, KEYS[4] P:job:JOB): in the same step, the
+# A job's part (ARGV[15] the job id, KEYS[7] P:job:JOB): in the same step, the
 # agent's part of the job (field p:AGENT: '' not started, '!' skipped, else the
 # command id) is claimed for this command, which is stored with field 'job'. The
 # part is refused, {-2, reason, claimed id}, when it started with another id (or
@@ -41,7 +48,7 @@ CREATE: Final = """
 local job = ARGV[15] or ''
 if job ~= '' then
   local agent = ARGV[3]
-  local j = redis.call('HMGET', KEYS[4], 'status', 'origin', 'cancelled', 'p:' .. agent)
+  local j = redis.call('HMGET', KEYS[7], 'status', 'origin', 'cancelled', 'p:' .. agent)
   if not j[1] then return {-2, 'no job ' .. job, ''} end
   local exists = redis.call('EXISTS', KEYS[1]) == 1
   local part = j[4]
@@ -78,7 +85,7 @@ local group = ARGV[5]
 if drop ~= '' or group ~= '' then
   for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     local ok = ARGV[1] .. ':cmd:' .. other
-    local f = redis.call('HMGET', ok, 'status', 'group', 'key', 'origin', 'ts')
+    local f = redis.call('HMGET', ok, 'status', 'group', 'key', 'origin', 'ts', 'job')
     if not f[1] then
       redis.call('ZREM', KEYS[2], other)
     else
@@ -96,7 +103,8 @@ if drop ~= '' or group ~= '' then
         redis.call('PEXPIRE', ok, ARGV[12])
         redis.call('ZREM', KEYS[2], other)
         redis.call('ZREM', KEYS[3], other)
-        table.insert(dropped, {other, f[3], f[2], f[4], f[5]})
+        redis.call('ZADD', ARGV[1] .. ':history:outcome:dropped', f[5], other)
+        table.insert(dropped, {other, f[3], f[2], f[4], f[5], f[6] or ''})
       elseif group ~= '' and f[2] == group then
         coalesced = 1
       end
@@ -108,12 +116,18 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'agent', ARGV[3], 'key', ARGV[4],
            'updated', ARGV[6], 'deadline', ARGV[7], 'origin', ARGV[8], 'payload', ARGV[9],
            'job', job)
 if job ~= '' then
-  redis.call('HSET', KEYS[4], 'p:' .. ARGV[3], ARGV[2])
-  redis.call('HINCRBY', KEYS[4], 'n:started', 1)
+  redis.call('HSET', KEYS[7], 'p:' .. ARGV[3], ARGV[2])
+  redis.call('HINCRBY', KEYS[7], 'n:started', 1)
 end
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
 if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2])
+end
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[16])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[2])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[2])
+if job ~= '' then
+  redis.call('ZADD', KEYS[8], ARGV[6], ARGV[2])
 end
 -- Where the agent is connected, so the caller can route the command there
 -- in the same turn (ARCHITECTURE.md, per-hub channels).
@@ -144,12 +158,13 @@ return 1
 # KEYS: 1 P:cmd:ID, 2 P:deadlines
 # ARGV: 1 prefix, 2 outcome, 3 now, 4 result, 5 error, 6 required agent ('' = any),
 #       7 retention ms
-# Returns {1, agent, key, group, origin, ts, deadline, {{id, key, origin, ts}...members},
-# watchers}, or {0} unknown, {-1} other agent's, {-2} already COMPLETE, {-3} past its
+# Returns {1, agent, key, group, origin, ts, deadline, {{id, key, origin, ts, job}...members},
+# watchers, job}, or {0} unknown, {-1} other agent's, {-2} already COMPLETE, {-3} past its
 # deadline. ``watchers``: the other hubs waiting on it (comma-separated, see CREATE).
+# Each command completed is added to P:history:outcome:OUTCOME (score: its ts).
 COMPLETE: Final = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'agent', 'key', 'group', 'origin', 'ts',
-                     'deadline', 'id', 'watchers')
+                     'deadline', 'id', 'watchers', 'job')
 if not f[1] then return {0} end
 if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return {-1} end
 if f[1] == 'COMPLETE' then return {-2} end
@@ -160,13 +175,15 @@ redis.call('HSET', KEYS[1], 'status', 'COMPLETE', 'outcome', ARGV[2], 'updated',
            'result', ARGV[4], 'error', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 local pending = ARGV[1] .. ':agent:' .. f[2] .. ':pending'
+local by_outcome = ARGV[1] .. ':history:outcome:' .. ARGV[2]
 redis.call('ZREM', pending, f[8])
 redis.call('ZREM', KEYS[2], f[8])
+redis.call('ZADD', by_outcome, f[6], f[8])
 local members = {}
 if answer and f[4] and f[4] ~= '' then
   for _, id in ipairs(redis.call('ZRANGE', pending, 0, -1)) do
     local k = ARGV[1] .. ':cmd:' .. id
-    local m = redis.call('HMGET', k, 'status', 'group', 'key', 'origin', 'ts', 'deadline')
+    local m = redis.call('HMGET', k, 'status', 'group', 'key', 'origin', 'ts', 'deadline', 'job')
     if m[1] == 'PENDING' and m[2] == f[4]
         and not (m[6] and m[6] ~= '' and tonumber(m[6]) <= now) then
       redis.call('HSET', k, 'status', 'COMPLETE', 'outcome', ARGV[2], 'updated', ARGV[3],
@@ -174,11 +191,133 @@ if answer and f[4] and f[4] ~= '' then
       redis.call('PEXPIRE', k, ARGV[7])
       redis.call('ZREM', pending, id)
       redis.call('ZREM', KEYS[2], id)
-      table.insert(members, {id, m[3], m[4], m[5]})
+      redis.call('ZADD', by_outcome, m[5], id)
+      table.insert(members, {id, m[3], m[4], m[5], m[7] or ''})
     end
   end
 end
-return {1, f[2], f[3], f[4], f[5], f[6], f[7], members, f[9] or ''}
+return {1, f[2], f[3], f[4], f[5], f[6], f[7], members, f[9] or '', f[10] or ''}
+"""
+
+# History: retained commands matching the filters, newest first (ts, then id).
+# KEYS: the indexes that apply (P:history alone when no filter has one): the
+# smallest is walked. ARGV: 1 prefix, 2 agent, 3 key, 4 status, 5 outcome, 6 job
+# ('' = any), 7 limit, 8 before ts ('' = from the newest), 9 before id, 10 entries to
+# look at, at most, 11 '1' when KEYS[1] is P:history (members are msgpack cards).
+# An index is walked one score (ms) at a time, each score's entries by id, newest
+# first, so that the order is total and the same whichever index is walked.
+# Returns {{HGETALL...}, more (1: stopped before the index's end), last ts, last id}.
+# Entries whose hash expired are removed from the walked index on the way.
+LIST_COMMANDS: Final = """
+local idx = KEYS[1]
+local best = redis.call('ZCARD', idx)
+for i = 2, #KEYS do
+  local n = redis.call('ZCARD', KEYS[i])
+  if n < best then idx, best = KEYS[i], n end
+end
+local packed = ARGV[11] == '1'
+local limit, budget = tonumber(ARGV[7]), tonumber(ARGV[10])
+local cts, cid = tonumber(ARGV[8]), ARGV[9]
+local want = {agent = ARGV[2], key = ARGV[3], job = ARGV[6], status = ARGV[4],
+              outcome = ARGV[5]}
+local out, scanned, more = {}, 0, 0
+local last_ts, last_id = '', ''
+local max = cts and ARGV[8] or '+inf'
+while true do
+  if #out >= limit or scanned >= budget then more = 1 break end
+  local batch = redis.call('ZREVRANGEBYSCORE', idx, max, '-inf', 'WITHSCORES', 'LIMIT', 0, 256)
+  if #batch == 0 then break end
+  local i = 1
+  while i <= #batch do
+    local s = batch[i + 1]
+    local members = {}
+    if #batch == 512 and s == batch[#batch] then
+      members = redis.call('ZRANGEBYSCORE', idx, s, s)  -- the whole group of that ms
+      i = #batch + 1
+    else
+      while i <= #batch and batch[i + 1] == s do
+        table.insert(members, batch[i])
+        i = i + 2
+      end
+    end
+    local entries = {}
+    for _, m in ipairs(members) do
+      local id = packed and cmsgpack.unpack(m)[1] or m
+      if not (cts and tonumber(s) == cts and id >= cid) then
+        table.insert(entries, {id, m})
+      end
+    end
+    table.sort(entries, function(a, b) return a[1] > b[1] end)
+    for _, e in ipairs(entries) do
+      if #out >= limit or scanned >= budget then
+        return {out, 1, last_ts, last_id}
+      end
+      scanned = scanned + 1
+      last_ts, last_id = s, e[1]
+      local k = ARGV[1] .. ':cmd:' .. e[1]
+      local f = redis.call('HMGET', k, 'agent', 'key', 'job', 'status', 'outcome')
+      if not f[1] then
+        redis.call('ZREM', idx, e[2])
+      elseif (want.agent == '' or f[1] == want.agent) and (want.key == '' or f[2] == want.key)
+          and (want.job == '' or f[3] == want.job)
+          and (want.status == '' or f[4] == want.status)
+          and (want.outcome == '' or f[5] == want.outcome) then
+        table.insert(out, redis.call('HGETALL', k))
+      end
+    end
+    max = '(' .. s
+  end
+end
+return {out, more, last_ts, last_id}
+"""
+
+# Remove the history entries of commands whose hash expired and whose ts is at or
+# before the cutoff (now - retention: no command newer than that can have expired).
+# KEYS: 1 P:history.  ARGV: 1 prefix, 2 cutoff, 3 limit.  Returns how many were removed.
+# Entries of commands still retained past the cutoff (a long timeout) are passed over.
+TRIM_HISTORY: Final = """
+local prefix, limit = ARGV[1], tonumber(ARGV[3])
+local removed, offset, visited = 0, 0, 0
+local outcomes = {'ok', 'error', 'timeout', 'cancelled', 'dropped'}
+while removed < limit and visited < 2 * limit do
+  local batch = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', offset, 100)
+  for _, m in ipairs(batch) do
+    visited = visited + 1
+    local c = cmsgpack.unpack(m)
+    local id = c[1]
+    if redis.call('EXISTS', prefix .. ':cmd:' .. id) == 1 then
+      offset = offset + 1
+    else
+      redis.call('ZREM', KEYS[1], m)
+      redis.call('ZREM', prefix .. ':history:agent:' .. c[2], id)
+      redis.call('ZREM', prefix .. ':history:key:' .. c[3], id)
+      if type(c[4]) == 'string' then
+        redis.call('ZREM', prefix .. ':history:job:' .. c[4], id)
+      end
+      for _, o in ipairs(outcomes) do
+        redis.call('ZREM', prefix .. ':history:outcome:' .. o, id)
+      end
+      removed = removed + 1
+    end
+  end
+  if #batch < 100 then break end
+end
+return removed
+"""
+
+# last_seen of the agents connected to one hub, in one call.
+# ARGV: 1 prefix, 2 now, then (agent id, session) pairs.  Returns how many were updated
+# (a record that is another session's, or gone, is left alone).
+TOUCH_AGENTS: Final = """
+local n = 0
+for i = 3, #ARGV, 2 do
+  local k = ARGV[1] .. ':agent:' .. ARGV[i]
+  if redis.call('HGET', k, 'session') == ARGV[i + 1] then
+    redis.call('HSET', k, 'last_seen', ARGV[2])
+    n = n + 1
+  end
+end
+return n
 """
 
 # KEYS: 1 P:agent:AGENT:pending.  ARGV: 1 prefix, 2 group.
@@ -606,4 +745,7 @@ SCRIPTS: Final = {
     "unregister_agent": UNREGISTER_AGENT,
     "requeue_frames": REQUEUE_FRAMES,
     "list_agents": LIST_AGENTS,
+    "list_commands": LIST_COMMANDS,
+    "trim_history": TRIM_HISTORY,
+    "touch_agents": TOUCH_AGENTS,
 }

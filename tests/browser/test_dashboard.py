@@ -14,6 +14,7 @@ import ssl
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -31,7 +32,11 @@ WAIT = 6.0
 
 
 def wait(browser: WebDriver, condition: Any, timeout: float = WAIT, what: str = "") -> Any:
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(condition, what)
+    # A live page re-renders its rows: an element found a moment ago may be gone.
+    return WebDriverWait(browser, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(NoSuchElementException,
+                                             StaleElementReferenceException)
+                         ).until(condition, what)
 
 
 def found(css: str) -> Any:
@@ -47,7 +52,18 @@ def gone(css: str) -> Any:
 
 
 def text_of(browser: WebDriver, css: str) -> str:
-    return str(browser.find_element(By.CSS_SELECTOR, css).get_attribute("textContent"))
+    """The text of the element matching ``css``, read in one step (rows re-render)."""
+    text = browser.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent : null", css)
+    if text is None:
+        raise NoSuchElementException(css)
+    return str(text)
+
+
+def click(browser: WebDriver, css: str, what: str = "") -> None:
+    """Click the element matching ``css`` once it is there (again, if it re-rendered)."""
+    wait(browser, lambda b: b.find_element(By.CSS_SELECTOR, css).click() or True,
+         what=what or css)
 
 
 def console_errors(browser: WebDriver, allow: tuple[str, ...] = ()) -> list[str]:
@@ -79,10 +95,11 @@ def test_agents_appear_and_disappear_live_and_filter(cluster: Cluster, browser: 
     hub = cluster.hub()
     first = cluster.agent(hub, "db-1", meta={"role": "db", "region": "eu-west"})
     open_page(browser, hub)
-    row = wait(browser, found('[data-agent-id="db-1"]'), what="db-1 listed")
-    assert "eu-west" in str(row.get_attribute("textContent"))
-    assert "db" in str(row.get_attribute("textContent"))
-    assert hub.hub_id in str(row.get_attribute("textContent"))
+    row = '[data-agent-id="db-1"]'
+    wait(browser, found(row), what="db-1 listed")
+    assert "role=db" in text_of(browser, row)
+    assert "region=eu-west" in text_of(browser, row)
+    assert hub.hub_id in text_of(browser, row)
 
     cluster.agent(hub, "web-1", meta={"role": "web"})
     wait(browser, found('[data-agent-id="web-1"]'), what="web-1 appears live")
@@ -140,8 +157,7 @@ def test_run_form_streams_each_agents_result_and_the_job_fills_in(cluster: Clust
     assert text_of(browser, "#run-job") == job.id
 
     tab(browser, "jobs")
-    row = wait(browser, found(f'[data-job-id="{job.id}"]'), what="the job listed")
-    row.click()
+    click(browser, f'[data-job-id="{job.id}"]', what="the job listed")
     wait(browser, found('#jd-parts [data-part-agent="w-1"][data-outcome="ok"]'))
     wait(browser, found('#jd-parts [data-part-agent="w-2"][data-outcome="error"]'))
     assert "ok 1" in text_of(browser, "#jd-counts")
@@ -187,8 +203,7 @@ def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: Web
     wait(browser, lambda b: text_of(b, in_flight) == "1", what="one command in flight")
     tab(browser, "commands")
     wait(browser, found(f'[data-command-id="{done}"]'), what="history lists the command")
-    row = wait(browser, found(f'[data-command-id="{handle.id}"]'))
-    row.click()
+    click(browser, f'[data-command-id="{handle.id}"]')
     wait(browser, lambda b: text_of(b, "#cd-id") == handle.id)
     assert json.loads(text_of(browser, "#cd-payload")) == {"nested": {"list": [1, 2]}}
     assert '\n  "nested"' in text_of(browser, "#cd-payload")  # formatted
@@ -244,9 +259,9 @@ def test_agent_strings_are_rendered_as_text_never_html(cluster: Cluster, browser
     agent = cluster.agent(hub, "x-1", meta={"note": XSS, XSS: "key too"},
                           commands={"resize": resize})
     open_page(browser, hub)
-    row = wait(browser, found('[data-agent-id="x-1"]'))
+    wait(browser, found('[data-agent-id="x-1"]'))
     wait(browser, lambda b: b.execute_script("return window.dashboardMetrics.streamOpens") > 0)
-    assert XSS in str(row.get_attribute("textContent"))
+    assert XSS in text_of(browser, '[data-agent-id="x-1"]')
     cluster.runner.run(agent.emit("note", {"html": XSS}))
     tab(browser, "run")
     fill(browser, "form#run", target="x-1", key="resize", payload=json.dumps(XSS))
@@ -340,8 +355,8 @@ def test_a_cluster_shows_as_one(cluster: Cluster, browser: WebDriver, redis_url:
     wait(browser, found('[data-agent-id="on-a"]'))
     wait(browser, lambda b_: b_.execute_script("return window.dashboardMetrics.streamOpens") > 0)
     cluster.agent(b, "on-b", meta={"zone": "b"})
-    row = wait(browser, found('[data-agent-id="on-b"]'), what="an agent of the other hub")
-    assert b.hub_id in str(row.get_attribute("textContent"))
+    wait(browser, found('[data-agent-id="on-b"]'), what="an agent of the other hub")
+    assert b.hub_id in text_of(browser, '[data-agent-id="on-b"]')
     tab(browser, "run")
     fill(browser, "form#run", target="on-*", key="nothing-here", timeout="0.5")
     browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()

@@ -516,6 +516,8 @@ def _fuzz(base: str, token: str, max_examples: int, budget: float) -> list[str]:
     deadline = time.monotonic() + budget
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.path.endswith("stream"):
+            continue  # event streams never end by themselves: tests/dispatcher/test_streams.py
 
         @settings(max_examples=max_examples, deadline=None, database=None,
                   phases=[Phase.explicit, Phase.generate],
@@ -524,6 +526,10 @@ def _fuzz(base: str, token: str, max_examples: int, budget: float) -> list[str]:
         def check(case: Any) -> None:
             if time.monotonic() > deadline:
                 return  # the time limit: the remaining examples pass untried
+            if isinstance(case.query, dict):
+                # A cursor is opaque: only one the hub made is valid (a made-up one is
+                # a 400, tests/dispatcher/test_streams.py), so none is generated here.
+                case.query.pop("cursor", None)
             if isinstance(case.body, dict) and isinstance(case.body.get("timeout"), int | float):
                 case.body["timeout"] = min(case.body["timeout"], 0.02)  # keep waits short
             response = case.call(base_url=base, headers=headers, timeout=10)

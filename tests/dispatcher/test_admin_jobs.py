@@ -11,12 +11,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from structlog.testing import capture_logs
 
 from agent_client import Agent
 from dispatcher import Dispatcher
-from dispatcher.admin import sse_response
 
 from ..conftest import HubFactory
 from ..support import WAIT, wait_for
@@ -33,7 +30,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def setup(make_hub: HubFactory, make_agent: Callable[..., Agent],
                 http: aiohttp.ClientSession) -> tuple[Dispatcher, Fleet, Api]:
-    hub = await make_hub(admin_token=TOKEN, sse_keepalive=0.05)
+    hub = await make_hub(admin_token=TOKEN, stream_keepalive=0.05)
     fleet = await start_fleet(hub, make_agent, {"web-1": {"role": "web"},
                                                 "web-2": {"role": "web"},
                                                 "db-1": {"role": "db"}})
@@ -133,34 +130,3 @@ async def test_delete_cancels_then_conflicts(setup: tuple[Dispatcher, Fleet, Api
     status, got = await api.call("DELETE", f"/jobs/{job['id']}")
     assert (status, got["error"]["code"]) == (409, "already_complete")
     assert len(fleet.runs) == 1
-
-
-async def test_a_reader_too_far_behind_is_dropped(http: aiohttp.ClientSession) -> None:
-    """The SSE helper's bound: events beyond a reader's buffer end its stream."""
-
-    async def burst() -> AsyncIterator[tuple[str, Any]]:
-        for i in range(50):
-            yield "result", {"n": i}
-
-    async def end() -> tuple[str, Any]:
-        return "end", {}
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await sse_response(request, [burst()], end, keepalive=5, buffer=4)
-
-    app = web.Application()
-    app.router.add_get("/s", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        with capture_logs() as logs:
-            async with asyncio.timeout(WAIT), http.get(f"http://127.0.0.1:{port}/s") as resp:
-                body = await resp.text()
-        assert "event: end" not in body  # the stream closed early, without its end
-        assert body.count("event: result") < 50
-        assert any(e["event"] == "sse_reader_dropped" for e in logs)
-    finally:
-        await runner.cleanup()

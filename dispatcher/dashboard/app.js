@@ -17,7 +17,8 @@
   const SETTLE_MS = 2500; // a second read of the agents after a stream opens
 
   // What a browser test (and anyone curious) can read: render timings, long tasks.
-  const metrics = { agentsRender: [], firstFullRender: null, longTasks: [], streamOpens: 0 };
+  const metrics = { agentsRender: [], firstFullRender: null, longTasks: [], streamOpens: 0,
+    streamItems: 0 };
   window.dashboardMetrics = metrics;
   try {
     new PerformanceObserver((list) => {
@@ -371,6 +372,7 @@
   let agentsDirty = false;
 
   function enqueue(kind, data) {
+    metrics.streamItems += 1;
     queue.push([kind, data]);
     if (flushTimer === null) flushTimer = setTimeout(flush, RENDER_EVERY_MS);
   }

@@ -48,6 +48,12 @@ def deploy_on(agent_id: str) -> Any:
     return deploy
 
 
+async def backup(payload: Any, ctx: Any) -> Any:
+    await ctx.progress({"copied": "40%"})
+    await asyncio.sleep(30)  # still running when the screenshot is taken
+    return {"backed_up": True}
+
+
 async def start(hub_holder: list[Dispatcher], agents: list[Agent]) -> None:
     hub = Dispatcher(HubConfig(host="127.0.0.1", port=0, admin_port=0, heartbeat=5))
     await hub.listen()
@@ -57,11 +63,14 @@ async def start(hub_holder: list[Dispatcher], agents: list[Agent]) -> None:
                       meta={"role": role, "region": region, "version": f"1.{4 + index % 2}"})
         agent.add_command("resize", resize)
         agent.add_command("deploy", deploy_on(agent_id))
+        agent.add_command("backup", backup)
         await agent.start()
         await agent.wait_connected(5)
         agents.append(agent)
     done = hub.execute_on_agents("role=db", "resize", {"size": 3})
     await done
+    for agent_id in ("demo-4", "demo-4", "demo-5"):
+        await hub.execute_on_agent(agent_id, "backup", {"to": "s3://backups"}).submitted()
 
 
 async def stop(hub: Dispatcher, agents: list[Agent]) -> None:
@@ -99,8 +108,9 @@ def main() -> int:
     waiting = WebDriverWait(driver, 10, poll_frequency=0.05)
     try:
         driver.get(f"http://127.0.0.1:{hub.admin_port}/")
-        waiting.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-agent-id]"))
-                      == len(DEMO))
+        waiting.until(lambda d: d.execute_script(
+            "return document.querySelector('[data-agent-id=\"demo-4\"] td:last-child')"
+            "?.textContent") == "2")
         runner.run(agents[0].emit("disk.usage", {"mount": "/var", "percent": 91}))
         driver.save_screenshot(str(DOCS / "dashboard.png"))
 

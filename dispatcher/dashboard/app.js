@@ -64,6 +64,15 @@
       ago(ms));
   }
 
+  // A row that opens something: by click, or Enter when focused (keyboard users).
+  function onActivate(row, open) {
+    row.tabIndex = 0;
+    row.addEventListener("click", open);
+    row.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") open();
+    });
+  }
+
   function copyable(text) {
     return el("code", { class: "copy", title: "click to copy" }, text);
   }
@@ -354,13 +363,20 @@
     }
   }, true);
 
+  let health = null;
+
   async function loadHubInfo() {
-    const health = await api("healthz").catch(() => null);
+    health = await api("healthz").catch(() => null);
+    showHubInfo();
+  }
+
+  // The engine, and this hub or how many hubs the connected agents are spread over.
+  function showHubInfo() {
     if (!health) return;
     const hubs = new Set([...state.agents.values()].map((a) => a.info.hub_id));
     hubs.add(health.hub);
     $("hub-info").textContent = `${health.engine} engine · ` + (hubs.size > 1
-      ? `cluster of ${hubs.size} hubs` : `hub ${health.hub}`)
+      ? `cluster of ${hubs.size} hubs (this one: ${health.hub})` : `hub ${health.hub}`)
       + (state.hasStream ? "" : " · no live stream on this hub: refreshing every 2 s");
   }
 
@@ -505,6 +521,7 @@
       }
     }
     if (activity.length) addActivity(activity);
+    showHubInfo();
     agentsDirty = false;
     $("agent-count").textContent = String(state.agents.size);
     if (state.view === "agents") renderAgents();
@@ -646,7 +663,7 @@
       el("td", null, cmd.status),
       el("td", { class: `outcome outcome-${cmd.outcome || "none"}` }, cmd.outcome || ""),
       timeCell("td", cmd.ts));
-    row.addEventListener("click", () => openCommand(cmd.id).catch(swallow));
+    onActivate(row, () => openCommand(cmd.id).catch(swallow));
     if (state.openCommand === cmd.id) row.classList.add("selected");
     return row;
   }
@@ -820,7 +837,7 @@
       el("td", null, copyable(job.id)), el("td", null, job.key),
       el("td", null, short(job.target, 60)), el("td", null, job.status), counts,
       timeCell("td", job.ts));
-    row.addEventListener("click", () => openJob(job.id).catch(swallow));
+    onActivate(row, () => openJob(job.id).catch(swallow));
     if (state.openJob === job.id) row.classList.add("selected");
     return row;
   }

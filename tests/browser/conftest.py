@@ -159,3 +159,9 @@ def cluster(loop_thread: LoopThread, prefix: str) -> Iterator[Cluster]:
     made = Cluster(loop_thread, prefix)
     yield made
     made.close()
+
+
+@pytest.fixture
+def engine_options(engine: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Hub options for the test's engine (the suite's ``engine`` parametrization)."""
+    return {"redis_url": request.getfixturevalue("redis_url")} if engine == "redis" else {}

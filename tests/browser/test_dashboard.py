@@ -90,9 +90,9 @@ async def refuse(payload: Any, ctx: Any) -> Any:
     raise CommandError("disk_full", "no space left")
 
 
-def test_agents_appear_and_disappear_live_and_filter(cluster: Cluster, browser: WebDriver
-                                                     ) -> None:
-    hub = cluster.hub()
+def test_agents_appear_and_disappear_live_and_filter(
+        cluster: Cluster, browser: WebDriver, engine_options: dict[str, Any]) -> None:
+    hub = cluster.hub(**engine_options)
     first = cluster.agent(hub, "db-1", meta={"role": "db", "region": "eu-west"})
     open_page(browser, hub)
     row = '[data-agent-id="db-1"]'
@@ -100,6 +100,12 @@ def test_agents_appear_and_disappear_live_and_filter(cluster: Cluster, browser: 
     assert "role=db" in text_of(browser, row)
     assert "region=eu-west" in text_of(browser, row)
     assert hub.hub_id in text_of(browser, row)
+
+    # Ids copy with a click (or are selected for Ctrl+C where the clipboard is not allowed).
+    click(browser, '[data-agent-id="db-1"] .copy')
+    wait(browser, lambda b: b.execute_script(
+        "return document.querySelector('[data-agent-id=\"db-1\"] .copy.copied') !== null"
+        " || String(window.getSelection()) === 'db-1'"), what="the id copied")
 
     cluster.agent(hub, "web-1", meta={"role": "web"})
     wait(browser, found('[data-agent-id="web-1"]'), what="web-1 appears live")
@@ -127,9 +133,9 @@ def fill(browser: WebDriver, form: str, **fields: str) -> None:
         field.send_keys(value)
 
 
-def test_run_form_streams_each_agents_result_and_the_job_fills_in(cluster: Cluster,
-                                                                  browser: WebDriver) -> None:
-    hub = cluster.hub()
+def test_run_form_streams_each_agents_result_and_the_job_fills_in(
+        cluster: Cluster, browser: WebDriver, engine_options: dict[str, Any]) -> None:
+    hub = cluster.hub(**engine_options)
     cluster.agent(hub, "w-1", commands={"resize": resize})
     cluster.agent(hub, "w-2", commands={"resize": refuse})
     cluster.agent(hub, "other", commands={"resize": resize})
@@ -178,9 +184,9 @@ def test_a_target_that_matches_nobody_is_said_in_the_form(cluster: Cluster,
     assert console_errors(browser, allow=("/jobs - Failed to load resource",)) == []
 
 
-def test_commands_view_detail_progress_and_cancel(cluster: Cluster, browser: WebDriver
-                                                  ) -> None:
-    hub = cluster.hub()
+def test_commands_view_detail_progress_and_cancel(
+        cluster: Cluster, browser: WebDriver, engine_options: dict[str, Any]) -> None:
+    hub = cluster.hub(**engine_options)
     step, release = asyncio.Event(), asyncio.Event()
 
     async def slow(payload: Any, ctx: Any) -> Any:
@@ -357,6 +363,7 @@ def test_a_cluster_shows_as_one(cluster: Cluster, browser: WebDriver, redis_url:
     cluster.agent(b, "on-b", meta={"zone": "b"})
     wait(browser, found('[data-agent-id="on-b"]'), what="an agent of the other hub")
     assert b.hub_id in text_of(browser, '[data-agent-id="on-b"]')
+    wait(browser, lambda b_: "cluster of 2 hubs" in text_of(b_, "#hub-info"))
     tab(browser, "run")
     fill(browser, "form#run", target="on-*", key="nothing-here", timeout="0.5")
     browser.find_element(By.CSS_SELECTOR, "form#run button[type=submit]").click()

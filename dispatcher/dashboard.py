@@ -1,6 +1,6 @@
 """The web dashboard's files, served by the admin HTTP server at ``/``.
 
-The page (``dispatcher/dashboard/``: HTML, CSS and plain JavaScript, no build
+The page (``dispatcher/static/``: HTML, CSS and plain JavaScript, no build
 step) is package data, read once through :mod:`importlib.resources` so it is
 found wherever the package is installed (a wheel, a zip, an editable checkout).
 The admin server's route table has one row per file (``/``, ``/ui/app.js``,
@@ -34,7 +34,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
 
 def read_files() -> dict[str, bytes]:
     """The page's files as shipped in the package, by name."""
-    folder = resources.files("dispatcher") / "dashboard"
+    folder = resources.files("dispatcher") / "static"
     return {name: folder.joinpath(name).read_bytes() for name in FILES}
 
 

@@ -14,7 +14,7 @@ from dispatcher.dashboard import FILES, read_files
 
 
 def test_the_files_are_package_data() -> None:
-    folder = resources.files("dispatcher") / "dashboard"
+    folder = resources.files("dispatcher") / "static"
     for name in FILES:
         assert folder.joinpath(name).is_file(), name
     files = read_files()
@@ -33,10 +33,10 @@ def test_the_wheel_takes_every_file() -> None:
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text()
                              )["tool"]["setuptools"]["package-data"]["dispatcher"]
-    on_disk = {p.name for p in (root / "dispatcher" / "dashboard").iterdir()}
+    on_disk = {p.name for p in (root / "dispatcher" / "static").iterdir()}
     assert on_disk == set(FILES)
     for name in FILES:
-        assert any(fnmatch.fnmatch(f"dashboard/{name}", pattern) for pattern in patterns), name
+        assert any(fnmatch.fnmatch(f"static/{name}", pattern) for pattern in patterns), name
 
 
 async def test_served_at_root_without_a_token(make_hub: object) -> None:

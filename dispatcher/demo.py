@@ -211,6 +211,10 @@ async def _show_rollout(hub: Dispatcher, echo: Callable[[str], None], ids: list[
     job = await handle
     counts = {k: v for k, v in job.counts.items() if v}
     echo(f"  job {job.status}: {counts}")
-    echo("  its history, from the store (list_job_commands):")
-    for cmd in await hub.list_job_commands(job.id):
-        echo(f"    {cmd.id} {cmd.agent_id} {cmd.status} {cmd.outcome}")
+    echo("  the history afterwards, from the store's index (list_commands, newest first;")
+    echo("  `dispatcher commands --outcome error` and GET /commands?outcome=error ask the same):")
+    for cmd in (await hub.list_commands(limit=5)).commands:
+        echo(f"    {cmd.id:<36} {cmd.agent_id:<12} {cmd.key:<8} {cmd.outcome or '-':<9} "
+             f"job {cmd.job or '-'}")
+    failed = (await hub.list_commands(outcome="error")).commands
+    echo(f"  failed commands so far: {[(c.agent_id, c.key) for c in failed]}")

@@ -338,5 +338,6 @@ def test_demo_shows_commands_and_events() -> None:
                   "demo-1 got demo-3's answer", "GET /agents -> 200",
                   "outcome ok", "demo-2: error demo-2 did not come back",
                   "demo-3: skipped", "job COMPLETE: {'skipped': 1, 'ok': 1, 'error': 1}",
+                  "failed commands so far: [('demo-2', 'upgrade'), ('demo-1', 'deploy')]",
                   "done: the hub closed cleanly."):
         assert words in text, words

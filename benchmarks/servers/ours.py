@@ -87,6 +87,9 @@ def _configure_logging() -> None:
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # As configure_logging does for `dispatcher serve`: without it every log
+        # call below the level (command_ended: one per command) binds a new logger.
+        cache_logger_on_first_use=True,
     )
 
 

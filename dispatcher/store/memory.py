@@ -186,7 +186,13 @@ class MemoryStore(Store):
         card = self._cards.get(cmd.id)
         if card is not None:
             card[3] = outcome
-            self._index(f"outcome:{outcome}", cmd.ts, cmd.id)
+            name = "outcome:" + outcome
+            entry = (cmd.ts, cmd.id)
+            entries = self._hist.get(name)
+            if entries is not None and entries[-1] < entry:
+                entries.append(entry)  # _index, inlined for the usual case
+            else:
+                self._index(name, cmd.ts, cmd.id)
         expiry = self._expiry
         expiry.append((now + self._retention_ms, cmd.id))
         if len(expiry) > self._max_retained:
@@ -242,11 +248,17 @@ class MemoryStore(Store):
         index[cmd.id] = None
         ts, cmd_id = cmd.ts, cmd.id
         self._cards[cmd_id] = [cmd.agent_id, cmd.key, cmd.job, None, ts]
-        self._index("all", ts, cmd_id)
-        self._index(f"agent:{cmd.agent_id}", ts, cmd_id)
-        self._index(f"key:{cmd.key}", ts, cmd_id)
-        if cmd.job is not None:
-            self._index(f"job:{cmd.job}", ts, cmd_id)
+        # The history indexes (_index, inlined for the usual case: newest last).
+        entry = (ts, cmd_id)
+        hist = self._hist
+        names = ("all", "agent:" + cmd.agent_id, "key:" + cmd.key) if cmd.job is None else (
+            "all", "agent:" + cmd.agent_id, "key:" + cmd.key, "job:" + cmd.job)
+        for name in names:
+            entries = hist.get(name)
+            if entries is not None and entries[-1] < entry:
+                entries.append(entry)
+            else:
+                self._index(name, ts, cmd_id)
         heap = self._deadlines
         if heap is not None and cmd.deadline is not None:
             heapq.heappush(heap, (cmd.deadline, cmd.id))

@@ -443,6 +443,7 @@ async def latencies(hub: Dispatcher, n: int | None = None, until: asyncio.Future
     return out
 
 
+@pytest.mark.serial
 async def test_a_flood_from_one_source_leaves_another_agents_latency_close_to_normal() -> None:
     config = hub_config(port=0, admin_port=None, agent_secret=SECRET, heartbeat=5.0)
     async with Dispatcher(config) as hub:

@@ -21,6 +21,9 @@ from dispatcher import Dispatcher, agent_token
 
 from ..support import FAST_PATH, WAIT, RawAgent, hub_config
 
+# Latency under load: measured alone, after the parallel run (`pytest -m serial`).
+pytestmark = pytest.mark.serial
+
 SECRET = "calm-secret"
 ATTACK_SECONDS = 1.5
 

@@ -21,7 +21,8 @@ from dispatcher.models import JobInfo
 from .conftest import Cluster
 from .test_dashboard import open_page, wait
 
-pytestmark = [pytest.mark.browser, pytest.mark.heavy]
+# serial: a timing measurement, run alone after the parallel run (like the latency tests).
+pytestmark = [pytest.mark.browser, pytest.mark.heavy, pytest.mark.serial]
 
 AGENTS = 5000
 ROOT = Path(__file__).resolve().parents[2]

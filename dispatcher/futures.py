@@ -13,9 +13,39 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["failed", "resolved", "then"]
+import structlog
+
+__all__ = ["StoreFuture", "failed", "resolved", "run_continuation", "then"]
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+
+class StoreFuture(asyncio.Future[T]):
+    """The future of a store whose answers arrive from a connection (Redis): it can
+    hold one continuation from :func:`then`, which the store runs itself, at once,
+    as soon as it settles the future (:func:`run_continuation`), instead of one
+    event-loop turn later through ``add_done_callback`` (a ``call_soon`` and a
+    ``functools.partial`` per store call: ~1.5 µs of the hub's CPU per call,
+    benchmark rows "roundtrip 100x10" and "1x100" of the Redis engine). The
+    continuation runs where the done-callback would have, only sooner: nothing
+    of the same command can run in between either way."""
+
+    # A class attribute until then() sets one: no Python __init__ per future.
+    continuation: tuple[Callable[..., None], tuple[Any, ...]] | None = None
+
+
+def run_continuation(fut: StoreFuture[Any]) -> None:
+    """The store settled ``fut``: run the continuation :func:`then` left on it, if any.
+    A continuation that raises is logged, and the store's reader goes on."""
+    cont = fut.continuation
+    if cont is not None:
+        fut.continuation = None
+        try:
+            cont[0](*cont[1], fut)
+        except Exception:
+            log.exception("store_continuation_failed", continuation=repr(cont[0]))
 
 
 def then(fut: asyncio.Future[T], fn: Callable[..., None], *args: Any) -> None:
@@ -35,6 +65,8 @@ def then(fut: asyncio.Future[T], fn: Callable[..., None], *args: Any) -> None:
     """
     if fut.done():
         fn(*args, fut)  # no partial made for the finished case (the hot one)
+    elif type(fut) is StoreFuture and fut.continuation is None:
+        fut.continuation = (fn, args)  # the store runs it (StoreFuture)
     else:
         fut.add_done_callback(functools.partial(fn, *args) if args else fn)
 

@@ -40,7 +40,7 @@ from redis.retry import Retry
 from agent_client.protocol import pack, unpack
 
 from ..errors import JobPartRefused, StoreUnavailable, TooManyCommands, UnknownCommand
-from ..futures import resolved
+from ..futures import StoreFuture, resolved, run_continuation
 from ..models import AgentInfo, CommandInfo, JobInfo, Outcome
 from .base import (
     DROPPED_RESULT,
@@ -94,7 +94,7 @@ class _Op:
     __slots__ = ("args", "future", "parse", "script")
 
     def __init__(self, script: str | None, args: tuple[Any, ...],
-                 future: asyncio.Future[Any], parse: Callable[[Any], Any] | None) -> None:
+                 future: StoreFuture[Any], parse: Callable[[Any], Any] | None) -> None:
         self.script = script
         self.args = args
         self.future = future
@@ -270,6 +270,7 @@ class RedisStore(Store):
         for op in ops:
             if not op.future.done():
                 op.future.set_exception(err)
+                run_continuation(op.future)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """The writer or the reader ended. Unless close() ended it, the event loop
@@ -295,7 +296,7 @@ class RedisStore(Store):
         if loop is None:
             # Cached: on Python 3.11 get_running_loop() costs a getpid() system call.
             loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: StoreFuture[Any] = StoreFuture(loop=loop)
         if self._refusal is not None:
             fut.set_exception(StoreUnavailable(self._refusal))
         elif not self._healthy:
@@ -407,8 +408,10 @@ class RedisStore(Store):
                 self.errors += 1
                 op.future.set_exception(StoreUnavailable(f"Redis error: {res}"))
                 log.error("store_command_failed", error=str(res), command=op.script or op.args[0])
+                run_continuation(op.future)
             elif op.parse is None:
                 op.future.set_result(res)
+                run_continuation(op.future)
             else:
                 try:
                     value = op.parse(res)
@@ -416,6 +419,7 @@ class RedisStore(Store):
                     op.future.set_exception(err)
                 else:
                     op.future.set_result(value)
+                run_continuation(op.future)
         if noscript:
             self._fail_ops(noscript, StoreUnavailable("Redis lost its scripts (SCRIPT FLUSH)"))
             return False
@@ -426,6 +430,7 @@ class RedisStore(Store):
             if not op.future.done():
                 self.errors += 1
                 op.future.set_exception(err)
+                run_continuation(op.future)
 
     async def _fail_all(self, exc: BaseException, extra: list[_Op] | None = None) -> None:
         """The connection failed: every batch sent on it, everything queued, and
@@ -844,8 +849,9 @@ def _completed(cmd_id: str, outcome: Outcome, res: Any, *, now: int, result: Any
         tuple(CommandInfo(id=_s(m[0]), agent_id=agent_s, key=_s(m[1]), status="COMPLETE",
                           outcome=outcome, group=group_s, ts=_i(m[3]), updated=now,
                           origin=_s(m[2]), result=result, error=error, job=_s(m[4]) or None)
-              for m in members),
-        tuple(w for w in _s(watchers).split(",") if w),
+              for m in members) if members else (),
+        # Usually no watchers: no generator made for nothing (hot path).
+        tuple(w for w in _s(watchers).split(",") if w) if watchers else (),
     )
 
 

@@ -13,6 +13,7 @@ from dispatcher import Dispatcher, StoreUnavailable
 from dispatcher.store.redis import RedisStore, _resp, _resp_python
 
 from ..support import (
+    WAIT,
     RawAgent,
     RedisProcess,
     external_redis_url,
@@ -312,3 +313,33 @@ def test_both_resp_encoders_write_the_same_bytes() -> None:
     # A type hiredis refuses falls back to the Python encoder instead of failing the batch.
     odd = [("SET", "k", True)]
     assert _resp(odd) == _resp_python(odd)
+
+
+async def test_a_failing_continuation_is_logged_and_the_reader_goes_on(
+        redis_url: str, prefix: str) -> None:
+    """The store runs then()'s continuation as it reads the reply (futures.StoreFuture):
+    one that raises must cost only a log line, never the connection's reader."""
+    from structlog.testing import capture_logs
+
+    from dispatcher.futures import StoreFuture, then
+
+    store = RedisStore(redis_url, prefix=prefix, fast_path=redis_fast_path())
+    await store.start()
+    try:
+        seen: list[object] = []
+
+        def broken(fut: asyncio.Future[object]) -> None:
+            seen.append(fut.result())
+            raise RuntimeError("a bug in a continuation")
+
+        with capture_logs() as logs:
+            fut = store.get_command("nope")
+            assert isinstance(fut, StoreFuture) and not fut.done()
+            then(fut, broken)
+            await asyncio.wait_for(asyncio.shield(fut), WAIT)
+            # The reader went on: the next operations are answered.
+            assert await asyncio.wait_for(store.get_command("nope-2"), WAIT) is None
+        assert seen == [None]
+        assert [e["event"] for e in logs].count("store_continuation_failed") == 1
+    finally:
+        await store.close()

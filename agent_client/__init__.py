@@ -8,6 +8,7 @@ from __future__ import annotations
 from .client import Agent, CommandContext, CommandHandler, EventContext, EventHandler
 from .errors import (
     AgentOffline,
+    AgentRefused,
     AgentReplaced,
     CommandCancelled,
     CommandError,
@@ -21,6 +22,7 @@ from .errors import (
 __all__ = [
     "Agent",
     "AgentOffline",
+    "AgentRefused",
     "AgentReplaced",
     "CommandCancelled",
     "CommandContext",

@@ -30,6 +30,7 @@ from . import protocol as P
 from .backoff import backoff
 from .errors import (
     AgentOffline,
+    AgentRefused,
     AgentReplaced,
     CommandCancelled,
     CommandError,
@@ -53,8 +54,10 @@ Hook = Callable[[], Awaitable[None] | None]
 _ANSWER_RETRIES = 5
 _ANSWER_RETRY_DELAY = 1.0
 
-# Close codes after which reconnecting would be wrong (PROTOCOL.md, Close codes).
+# Close codes after which reconnecting would be wrong (docs/protocol.md, Close codes).
 _FINAL_CLOSE_CODES = frozenset({int(P.CloseCode.REPLACED)})
+# Refusals that the same hello would get again: run() raises AgentRefused.
+_FINAL_REFUSALS = frozenset({P.ErrorCode.UNAUTHORIZED, P.ErrorCode.UNSUPPORTED_VERSION})
 
 
 class CommandContext:
@@ -253,14 +256,26 @@ class Agent:
             )
 
     async def run(self) -> None:
-        """Connect, serve and reconnect until :meth:`stop` (or a replacement, 4409)."""
+        """Connect, serve and reconnect until :meth:`stop`. Raises ``AgentReplaced``
+        (another connection took this id, 4409) and ``AgentRefused`` (the hub refused
+        the credential or the protocol version: retrying would not help)."""
         await self.start()
         assert self._loop_task is not None
         await self._loop_task
 
-    async def stop(self) -> None:
-        """Close the connection and cancel running commands; idempotent."""
+    async def stop(self, timeout: float = 0.0) -> None:
+        """Stop; idempotent. With ``timeout`` > 0, first drain: take no new command
+        (the hub keeps it for later), let the running ones end for up to
+        ``timeout`` seconds and send their answers; then close the connection
+        (1000) and cancel what still runs."""
         self._stopping = True
+        running = [t for t, _ in self._running.values()]
+        if timeout > 0 and running:
+            log.info("agent_draining", agent_id=self.agent_id, running=len(running),
+                     timeout=timeout)
+            _, late = await asyncio.wait(running, timeout=timeout)
+            if late:
+                log.warning("agent_drain_timeout", agent_id=self.agent_id, cancelled=len(late))
         ws = self._ws
         if ws is not None:
             await ws.close(P.CloseCode.NORMAL, "agent stopping")
@@ -308,6 +323,8 @@ class Agent:
             except HelloRefused as exc:
                 log.error("hello_refused", agent_id=self.agent_id, url=url, code=exc.code,
                           error=exc.message)
+                if exc.code in _FINAL_REFUSALS:
+                    raise AgentRefused(exc.code, exc.message) from None
             except AgentReplaced:
                 log.error("agent_replaced", agent_id=self.agent_id, url=url)
                 raise
@@ -440,6 +457,8 @@ class Agent:
                 log.exception("event_handler_failed", agent_id=self.agent_id, key=ctx.key)
 
     def _on_cmd(self, frame: P.CmdFrame) -> None:
+        if self._stopping:
+            return  # draining: not taken, not acked; the hub keeps it PENDING
         running = self._running.get(frame.id)
         if running is not None:
             self._send_now(P.encode(P.AckFrame(frame.id)))  # still running: ack only

@@ -77,6 +77,8 @@ class Commands:
         self._new_id = IdFactory()
         self._timeout_ms = int(config.command_timeout * 1000)
         self._closing = False
+        self._draining = False
+        self._settled: asyncio.Event | None = None  # set by settle() while draining
 
     # -- queries ----------------------------------------------------------------
     def waiting_ids(self) -> list[str]:
@@ -105,8 +107,9 @@ class Commands:
         Argument errors raise here, synchronously (``ValueError``/``TypeError``);
         everything that happens later (store, agent) arrives through the handle.
         """
-        if self._closing:
-            raise HubClosed("the hub is closed")
+        if self._closing or self._draining:
+            raise HubClosed("the hub is closed" if self._closing else
+                            "the hub is draining: submit to another hub")
         # Connected agents' ids were checked at their hello: skip the regex.
         if not (type(agent_id) is str and agent_id in self.connections.by_id) \
                 and not P.is_valid_agent_id(agent_id):
@@ -270,6 +273,8 @@ class Commands:
         ``watchers``), stop the agent's work if asked, log it, and
         (``move_group``) move its group on."""
         self.metrics.command_completed(info)
+        if self._settled is not None:
+            self._settled.set()
         handle = self._handles.pop(info.id, None)  # resolve(), inlined (hot path)
         if handle is not None:
             handle._resolve(info)
@@ -413,6 +418,14 @@ class Commands:
                 return done
 
     # -- shutdown -----------------------------------------------------------------
+    def stop_accepting(self) -> asyncio.Event:
+        """Refuse new submissions from now on (``HubClosed``); commands already stored
+        still complete. The event returned is set whenever a command completes here."""
+        self._draining = True
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        return self._settled
+
     def close(self) -> None:
         """Stop submitting and timing out; every handle still waiting raises HubClosed
         (its command stays stored)."""

@@ -9,6 +9,7 @@ wires them together and offers the public API of API.md, nothing else.
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +24,7 @@ from .commands import Commands
 from .config import HubConfig
 from .connections import Connections
 from .emitter import EventEmitter, Handler
+from .errors import StoreUnavailable
 from .events import Events
 from .handle import CommandHandle
 from .ids import new_hub_id
@@ -103,6 +105,7 @@ class Dispatcher:
                                           metrics=self._metrics)
         self._admin_server = AdminServer(self) if config.admin_port is not None else None
         self._listening = False
+        self._draining = False
         self._closed = False
 
     # -- properties ---------------------------------------------------------------
@@ -138,6 +141,12 @@ class Dispatcher:
     def connected_count(self) -> int:
         """Agents connected to this hub (``list_connected_agents`` covers the cluster)."""
         return len(self._connections)
+
+    @property
+    def accepting(self) -> bool:
+        """True while the hub takes agents and commands: listening, not draining or
+        closed (``/readyz`` adds the store's reachability)."""
+        return self._listening and not self._draining and not self._closed
 
     @property
     def bus_status(self) -> str | None:
@@ -254,11 +263,63 @@ class Dispatcher:
             admin_port=self.admin_port, auth=self.auth_required,
         )
 
+    async def drain(self, timeout: float | None = None) -> int:
+        """Stop accepting agents and submissions (``HubClosed``), then wait up to
+        ``timeout`` seconds (default ``drain_timeout``) for the commands ACTIVE on
+        this hub's agents to end; returns how many still are. Connected agents
+        stay connected (to answer) until :meth:`close`. ``dispatcher serve`` runs
+        this on SIGTERM, then ``close``."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        self._draining = True
+        settled = self._commands.stop_accepting()
+        self._agents_server.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        log.info("hub_draining", hub_id=self.hub_id, timeout=timeout)
+        active = -1
+        while True:
+            settled.clear()
+            try:
+                now_active = await self._active_here()
+            except StoreUnavailable:
+                log.warning("hub_drain_store_unavailable", hub_id=self.hub_id)
+                break
+            if now_active != active:
+                active = now_active
+                if active:
+                    log.info("hub_drain_waiting", hub_id=self.hub_id, active=active)
+            left = deadline - loop.time()
+            if not active or left <= 0:
+                break
+            try:
+                # A command ending here sets the event; the bound re-checks the
+                # store for ends seen elsewhere (another hub's sweeper, on Redis).
+                async with asyncio.timeout(min(left, 1.0)):
+                    await settled.wait()
+            except TimeoutError:
+                pass
+        (log.warning if active > 0 else log.info)(
+            "hub_drained", hub_id=self.hub_id, still_active=max(active, 0))
+        return max(active, 0)
+
+    async def _active_here(self) -> int:
+        """Commands ACTIVE on the agents connected to this hub."""
+        pending = await asyncio.gather(*(self._store.list_pending(agent_id)
+                                         for agent_id in list(self._connections.by_id)))
+        return sum(1 for cmds in pending for cmd in cmds if cmd.status == "ACTIVE")
+
     async def close(self) -> None:
-        """Graceful and idempotent: stop accepting, close agents with 1001, keep the store."""
+        """Graceful and idempotent: stop accepting, close agents with 1001, keep the store.
+
+        On the in-memory engine, commands not COMPLETE are lost with the
+        process: their number is logged (``commands_lost``)."""
         if self._closed:
             return
         self._closed = True
+        lost = self._store.unfinished
+        if lost:
+            log.warning("commands_lost", hub_id=self.hub_id, count=lost,
+                        note="in-memory engine: commands not COMPLETE end with the process")
         self._commands.close()
         await self._agents_server.close()
         if self._admin_server is not None:

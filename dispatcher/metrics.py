@@ -7,7 +7,9 @@ calls on the hot paths, through labelled children cached here so that no
 label lookup happens per frame or per command. Everything that is a level
 rather than an event (connected agents, queue depths, store and cluster counters) is read
 from the hub when Prometheus scrapes, so it costs nothing in between.
-Every name starts with ``dispatcher_``; ``docs/admin-api.md`` lists them.
+The hub's own names start with ``dispatcher_``; ``docs/admin-api.md`` lists them.
+The registry also carries prometheus_client's standard collectors: ``process_*``
+(CPU, memory, open files) and ``python_*`` (interpreter, garbage collector).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -70,6 +80,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The standard ones every Prometheus user expects (process_*, python_*).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.connections_opened = Counter(
             "dispatcher_connections_opened", "Agent connections that completed the handshake.",
             registry=r)

@@ -294,6 +294,7 @@ class AgentServer:
         # Decided at start(): the fast path, or websockets' public API only.
         self.fast_path = False
         self.fast_path_reason = "not started"
+        self.accepting = True  # False while the hub drains: new agents get HTTP 503
 
     @property
     def auth_required(self) -> bool:
@@ -369,6 +370,10 @@ class AgentServer:
                                      ("Content-Length", str(len(body)))]), body)
         if path != "/ws":
             return conn.respond(http.HTTPStatus.NOT_FOUND, "agents connect on /ws\n")
+        if not self.accepting:
+            self.metrics.connection_refused("draining")
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "hub draining: connect to another hub\n")
         # Limits (API.md, Security), answered before the upgrade costs anything.
         config = self.config
         attached = len(self.connections)

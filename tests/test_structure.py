@@ -169,7 +169,7 @@ API_NAMES = {"listen", "close", "on", "once", "off", "execute_on_agent", "emit_t
              "list_pending_commands", "get_command", "list_connected_agents"}
 DOCUMENTED_ADDITIONS = {"config", "hub_id", "engine", "store", "metrics", "port", "admin_port",
                         "auth_required", "connected_count", "bus_status", "cancel_command",
-                        "get_agent"}
+                        "get_agent", "accepting", "drain"}
 
 
 def test_dispatcher_surface_is_the_documented_one() -> None:

@@ -68,12 +68,18 @@ async def _worker(hub: Dispatcher, make_agent: Callable[..., Agent], agent_id: s
 
 async def test_endpoint_needs_the_token_and_names_start_with_dispatcher(
         make_hub: HubFactory) -> None:
+    """The hub's own names start with dispatcher_; the standard process and Python
+    collectors ride along."""
     hub = await make_hub(admin_token="t0k")
     async with aiohttp.ClientSession() as http, \
             http.get(f"http://127.0.0.1:{hub.admin_port}/metrics") as resp:
         assert resp.status == 401
     samples = await scrape(hub, "t0k")
-    assert samples and all(name.startswith("dispatcher_") for name, _ in samples)
+    assert samples and all(name.startswith(("dispatcher_", "process_", "python_"))
+                           for name, _ in samples)
+    names = {name for name, _ in samples}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info",
+            "python_gc_objects_collected_total"} <= names
     assert value(samples, "dispatcher_hub_info", hub_id=hub.hub_id, engine=hub.engine) == 1
     assert value(samples, "dispatcher_store_up") == 1
     assert value(samples, "dispatcher_admin_requests_total", route="metrics", method="GET",

@@ -261,7 +261,7 @@ async def test_serve_first_log_line_says_whether_agents_need_tokens(flags: list[
     exe = Path(sys.executable).parent / "dispatcher"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     proc = await asyncio.create_subprocess_exec(
-        str(exe), "serve", "--port", "0", "--admin-port", "0", "--log-json", *flags,
+        str(exe), "serve", "--port", "0", "--admin-port", "0", "--log-format", "json", *flags,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
     lines: list[dict[str, Any]] = []
     try:

@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -161,7 +160,7 @@ async def _run(agent: Agent, stop_timeout: float) -> None:
         loop.add_signal_handler(sig, on_signal)
     runner = loop.create_task(agent.run())
     waiter = loop.create_task(stop.wait())
-    stopper: asyncio.Task[None] = loop.create_task(_after(stop, agent.stop(stop_timeout)))
+    stopper: asyncio.Task[None] = loop.create_task(_after(stop, agent, stop_timeout))
     try:
         await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if runner.done():
@@ -177,6 +176,6 @@ async def _run(agent: Agent, stop_timeout: float) -> None:
         await asyncio.gather(waiter, stopper, runner, return_exceptions=True)
 
 
-async def _after(event: asyncio.Event, then: Awaitable[None]) -> None:
+async def _after(event: asyncio.Event, agent: Agent, timeout: float) -> None:
     await event.wait()
-    await then
+    await agent.stop(timeout)

@@ -121,29 +121,32 @@ def resolve(
     """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {f.name: "default" for f in FIELDS}
+    raw: dict[str, Any] = {}  # as written, for messages
     if file is None and env.get(CONFIG_VARIABLE):
         file = env[CONFIG_VARIABLE]
     if file is not None:
-        _from_file(file, values, sources)
+        raw.update(_from_file(file, values, sources))
     _from_env(env, values, sources, known_variables(known), strict)
-    for name, raw in (flags or {}).items():
-        if raw is None:
+    raw.update({n: env[_BY_NAME[n].variable] for n, src in sources.items()
+                if src == _BY_NAME[n].variable})
+    for name, raw_flag in (flags or {}).items():
+        if raw_flag is None:
             continue
         field = _BY_NAME[name]
-        where = f"{field.flag} {'***' if field.secret else raw}"
-        values[name] = field.value(raw, where)
+        where = f"{field.flag} {'***' if field.secret else raw_flag}"
+        values[name] = field.value(raw_flag, where)
         sources[name] = field.flag
+        raw[name] = raw_flag
     try:
         config = HubConfig(**values)
     except (ValueError, TypeError) as exc:
-        raw = {**{n: env.get(_BY_NAME[n].variable) for n in values},
-               **{n: v for n, v in (flags or {}).items() if v is not None}}
-        raise _checked(exc, {n: raw.get(n) or v for n, v in values.items()}, sources
-                       ) from None
+        raise _checked(exc, {**values, **raw}, sources) from None
     return Resolved(config, sources)
 
 
-def _from_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> None:
+def _from_file(path: str, values: dict[str, Any], sources: dict[str, str]
+               ) -> dict[str, Any]:
+    """Read the TOML file into ``values``; returns the values as written."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -152,6 +155,7 @@ def _from_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> No
     except tomllib.TOMLDecodeError as exc:
         raise SettingError(f"config file {path}: not valid TOML: {exc}") from None
     file_keys = {s + "_file" for s in SECRETS}
+    written: dict[str, Any] = {}
     for key, raw in data.items():
         where = f"{path}: key '{key}'"
         if key in file_keys:
@@ -169,6 +173,8 @@ def _from_file(path: str, values: dict[str, Any], sources: dict[str, str]) -> No
         shown = "***" if field.secret else repr(raw)
         values[key] = field.value(raw, f"{where} = {shown}")
         sources[key] = f"{path}: {key}"
+        written[key] = raw
+    return written
 
 
 def _from_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str],
@@ -198,14 +204,14 @@ def _checked(exc: Exception, values: Mapping[str, Any], sources: Mapping[str, st
     field = _BY_NAME[name]
     source = sources.get(name, "default")
     value = values.get(name, field.default)
-    shown = "***" if field.secret else repr(value) if not isinstance(value, str) else value
+    shown = "***" if field.secret else str(value)
     if source == "default":
         where = f"{name} (default {shown})"
     elif source.startswith("--"):
         where = f"{source} {shown}"
     elif ": " in source:  # a file and its key
         path, _, key = source.partition(": ")
-        where = f"{path}: key '{key}' = {shown}"
+        where = f"{path}: key '{key}' = {'***' if field.secret else repr(value)}"
     else:
         where = f"{source}={shown}"
     return SettingError(f"{where}: {problem}")

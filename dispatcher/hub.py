@@ -375,6 +375,7 @@ class Dispatcher:
                             for name in ("round_trips", "operations", "errors", "outages")},
             cluster_sent=self._cluster.sent if self._cluster is not None else 0,
             cluster_received=self._cluster.received if self._cluster is not None else 0,
+            bus_deaf=self._cluster.deaf if self._cluster is not None else None,
         )
 
 

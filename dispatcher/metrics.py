@@ -72,6 +72,7 @@ class Levels:
     store_counters: dict[str, int]  # round_trips, operations, errors, outages
     cluster_sent: int | None  # None: the hub is alone
     cluster_received: int | None
+    bus_deaf: bool | None = None  # None: the hub is alone
 
 
 class Metrics:
@@ -289,3 +290,8 @@ class HubCollector(Collector):
             messages.add_metric(["out"], lv.cluster_sent)
             messages.add_metric(["in"], lv.cluster_received or 0)
             yield messages
+        if lv.bus_deaf is not None:
+            yield GaugeMetricFamily("dispatcher_bus_deaf",
+                                    "1 while this hub's pub/sub listener is not known to "
+                                    "deliver (its loopback probes are late).",
+                                    value=int(lv.bus_deaf))

@@ -7,7 +7,9 @@ parser, after real traffic from real agents.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +23,8 @@ from dispatcher.metrics import Metrics
 
 from ..conftest import HubFactory, ws_url
 from ..support import WAIT, RawAgent, RedisProcess, hub_config, wait_for
+
+DOCS_TEXT = [p.read_text() for p in (Path(__file__).resolve().parents[2] / "docs").glob("*.md")]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -229,3 +233,17 @@ def test_frame_out_reads_the_type_from_the_encoded_frame() -> None:
     for frame in frames:
         assert value(s, "dispatcher_frames_out_total", type=frame.TYPE) == 1, frame.TYPE
     assert value(s, "dispatcher_frames_out_total", type="other") == 5
+
+
+async def test_every_metric_the_docs_name_exists(make_hub: HubFactory, redis_url: str) -> None:
+    """A name in docs/ that /metrics does not have (on Redis, where every family shows)
+    is a dashboard or alert that can never fire."""
+    hub = await make_hub(redis_url=redis_url)
+    names = set()
+    for family in hub.metrics.registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+        names.update(family.name + end for end in ("", *suffixes.get(family.type, ())))
+        names.update(sample.name for sample in family.samples)
+    named = {name for text in DOCS_TEXT
+             for name in re.findall(r"\b(dispatcher_[a-z_]*[a-z])\b", text)}
+    assert named and not named - names, sorted(named - names)

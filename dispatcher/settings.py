@@ -234,6 +234,17 @@ def masked(name: str, value: Any) -> str:
         return "***"
     if isinstance(value, Mapping):
         return f"<{len(value)} agent tokens>"
+    if name == "redis_url" and isinstance(value, str):
+        return _without_password(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _without_password(url: str) -> str:
+    """A URL with the password of its user part as ``***`` (Redis URLs carry one)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"

@@ -92,9 +92,11 @@ def test_secrets_from_files_are_masked(tmp_path: Path) -> None:
     secret_file.write_text(SECRET + "\n")
     toml = tmp_path / "hub.toml"
     toml.write_text(f'admin_token_file = "{secret_file}"\n')
-    result = config("--config", str(toml), DISPATCHER_AGENT_SECRET_FILE=str(secret_file))
+    result = config("--config", str(toml), DISPATCHER_AGENT_SECRET_FILE=str(secret_file),
+                    DISPATCHER_REDIS_URL=f"rediss://user:{SECRET}@redis:6380/0")
     got = rows(result)
     assert got["admin_token"] == ("***", f"{toml}: admin_token_file")
+    assert got["redis_url"] == ("rediss://user:***@redis:6380/0", "DISPATCHER_REDIS_URL")
     assert got["agent_secret"] == ("***", "DISPATCHER_AGENT_SECRET_FILE")
     assert SECRET not in result.output
     # The file's text (without its newline) is the secret: the hub gets it.

@@ -175,3 +175,12 @@ def test_serve_with_a_bad_setting_exits_2_before_listening() -> None:
         assert done.stdout == ""
     with socket.socket() as sock:  # nothing listened on it
         sock.bind(("127.0.0.1", port))
+
+
+def test_the_guide_lists_every_field() -> None:
+    import re
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guide.md").read_text()
+    rows = set(re.findall(r"^\| `(\w+)` \| [^|]+ \| `?(DISPATCHER_\w+|—)", guide, re.M))
+    listed = {name for name, _ in rows}
+    assert {f.name for f in dataclasses.fields(HubConfig)} <= listed

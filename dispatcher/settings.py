@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import ssl
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .config import (
     env_values,
     read_secret,
 )
+from .transport import load_tokens
 
 __all__ = ["CONFIG_VARIABLE", "FLAG_ALIASES", "HELP", "Resolved", "known_variables", "masked",
            "resolve"]
@@ -141,6 +143,7 @@ def resolve(
         config = HubConfig(**values)
     except (ValueError, TypeError) as exc:
         raise _checked(exc, {**values, **raw}, sources) from None
+    _check_files(config, {**values, **raw}, sources)
     return Resolved(config, sources)
 
 
@@ -201,20 +204,46 @@ def _checked(exc: Exception, values: Mapping[str, Any], sources: Mapping[str, st
     if found is None or found.group(1) not in _BY_NAME:
         return SettingError(f"configuration: {exc}")
     name, problem = found.groups()
+    return SettingError(f"{_where(name, values, sources)}: {problem}")
+
+
+def _where(name: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    """Where a value came from, as an error message starts: ``--port 70000``,
+    ``DISPATCHER_PORT=70000``, ``hub.toml: key 'port' = 70000``, ``port (default 8080)``."""
     field = _BY_NAME[name]
     source = sources.get(name, "default")
     value = values.get(name, field.default)
     shown = "***" if field.secret else str(value)
     if source == "default":
-        where = f"{name} (default {shown})"
-    elif source.startswith("--"):
-        where = f"{source} {shown}"
-    elif ": " in source:  # a file and its key
+        return f"{name} (default {shown})"
+    if source.startswith("--"):
+        return f"{source} {shown}"
+    if ": " in source:  # a file and its key
         path, _, key = source.partition(": ")
-        where = f"{path}: key '{key}' = {'***' if field.secret else repr(value)}"
-    else:
-        where = f"{source}={shown}"
-    return SettingError(f"{where}: {problem}")
+        return f"{path}: key '{key}' = {'***' if field.secret else repr(value)}"
+    return f"{source}={shown}"
+
+
+def _check_files(config: HubConfig, values: Mapping[str, Any],
+                 sources: Mapping[str, str]) -> None:
+    """The files the settings name can be read: the agent tokens, the certificate and
+    its key (read now, so that a mistake stops the hub before anything listens)."""
+    if isinstance(config.agent_tokens, str):
+        try:
+            load_tokens(config.agent_tokens)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise SettingError(f"{_where('agent_tokens', values, sources)}: "
+                               f"cannot use the tokens file: {problem}") from None
+    if config.keyfile and not config.certfile:
+        raise SettingError(f"{_where('keyfile', values, sources)}: needs certfile too")
+    if config.certfile and config.ssl is None:
+        try:
+            config.ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            problem = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+            raise SettingError(f"{_where('certfile', values, sources)}: cannot load the "
+                               f"certificate and key: {problem}") from None
 
 
 def _file_keys() -> list[str]:

@@ -46,7 +46,7 @@ from .router import FrameRouter
 from .sessions import Sessions
 from .ws_fastpath import AgentConnection, TurnWriter, binary_header
 
-__all__ = ["AgentServer", "PublicLink", "WsSession", "agent_token", "close_reason"]
+__all__ = ["AgentServer", "PublicLink", "WsSession", "agent_token", "close_reason", "load_tokens"]
 
 log = structlog.get_logger(__name__)
 
@@ -287,7 +287,7 @@ class AgentServer:
         self.metrics = metrics
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
+        self._tokens: dict[str, str] | None = load_tokens(config.agent_tokens)
         self.port: int | None = None
         self._open = 0  # connections past the upgrade, handshaking or attached
         self._writer = TurnWriter()
@@ -721,7 +721,7 @@ def _remote(ws: ServerConnection) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
 
 
-def _load_tokens(tokens: Mapping[str, str] | str | None) -> dict[str, str] | None:
+def load_tokens(tokens: Mapping[str, str] | str | None) -> dict[str, str] | None:
     """``agent_tokens`` as a mapping, or a file of ``id token`` lines (``#`` comments)."""
     if tokens is None:
         return None

@@ -151,6 +151,20 @@ def test_bad_file_names_the_file_and_key(tmp_path: Path, body: str, expected: st
         "cannot read it: No such file or directory")
 
 
+def test_files_the_settings_name_are_read_before_serving(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"worker-1 {SECRET}\nnot a valid line\n")
+    assert one_line(config("--check", "--agent-tokens", str(tokens))) == (
+        f"--agent-tokens {tokens}: cannot use the tokens file: {tokens}:2: "
+        "expected 'AGENT_ID TOKEN'")
+    assert one_line(config("--check", DISPATCHER_CERTFILE=str(tmp_path / "none.pem"))) == (
+        f"DISPATCHER_CERTFILE={tmp_path / 'none.pem'}: cannot load the certificate and key: "
+        "No such file or directory")
+    assert one_line(config("--check", "--keyfile", str(tokens))).endswith("needs certfile too")
+    tokens.write_text(f"worker-1 {SECRET}\n")
+    assert config("--check", "--agent-tokens", str(tokens)).exit_code == 0
+
+
 def test_variables_of_the_other_programs_are_not_errors(tmp_path: Path) -> None:
     result = config("--check", DISPATCHER_ADMIN_URL="http://h:8081", DISPATCHER_AGENT_ID="a",
                     DISPATCHER_AGENT_URL="ws://h/ws", DISPATCHER_AGENT_TOKEN_FILE="/t",

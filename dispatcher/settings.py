@@ -124,10 +124,12 @@ def resolve(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {f.name: "default" for f in FIELDS}
     raw: dict[str, Any] = {}  # as written, for messages
+    named_by = f"--config {file}"
     if file is None and env.get(CONFIG_VARIABLE):
         file = env[CONFIG_VARIABLE]
+        named_by = f"{CONFIG_VARIABLE}={file}"
     if file is not None:
-        raw.update(_from_file(file, values, sources))
+        raw.update(_from_file(file, named_by, values, sources))
     _from_env(env, values, sources, known_variables(known), strict)
     raw.update({n: env[_BY_NAME[n].variable] for n, src in sources.items()
                 if src == _BY_NAME[n].variable})
@@ -147,16 +149,16 @@ def resolve(
     return Resolved(config, sources)
 
 
-def _from_file(path: str, values: dict[str, Any], sources: dict[str, str]
+def _from_file(path: str, named_by: str, values: dict[str, Any], sources: dict[str, str]
                ) -> dict[str, Any]:
     """Read the TOML file into ``values``; returns the values as written."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise SettingError(f"config file {path}: cannot read it: {exc.strerror}") from None
+        raise SettingError(f"{named_by}: cannot read the file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SettingError(f"config file {path}: not valid TOML: {exc}") from None
+        raise SettingError(f"{named_by}: not valid TOML: {exc}") from None
     file_keys = {s + "_file" for s in SECRETS}
     written: dict[str, Any] = {}
     for key, raw in data.items():

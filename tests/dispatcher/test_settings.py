@@ -147,8 +147,10 @@ def test_bad_file_names_the_file_and_key(tmp_path: Path, body: str, expected: st
     toml.write_text(body + "\n")
     message = one_line(config("--config", str(toml), "--check"))
     assert str(toml) in message and expected in message
-    assert one_line(config("--config", str(tmp_path / "nope.toml"))).endswith(
-        "cannot read it: No such file or directory")
+    assert one_line(config("--config", str(tmp_path / "nope.toml"))) == (
+        f"--config {tmp_path / 'nope.toml'}: cannot read the file: No such file or directory")
+    assert one_line(config(DISPATCHER_CONFIG="/no/hub.toml")) == (
+        "DISPATCHER_CONFIG=/no/hub.toml: cannot read the file: No such file or directory")
 
 
 def test_files_the_settings_name_are_read_before_serving(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ async def test_sigterm_drains_the_in_memory_hub(processes: list[Process], make_a
         waiting = asyncio.ensure_future(_post(http, f"{admin}/agents/drained-1/commands",
                                               {"key": "hold", "payload": 7}))
         await asyncio.wait_for(started.wait(), BOOT)
-        await hub.until("admin_command_submitted")
+        await wait_for(lambda: _any_active(http, admin, "drained-1"), what="ACTIVE")
         hub.proc.send_signal(signal.SIGTERM)
         await hub.until("hub_drain_waiting", active=1)
         async with http.get(f"{admin}/readyz") as resp:
@@ -209,6 +209,11 @@ async def test_sigterm_on_redis_leaves_commands_for_another_hub(
 async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
     async with http.post(url, json=body) as resp:
         return resp.status, await resp.json()
+
+
+async def _any_active(http: aiohttp.ClientSession, admin: str, agent_id: str) -> bool:
+    async with http.get(f"{admin}/agents/{agent_id}/commands") as resp:
+        return any(c["status"] == "ACTIVE" for c in await resp.json())
 
 
 async def _status(http: aiohttp.ClientSession, admin: str, cmd_id: str) -> bool:

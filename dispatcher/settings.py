@@ -49,7 +49,7 @@ _BY_NAME = {f.name: f for f in FIELDS}
 HELP: dict[str, str] = {
     "host": "Interface for agents and the admin API.",
     "port": "Agents' WebSocket port.",
-    "admin_host": "Interface of the admin API (none: same as --host).",
+    "admin_host": "Interface of the admin API (unset: the same as --host).",
     "admin_port": "Admin HTTP API port (0: any free port; none: no admin API).",
     "redis_url": "Redis URL; without it the in-memory engine runs.",
     "prefix": "Redis key prefix.",

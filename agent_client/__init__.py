@@ -1,6 +1,6 @@
 """agent_client: the agent side of dispatcher (asyncio library and pure protocol module).
 
-Never imports ``dispatcher`` and never needs Redis (ARCHITECTURE.md, Layers).
+Never imports ``dispatcher`` and never needs Redis (docs/design-notes.md, The shape of the hub).
 """
 
 from __future__ import annotations

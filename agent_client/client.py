@@ -4,7 +4,7 @@ One persistent WebSocket to a hub from a list of URLs. Commands run as tasks
 under a concurrency bound, so a slow handler never blocks the read loop.
 Each command id runs at most once per process: a redelivered command that is
 still running is only acked, one that finished gets its stored answer again
-(PROTOCOL.md, Commands, Redelivery). Answers computed while the connection was
+(docs/protocol.md, Commands and redelivery). Answers computed while the connection was
 down are sent when the hub redelivers after the reconnect.
 """
 
@@ -429,7 +429,8 @@ class Agent:
 
     def _on_event(self, frame: P.EventFrame) -> None:
         if frame.id is not None:
-            # The receipt is the library's job, sent on arrival (PROTOCOL.md, Events).
+            # The receipt is the library's job, sent on arrival (docs/protocol.md,
+            # Events and receipts).
             self._send_now(P.encode(P.ReceivedFrame(frame.id)))
             # An event whose receipt was lost with a connection comes again: it
             # is acknowledged again, but its handlers run once.
@@ -472,7 +473,7 @@ class Agent:
         task = asyncio.get_running_loop().create_task(self._run_command(frame, ctx))
         self._running[frame.id] = (task, ctx)
         # Ack only if the handler did not finish in its first step: a quick
-        # command answers with its terminal frame alone (PROTOCOL.md allows it).
+        # command answers with its terminal frame alone (docs/protocol.md allows it).
         asyncio.get_running_loop().call_soon(self._maybe_ack, frame.id, task)
 
     def _maybe_ack(self, cmd_id: str, task: asyncio.Task[None]) -> None:
@@ -519,7 +520,8 @@ class Agent:
                         "handler_error", "CancelledError raised by the handler")))
                 else:
                     # stop() interrupted it: never run it again in this process; a
-                    # redelivery after a restart gets this (PROTOCOL.md, Redelivery).
+                    # redelivery after a restart gets this (docs/protocol.md, Commands
+                    # and redelivery).
                     self._remember(frame.id, P.encode(P.FailFrame(frame.id, P.error_info(
                         "agent_stopped", "the agent stopped while the command ran"))))
                     raise
@@ -581,7 +583,7 @@ class Agent:
 
 
 def _call_error(error: dict[str, Any]) -> DispatcherError:
-    """The exception a failed routed call raises: the hub's own types (API.md)."""
+    """The exception a failed routed call raises: the hub's own types (docs/guide.md)."""
     code = str(error.get("code", "error"))
     message = str(error.get("message", ""))
     if code == P.ErrorCode.TIMEOUT:

@@ -534,7 +534,7 @@ class Run:
         await asyncio.sleep(stall)
         drops = list(proxy.stall_drops)
         proxy.restore()
-        # The hub drops a silent connection within two heartbeats (PROTOCOL.md,
+        # The hub drops a silent connection within two heartbeats (docs/protocol.md,
         # Transport); 1 s of slack for a loaded machine.
         bound = 2 * self.cfg.heartbeat + 1.0
         if drops:

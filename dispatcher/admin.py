@@ -1,6 +1,6 @@
 """The admin HTTP API (aiohttp) on ``admin_port``: health, metrics, agents, commands, events.
 
-API.md, "HTTP admin API". Every route is one row of :data:`ROUTES` (method,
+docs/admin-api.md. Every route is one row of :data:`ROUTES` (method,
 path, handler, request-body schema, response schemas, summary): the server
 registers its handlers from that table and ``GET /openapi.json`` is generated
 from the same rows, so the document cannot drift from what is served.
@@ -701,7 +701,7 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden",
 
 
 class AdminServer:
-    """Serves the HTTP admin API of API.md for one hub."""
+    """Serves the HTTP admin API of docs/admin-api.md for one hub."""
 
     def __init__(self, hub: Dispatcher) -> None:
         self.hub = hub

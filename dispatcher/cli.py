@@ -229,7 +229,7 @@ def agent_cmd(args: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------
-# Client verbs over the admin API (API.md, Operator command line).
+# Client verbs over the admin API (docs/cli.md).
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command failed, timed out, was cancelled; no receipt; too late
@@ -587,7 +587,7 @@ def broadcast(key: str, data: str | None, client: AdminClient, as_json: bool) ->
 
 
 def _run(coro: Any) -> None:
-    """Run on uvloop when it is installed (PERFORMANCE.md), else asyncio's loop."""
+    """Run on uvloop when it is installed (docs/benchmarks.md), else asyncio's loop."""
     try:
         import uvloop  # noqa: PLC0415
 

@@ -53,7 +53,7 @@ _RETRY_STORE_DOWN = 1.0
 
 
 def cmd_frame(cmd: CommandInfo) -> bytes:
-    """The ``cmd`` frame of a stored command (PROTOCOL.md, Commands)."""
+    """The ``cmd`` frame of a stored command (docs/protocol.md, Commands and redelivery)."""
     # Hot path: the map of P.CmdFrame.to_wire, built directly.
     return P.pack({"t": "cmd", "id": cmd.id, "key": cmd.key, "payload": cmd.payload,
                    "ts": cmd.ts, "deadline": cmd.deadline})
@@ -102,7 +102,7 @@ class Commands:
         command_id: str | None = None,
         require_online: bool = False,
     ) -> CommandHandle:
-        """``execute_on_agent`` (API.md): returns the handle at once.
+        """``execute_on_agent`` (docs/guide.md): returns the handle at once.
 
         Argument errors raise here, synchronously (``ValueError``/``TypeError``);
         everything that happens later (store, agent) arrives through the handle.
@@ -221,7 +221,7 @@ class Commands:
     def _deliver(self, cmd: CommandInfo, location: str | None = None,
                  frame: bytes | None = None, known: bool = False) -> None:
         """Send a stored command to its agent, here or on the hub it is connected to;
-        otherwise it stays PENDING until the agent connects (PROTOCOL.md, Handshake,
+        otherwise it stays PENDING until the agent connects (docs/protocol.md, Handshake,
         step 4). ``location``: the agent's hub when ``known`` (None: nowhere);
         looked up by the peers otherwise."""
         if frame is None:
@@ -365,7 +365,7 @@ class Commands:
         if exc is None or handle is None:
             return  # timed out, or completed meanwhile: nothing left to do
         if not isinstance(exc, UnknownCommand):
-            # The store failed: retry soon, its deadline still stands (ARCHITECTURE.md).
+            # The store failed: retry soon, its deadline still stands (docs/guide.md, Guarantees).
             if not isinstance(exc, DispatcherError):
                 log.error("timeout_failed", command_id=cmd_id, exc_info=exc)
             self._deadlines.add(cmd_id, handle, _RETRY_STORE_DOWN)

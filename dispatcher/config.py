@@ -45,7 +45,7 @@ class HubConfig:
     ssl: ssl_module.SSLContext | None = None
     certfile: str | None = None
     keyfile: str | None = None
-    # Limits (API.md, Security): each is answered by a named error or close code.
+    # Limits (docs/security.md): each is answered by a named error or close code.
     max_send_buffer: int = 4 * MiB  # per connection; a reader that does not read is dropped
     max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)

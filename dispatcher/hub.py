@@ -4,7 +4,7 @@ The parts, bottom up (docs/design-notes.md draws them): the store; the
 connections registry; the command path (``commands``); events; routed calls;
 sessions (attach, detach, catch-up); the frame router; the cluster (or no
 peers); the agents' WebSocket server and the admin HTTP server. ``Dispatcher``
-wires them together and offers the public API of API.md, nothing else.
+wires them together and offers the public API of docs/guide.md, nothing else.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Dispatcher:
             return None
         return "deaf" if self._cluster.deaf else "ok"
 
-    # -- the emitter (API.md: hub.on, hub.once, hub.off) -----------------------------
+    # -- the emitter (docs/guide.md: hub.on, hub.once, hub.off) -----------------------------
     def on(self, key: str, handler: Handler | None = None) -> Any:
         """Register ``handler`` for ``key``; usable as a decorator when ``handler`` is omitted."""
         return self._emitter.on(key, handler)
@@ -181,7 +181,7 @@ class Dispatcher:
         command_id: str | None = None,
         require_online: bool = False,
     ) -> CommandHandle:
-        """Submit a command; returns its handle at once (API.md). (Each instance
+        """Submit a command; returns its handle at once (docs/guide.md). (Each instance
         binds the name straight to the command path's ``submit``, see __init__.)"""
         return self._commands.submit(
             agent_id, command_key, payload, timeout=timeout, group=group,

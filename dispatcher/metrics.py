@@ -47,7 +47,7 @@ COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                  0.25, 0.5, 1.0, 2.5, 5.0)
 
-# Frames the hub sends (PROTOCOL.md, Frames); anything else is counted as "other".
+# Frames the hub sends (docs/protocol.md, Frames); anything else is counted as "other".
 _HUB_FRAME_TYPES = ("welcome", "cmd", "cancel", "event", "reply", "error")
 # Frames agents send, plus "invalid" for messages that do not decode.
 _AGENT_FRAME_TYPES = ("hello", "ack", "progress", "result", "fail", "received", "emit",
@@ -249,7 +249,7 @@ class HubCollector(Collector):
         yield GaugeMetricFamily("dispatcher_store_up",
                                 "1 while the store answers, 0 during an outage.",
                                 value=1 if lv.store_up else 0)
-        # Queue depths (PERFORMANCE.md): what waits in this hub, by stage.
+        # Queue depths (docs/benchmarks.md): what waits in this hub, by stage.
         yield GaugeMetricFamily("dispatcher_commands_waiting",
                                 "Commands submitted here whose caller still waits for them.",
                                 value=lv.commands_waiting)

@@ -15,7 +15,7 @@ TERMINAL_OUTCOMES: frozenset[str] = frozenset({"ok", "error", "timeout", "cancel
 
 @dataclass(slots=True)
 class CommandInfo:
-    """One command as the store keeps it (ARCHITECTURE.md, ``P:cmd:ID``).
+    """One command as the store keeps it (docs/redis.md, ``P:cmd:ID``).
 
     ``ts``, ``updated`` and ``deadline`` are unix milliseconds. ``result`` is set
     when ``outcome`` is ``ok`` or ``dropped``; ``error`` (a map with ``code``,
@@ -53,7 +53,7 @@ class CommandInfo:
 
 @dataclass(slots=True)
 class AgentInfo:
-    """A connected agent (ARCHITECTURE.md, ``P:agent:ID``); times are unix ms."""
+    """A connected agent (docs/redis.md, ``P:agent:ID``); times are unix ms."""
 
     id: str
     hub_id: str

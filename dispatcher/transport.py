@@ -1,9 +1,9 @@
 """The agents' WebSocket server: handshake, reader, non-blocking writer, liveness.
 
-Thin by design (ARCHITECTURE.md, Layers): it turns WebSocket messages into
+Thin by design (docs/design-notes.md, The shape of the hub): it turns WebSocket messages into
 frames and frames into calls on the hub (sessions and the frame router), and maps
 every failure to the
-close code PROTOCOL.md names. Sending never blocks the hub and is bounded by
+close code docs/protocol.md names. Sending never blocks the hub and is bounded by
 ``max_send_buffer`` per connection: a reader that does not read is disconnected
 instead of growing memory.
 
@@ -76,14 +76,14 @@ class Link(Protocol):
         """Queue one binary message without waiting; False if the connection is gone."""
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close after the frames already queued, with a close code of PROTOCOL.md."""
+        """Close after the frames already queued, with a close code of docs/protocol.md."""
 
     def buffered(self) -> int:
         """Bytes queued for this connection and not yet sent."""
 
 
 def agent_token(secret: str, agent_id: str) -> str:
-    """An agent's credential under ``agent_secret`` (API.md, Security)."""
+    """An agent's credential under ``agent_secret`` (docs/security.md)."""
     return hmac.new(secret.encode(), agent_id.encode(), "sha256").hexdigest()
 
 
@@ -174,7 +174,7 @@ class PublicLink:
             self._gone = True
 
     async def _ping(self, heartbeat: float) -> None:
-        """PROTOCOL.md, Transport: a Ping every heartbeat; a Pong a heartbeat
+        """docs/protocol.md, Transport: a Ping every heartbeat; a Pong a heartbeat
         late drops the connection (at most two heartbeats after the peer froze)."""
         ws = self.ws
         with contextlib.suppress(ConnectionClosed):
@@ -310,7 +310,7 @@ class AgentServer:
             "transport_fast_path", hub_id=self.hub_id, enabled=self.fast_path,
             reason=self.fast_path_reason)
         fast: dict[str, Any] = {
-            # Liveness (PROTOCOL.md, Transport): websockets pings every
+            # Liveness (docs/protocol.md, Transport): websockets pings every
             # heartbeat; AgentConnection drops a peer whose Pong is late.
             "ping_interval": config.heartbeat,
             "create_connection": AgentConnection,
@@ -328,7 +328,7 @@ class AgentServer:
             ping_timeout=None,
             close_timeout=CLOSE_TIMEOUT,
             **fast,
-            # Compression triples the memory of an idle connection (PERFORMANCE.md).
+            # Compression triples the memory of an idle connection (docs/benchmarks.md).
             compression=None,
             max_queue=64,
             ssl=config.ssl_context(),
@@ -374,7 +374,7 @@ class AgentServer:
             self.metrics.connection_refused("draining")
             return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "hub draining: connect to another hub\n")
-        # Limits (API.md, Security), answered before the upgrade costs anything.
+        # Limits (docs/security.md), answered before the upgrade costs anything.
         config = self.config
         attached = len(self.connections)
         # Upgraded connections that have not said hello yet count too, or
@@ -449,7 +449,7 @@ class AgentServer:
             await link.stop()
 
     async def _handshake(self, ws: ServerConnection, link: Link) -> WsSession | None:
-        """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
+        """docs/protocol.md, Handshake. Returns None when the connection was refused."""
         config = self.config
         try:
             async with asyncio.timeout(config.hello_timeout):
@@ -498,7 +498,7 @@ class AgentServer:
         return session
 
     def _authorized(self, agent_id: str, token: str | None) -> bool:
-        """Constant-time check of the agent's credential (API.md, Security)."""
+        """Constant-time check of the agent's credential (docs/security.md)."""
         if not self.auth_required:
             return True
         if token is None:
@@ -545,7 +545,7 @@ class _Reader:
         # error replies may come back out of order: they carry ``ref``).
         # Bounded per connection (MAX_FRAMES_IN_FLIGHT).
         self.inflight: set[asyncio.Future[Any]] = set()
-        # Frames per second (API.md, Security): a token bucket of one second's
+        # Frames per second (docs/security.md): a token bucket of one second's
         # worth. Over it, frames are dropped with one `rate_limited` error a
         # second; a connection still over it after ``rate_limit_grace`` is closed.
         self.rate = server.config.max_frame_rate

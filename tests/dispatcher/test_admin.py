@@ -1,4 +1,4 @@
-"""The HTTP admin API (API.md, "HTTP admin API"): every route, its errors, its OpenAPI.
+"""The HTTP admin API (docs/admin-api.md): every route, its errors, its OpenAPI.
 
 Real hubs on port 0 with a real HTTP client; most tests run on both engines.
 The last test fuzzes the served ``/openapi.json`` with schemathesis against a

@@ -1,4 +1,4 @@
-"""Security (API.md, Security; PROTOCOL.md, Errors and Close codes).
+"""Security (docs/security.md; docs/protocol.md, Errors and Close codes).
 
 Agent credentials, the admin token, TLS on both ports, every limit answered by
 its named error, HTTP status or close code, and what one agent cannot do to
@@ -663,7 +663,7 @@ async def test_an_agent_emits_only_as_itself(make_hub: HubFactory) -> None:
     listener, _ = await RawAgent.hello(ws_url(hub), "listener", subs=["news"])
     mallory, _ = await RawAgent.hello(ws_url(hub), "mallory")
 
-    # Extra fields claiming another sender are ignored (PROTOCOL.md: unknown fields).
+    # Extra fields claiming another sender are ignored (docs/protocol.md: unknown fields).
     await mallory.send({"t": "emit", "key": "news", "data": 1, "from": "alice",
                         "sender": "alice", "agent": "alice"})
     event = await listener.recv_type("event")

@@ -1,6 +1,6 @@
 """agent_client: the agent side of dispatcher (asyncio library and pure protocol module).
 
-Never imports ``dispatcher`` and never needs Redis (ARCHITECTURE.md, Layers).
+Never imports ``dispatcher`` and never needs Redis (docs/design-notes.md, The shape of the hub).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from .client import Agent, CommandContext, CommandHandler, EventContext, EventHandler
 from .errors import (
     AgentOffline,
+    AgentRefused,
     AgentReplaced,
     CommandCancelled,
     CommandError,
@@ -21,6 +22,7 @@ from .errors import (
 __all__ = [
     "Agent",
     "AgentOffline",
+    "AgentRefused",
     "AgentReplaced",
     "CommandCancelled",
     "CommandContext",

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
+import signal
 import socket
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+import structlog
 
 from .client import Agent, CommandContext
-from .errors import AgentReplaced, CommandError
-from .logs import configure_logging
+from .errors import AgentRefused, AgentReplaced, CommandError
+from .logs import FORMATS, LEVELS, configure_logging, log_settings
 
-__all__ = ["build_agent", "main"]
+__all__ = ["ENV_VARIABLES", "build_agent", "main"]
 
 
 async def _echo(payload: Any, ctx: CommandContext) -> Any:
@@ -57,25 +61,121 @@ def build_agent(urls: list[str], agent_id: str, **kwargs: Any) -> Agent:
     return agent
 
 
-@click.command(context_settings={"auto_envvar_prefix": "DISPATCHER_AGENT"})
-@click.option("--url", "urls", multiple=True, default=["ws://127.0.0.1:8080/ws"],
-              show_default=True, help="Hub URL; repeat for fail-over between hubs.")
-@click.option("--id", "agent_id", default=lambda: f"agent-{socket.gethostname()}",
+# Every variable this program reads (the hub's `serve` knows them: not typos).
+ENV_VARIABLES = ("DISPATCHER_AGENT_URL", "DISPATCHER_AGENT_ID", "DISPATCHER_AGENT_TOKEN",
+                 "DISPATCHER_AGENT_TOKEN_FILE", "DISPATCHER_AGENT_CONCURRENCY",
+                 "DISPATCHER_AGENT_STOP_TIMEOUT")
+DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+EXIT_REFUSED = 2  # the hub refused the credential or the protocol version
+EXIT_REPLACED = 3  # another connection took this agent id
+
+log = structlog.get_logger("agent_client.cli")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dispatcher", prog_name="dispatcher-agent")
+@click.option("--url", "urls", multiple=True, envvar=ENV_VARIABLES[0], show_envvar=True,
+              help=f"Hub URL; repeat it, or give a comma list, for fail-over between hubs "
+                   f"(default: {DEFAULT_URL}).")
+@click.option("--id", "agent_id", envvar=ENV_VARIABLES[1], show_envvar=True,
+              default=lambda: f"agent-{socket.gethostname()}",
               help="Agent id (default: agent-HOSTNAME).")
-@click.option("--token", default=None, help="Credential when the hub requires one.")
-@click.option("--concurrency", default=64, show_default=True, help="Commands run at once.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def main(urls: tuple[str, ...], agent_id: str, token: str | None, concurrency: int,
-         log_level: str) -> None:
-    """Run an agent with the built-in commands echo, sleep and sysinfo."""
-    configure_logging(log_level)
-    agent = build_agent(list(urls), agent_id, token=token, max_concurrency=concurrency,
-                        meta={"host": socket.gethostname(), "builtin": True})
+@click.option("--token", default=None, envvar=ENV_VARIABLES[2], show_envvar=True,
+              help="Credential when the hub requires one (prefer --token-file: the "
+                   "command line is visible to every user).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              envvar=ENV_VARIABLES[3], show_envvar=True, help="File holding the credential.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
+              envvar=ENV_VARIABLES[4], show_envvar=True, help="Commands run at once.")
+@click.option("--stop-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, envvar=ENV_VARIABLES[5], show_envvar=True,
+              help="Seconds SIGTERM lets running commands finish before they are cancelled.")
+@click.option("--log-level", type=click.Choice(LEVELS), default=None,
+              help="debug, info, warning or error (default: info).  "
+                   "[env: DISPATCHER_LOG_LEVEL]")
+@click.option("--log-format", type=click.Choice(FORMATS), default=None,
+              help="json or console (default: console on a terminal, else JSON lines).  "
+                   "[env: DISPATCHER_LOG_FORMAT]")
+def main(*, urls: tuple[str, ...], agent_id: str, token: str | None, token_file: str | None,
+         concurrency: int, stop_timeout: float, log_level: str | None,
+         log_format: str | None) -> None:
+    """Run an agent with the built-in commands echo, sleep and sysinfo.
+
+    SIGTERM or Ctrl-C: take no new command, let the running ones finish (up to
+    --stop-timeout), answer them, close and exit 0 (a second signal cancels
+    them). Exits 2 when the hub refuses the token or the protocol version,
+    3 when another connection takes this agent id.
+    """
     try:
-        asyncio.run(agent.run())
-    except KeyboardInterrupt:
-        pass
+        level, json_logs = log_settings(log_level, log_format)
+    except ValueError as exc:
+        _fail(EXIT_REFUSED, f"configuration error: {exc}")
+    hubs = [u.strip() for url in urls or (DEFAULT_URL,) for u in url.split(",") if u.strip()]
+    if token is not None and token_file is not None:
+        _fail(EXIT_REFUSED, "configuration error: give --token or --token-file "
+                            f"({ENV_VARIABLES[2]} or {ENV_VARIABLES[3]}), not both")
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(EXIT_REFUSED, f"configuration error: --token-file {token_file}: "
+                                f"cannot read it: {exc}")
+    configure_logging(level, json_logs)
+    try:
+        agent = build_agent(hubs, agent_id, token=token, max_concurrency=concurrency,
+                            meta={"host": socket.gethostname(), "builtin": True})
+    except ValueError as exc:
+        _fail(EXIT_REFUSED, f"configuration error: {exc}")
+    try:
+        asyncio.run(_run(agent, stop_timeout))
+    except AgentRefused as exc:
+        _fail(EXIT_REFUSED, f"the hub refused this agent ({exc.code}): {exc.message}")
     except AgentReplaced as exc:
-        click.echo(f"dispatcher-agent: {exc}", err=True)
-        sys.exit(3)
+        _fail(EXIT_REPLACED, str(exc))
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    click.echo(f"dispatcher-agent: {message}", err=True)
+    sys.exit(code)
+
+
+async def _run(agent: Agent, stop_timeout: float) -> None:
+    """Serve until the first SIGTERM/SIGINT, then stop gracefully (a second one forces)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("agent_stopping", agent_id=agent.agent_id, stop_timeout=stop_timeout,
+                     hint="send the signal again to cancel running commands")
+            stop.set()
+        else:
+            log.warning("agent_forced_stop", agent_id=agent.agent_id)
+            stopper.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    runner = loop.create_task(agent.run())
+    waiter = loop.create_task(stop.wait())
+    stopper: asyncio.Task[None] = loop.create_task(_after(stop, agent, stop_timeout))
+    try:
+        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            runner.result()  # AgentRefused, AgentReplaced
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
+        await agent.stop()  # after a forced stop: cancel what still runs
+        log.info("agent_stopped", agent_id=agent.agent_id)
+    finally:
+        for task in (waiter, stopper, runner):
+            task.cancel()
+        await asyncio.gather(waiter, stopper, runner, return_exceptions=True)
+
+
+async def _after(event: asyncio.Event, agent: Agent, timeout: float) -> None:
+    await event.wait()
+    await agent.stop(timeout)

@@ -4,7 +4,7 @@ One persistent WebSocket to a hub from a list of URLs. Commands run as tasks
 under a concurrency bound, so a slow handler never blocks the read loop.
 Each command id runs at most once per process: a redelivered command that is
 still running is only acked, one that finished gets its stored answer again
-(PROTOCOL.md, Commands, Redelivery). Answers computed while the connection was
+(docs/protocol.md, Commands and redelivery). Answers computed while the connection was
 down are sent when the hub redelivers after the reconnect.
 """
 
@@ -30,6 +30,7 @@ from . import protocol as P
 from .backoff import backoff
 from .errors import (
     AgentOffline,
+    AgentRefused,
     AgentReplaced,
     CommandCancelled,
     CommandError,
@@ -53,8 +54,10 @@ Hook = Callable[[], Awaitable[None] | None]
 _ANSWER_RETRIES = 5
 _ANSWER_RETRY_DELAY = 1.0
 
-# Close codes after which reconnecting would be wrong (PROTOCOL.md, Close codes).
+# Close codes after which reconnecting would be wrong (docs/protocol.md, Close codes).
 _FINAL_CLOSE_CODES = frozenset({int(P.CloseCode.REPLACED)})
+# Refusals that the same hello would get again: run() raises AgentRefused.
+_FINAL_REFUSALS = frozenset({P.ErrorCode.UNAUTHORIZED, P.ErrorCode.UNSUPPORTED_VERSION})
 
 
 class CommandContext:
@@ -253,14 +256,26 @@ class Agent:
             )
 
     async def run(self) -> None:
-        """Connect, serve and reconnect until :meth:`stop` (or a replacement, 4409)."""
+        """Connect, serve and reconnect until :meth:`stop`. Raises ``AgentReplaced``
+        (another connection took this id, 4409) and ``AgentRefused`` (the hub refused
+        the credential or the protocol version: retrying would not help)."""
         await self.start()
         assert self._loop_task is not None
         await self._loop_task
 
-    async def stop(self) -> None:
-        """Close the connection and cancel running commands; idempotent."""
+    async def stop(self, timeout: float = 0.0) -> None:
+        """Stop; idempotent. With ``timeout`` > 0, first drain: take no new command
+        (the hub keeps it for later), let the running ones end for up to
+        ``timeout`` seconds and send their answers; then close the connection
+        (1000) and cancel what still runs."""
         self._stopping = True
+        running = [t for t, _ in self._running.values()]
+        if timeout > 0 and running:
+            log.info("agent_draining", agent_id=self.agent_id, running=len(running),
+                     timeout=timeout)
+            _, late = await asyncio.wait(running, timeout=timeout)
+            if late:
+                log.warning("agent_drain_timeout", agent_id=self.agent_id, cancelled=len(late))
         ws = self._ws
         if ws is not None:
             await ws.close(P.CloseCode.NORMAL, "agent stopping")
@@ -308,6 +323,8 @@ class Agent:
             except HelloRefused as exc:
                 log.error("hello_refused", agent_id=self.agent_id, url=url, code=exc.code,
                           error=exc.message)
+                if exc.code in _FINAL_REFUSALS:
+                    raise AgentRefused(exc.code, exc.message) from None
             except AgentReplaced:
                 log.error("agent_replaced", agent_id=self.agent_id, url=url)
                 raise
@@ -412,7 +429,8 @@ class Agent:
 
     def _on_event(self, frame: P.EventFrame) -> None:
         if frame.id is not None:
-            # The receipt is the library's job, sent on arrival (PROTOCOL.md, Events).
+            # The receipt is the library's job, sent on arrival (docs/protocol.md,
+            # Events and receipts).
             self._send_now(P.encode(P.ReceivedFrame(frame.id)))
             # An event whose receipt was lost with a connection comes again: it
             # is acknowledged again, but its handlers run once.
@@ -440,6 +458,8 @@ class Agent:
                 log.exception("event_handler_failed", agent_id=self.agent_id, key=ctx.key)
 
     def _on_cmd(self, frame: P.CmdFrame) -> None:
+        if self._stopping:
+            return  # draining: not taken, not acked; the hub keeps it PENDING
         running = self._running.get(frame.id)
         if running is not None:
             self._send_now(P.encode(P.AckFrame(frame.id)))  # still running: ack only
@@ -453,7 +473,7 @@ class Agent:
         task = asyncio.get_running_loop().create_task(self._run_command(frame, ctx))
         self._running[frame.id] = (task, ctx)
         # Ack only if the handler did not finish in its first step: a quick
-        # command answers with its terminal frame alone (PROTOCOL.md allows it).
+        # command answers with its terminal frame alone (docs/protocol.md allows it).
         asyncio.get_running_loop().call_soon(self._maybe_ack, frame.id, task)
 
     def _maybe_ack(self, cmd_id: str, task: asyncio.Task[None]) -> None:
@@ -500,7 +520,8 @@ class Agent:
                         "handler_error", "CancelledError raised by the handler")))
                 else:
                     # stop() interrupted it: never run it again in this process; a
-                    # redelivery after a restart gets this (PROTOCOL.md, Redelivery).
+                    # redelivery after a restart gets this (docs/protocol.md, Commands
+                    # and redelivery).
                     self._remember(frame.id, P.encode(P.FailFrame(frame.id, P.error_info(
                         "agent_stopped", "the agent stopped while the command ran"))))
                     raise
@@ -562,7 +583,7 @@ class Agent:
 
 
 def _call_error(error: dict[str, Any]) -> DispatcherError:
-    """The exception a failed routed call raises: the hub's own types (API.md)."""
+    """The exception a failed routed call raises: the hub's own types (docs/guide.md)."""
     code = str(error.get("code", "error"))
     message = str(error.get("message", ""))
     if code == P.ErrorCode.TIMEOUT:

@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "AgentOffline",
+    "AgentRefused",
     "AgentReplaced",
     "CommandCancelled",
     "CommandError",
@@ -72,3 +73,9 @@ class HelloRefused(DispatcherError):
 
 class AgentReplaced(DispatcherError):
     """Another connection with this agent id replaced this one (close 4409)."""
+
+
+class AgentRefused(HelloRefused):
+    """The hub refused this agent for good: its credential (``unauthorized``) or its
+    protocol version (``unsupported_version``). ``Agent.run()`` raises it instead of
+    retrying, since the same hello would be refused again."""

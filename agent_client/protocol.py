@@ -1,13 +1,13 @@
 """The agent wire protocol, version 1: every frame as a typed value, pure (no I/O).
 
-This module is the executable form of ``PROTOCOL.md``. It never imports asyncio,
+This module is the executable form of ``docs/protocol.md``. It never imports asyncio,
 sockets or Redis, so any program (the hub, an agent, a test, another transport)
 can parse and build frames with it. Each frame type is a frozen dataclass whose
 ``parse`` checks one decoded msgpack map and whose ``to_wire`` gives the map
 back; :func:`decode` and :func:`encode` go between frames and bytes.
 
 Decoding anything that is not a valid frame raises :class:`ProtocolError`, and
-only that, with the error code PROTOCOL.md names (section "Errors").
+only that, with the error code docs/protocol.md names (section "Errors").
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
-# PROTOCOL.md, Handshake: 1 to 128 characters of A-Z a-z 0-9 . _ : @ -
+# docs/protocol.md, Handshake: 1 to 128 characters of A-Z a-z 0-9 . _ : @ -
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 MAX_ID_LENGTH: Final = 128
-# Not fixed by PROTOCOL.md; long enough for any sane key, short enough that a
+# docs/protocol.md, Limits: 1 to 256 characters, long enough for any sane key, short enough that a
 # hostile peer cannot make the hub index megabyte-long strings.
 MAX_KEY_LENGTH: Final = 256
 MAX_REF_ID_LENGTH: Final = 256
@@ -92,7 +92,7 @@ RESERVED_PREFIX: Final = "internal."
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes of PROTOCOL.md, section "Close codes"."""
+    """WebSocket close codes of docs/protocol.md, "Close codes"."""
 
     NORMAL = 1000
     GOING_AWAY = 1001  # hub shutting down or draining
@@ -105,7 +105,7 @@ class CloseCode(IntEnum):
 
 
 class ErrorCode:
-    """Error codes of PROTOCOL.md, section "Errors" (plus the routed-call codes)."""
+    """Error codes of docs/protocol.md, "Errors" (plus the routed-call codes)."""
 
     BAD_FRAME: Final = "bad_frame"
     UNKNOWN_TYPE: Final = "unknown_type"
@@ -117,7 +117,7 @@ class ErrorCode:
     UNSUPPORTED_VERSION: Final = "unsupported_version"
     REPLACED: Final = "replaced"
     INTERNAL: Final = "internal"
-    # Codes a routed call's reply may carry (PROTOCOL.md, Routed calls).
+    # Codes a routed call's reply may carry (docs/protocol.md, Routed calls).
     TIMEOUT: Final = "timeout"
     AGENT_OFFLINE: Final = "agent_offline"
     CANCELLED: Final = "cancelled"
@@ -126,7 +126,7 @@ class ErrorCode:
 
 
 class ProtocolError(Exception):
-    """A frame that breaks PROTOCOL.md; ``code`` is the error code to answer with."""
+    """A frame that breaks docs/protocol.md; ``code`` is the error code to answer with."""
 
     def __init__(self, code: str, message: str, ref: Any = None) -> None:
         super().__init__(message)
@@ -143,7 +143,7 @@ def is_valid_agent_id(value: object) -> TypeGuard[str]:
 
 
 def is_reserved_key(key: str) -> bool:
-    """Keys an agent may not emit (PROTOCOL.md, Events)."""
+    """Keys an agent may not emit (docs/protocol.md, Events and receipts)."""
     return key in RESERVED_KEYS or key.startswith(RESERVED_PREFIX)
 
 
@@ -326,7 +326,7 @@ def _error_map(d: dict[str, Any], t: str) -> dict[str, Any]:
 
 
 def _ref(d: dict[str, Any]) -> Any:
-    """The offending frame's ``id``, echoed in the error (PROTOCOL.md, Errors)."""
+    """The offending frame's ``id``, echoed in the error (docs/protocol.md, Errors)."""
     ref = d.get("id")
     if isinstance(ref, str | int) and not isinstance(ref, bool):
         if isinstance(ref, str) and len(ref) > MAX_REF_ID_LENGTH:
@@ -350,7 +350,7 @@ def error_info(code: str, message: str, data: Any = None) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class HelloFrame:
-    """Agent → hub, first frame (PROTOCOL.md, Handshake)."""
+    """Agent → hub, first frame (docs/protocol.md, Handshake)."""
 
     TYPE: ClassVar[str] = "hello"
     v: int
@@ -361,7 +361,7 @@ class HelloFrame:
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> HelloFrame:
-        # Every fault of a hello is bad_hello (PROTOCOL.md, Handshake, step 2).
+        # Every fault of a hello is bad_hello (docs/protocol.md, Handshake, step 2).
         try:
             v = _int(d, "hello", "v")
         except ProtocolError as exc:
@@ -420,7 +420,7 @@ class WelcomeFrame:
 
 @dataclass(frozen=True, slots=True)
 class CmdFrame:
-    """Hub → agent: run a command (PROTOCOL.md, Commands)."""
+    """Hub → agent: run a command (docs/protocol.md, Commands and redelivery)."""
 
     TYPE: ClassVar[str] = "cmd"
     id: str
@@ -516,7 +516,8 @@ class CancelFrame:
 
 @dataclass(frozen=True, slots=True)
 class EventFrame:
-    """Hub → agent (PROTOCOL.md, Events). With ``id`` the agent answers ``received``."""
+    """Hub → agent (docs/protocol.md, Events and receipts). With ``id`` the agent
+    answers ``received``."""
 
     TYPE: ClassVar[str] = "event"
     key: str
@@ -606,7 +607,7 @@ class UnsubFrame:
 
 @dataclass(frozen=True, slots=True)
 class CallFrame:
-    """Agent → hub: run a command on another agent (PROTOCOL.md, Routed calls)."""
+    """Agent → hub: run a command on another agent (docs/protocol.md, Routed calls)."""
 
     TYPE: ClassVar[str] = "call"
     id: str

@@ -198,7 +198,8 @@ class HubProc:
         args = ["serve", "--redis", self.cluster.redis.url, "--hub-id", self.hub_id,
                 "--port", str(self.port), "--admin-port", str(self.admin_port),
                 "--heartbeat", str(cfg.heartbeat), "--hello-timeout", "5",
-                "--command-timeout", str(cfg.timeout), "--log-json", "--log-level", "info"]
+                "--command-timeout", str(cfg.timeout), "--log-format", "json",
+                "--log-level", "info"]
         env = {"DISPATCHER_PREFIX": self.cluster.prefix,
                "DISPATCHER_HUB_TTL": str(cfg.hub_ttl),
                "DISPATCHER_SWEEP_INTERVAL": str(cfg.sweep_interval),
@@ -533,7 +534,7 @@ class Run:
         await asyncio.sleep(stall)
         drops = list(proxy.stall_drops)
         proxy.restore()
-        # The hub drops a silent connection within two heartbeats (PROTOCOL.md,
+        # The hub drops a silent connection within two heartbeats (docs/protocol.md,
         # Transport); 1 s of slack for a loaded machine.
         bound = 2 * self.cfg.heartbeat + 1.0
         if drops:

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # ~70 bytes of msgpack: with the command frame around it, ~130-byte frames each way
-# (PERFORMANCE.md measured with ~100-byte frames).
+# (docs/benchmarks.md measured with ~100-byte frames).
 PAYLOAD: dict[str, Any] = {"job": "bench", "n": 123456, "data": "x" * 48}
 COMMAND_KEY = "echo"
 EVENT_KEY = "tick"

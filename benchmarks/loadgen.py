@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.loadgen --proto ws|sio --url URL --first I --count N``
 
-- ``ws``: the hub's wire protocol (PROTOCOL.md) spoken directly with ``websockets``
+- ``ws``: the hub's wire protocol (docs/protocol.md) spoken directly with ``websockets``
   (``hello`` → ``welcome``, every ``cmd`` answered at once with a ``result``
   carrying the payload, no ack); used against this hub and the bare websockets
   reference alike.

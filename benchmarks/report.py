@@ -2,7 +2,7 @@
 
 Every figure of every target is divided by the same figure of ``raw-websockets``
 and of ``socketio`` measured in the same run; the targets of the issue are
-checked on those ratios (PERFORMANCE.md: absolute numbers drift between
+checked on those ratios (docs/benchmarks.md: absolute numbers drift between
 machines, ratios measured side by side do not).
 """
 

@@ -332,7 +332,7 @@ async def storm(bench: Bench) -> dict[str, Any]:
         hubs[hid] = HubProc(bench._name(f"storm-{hid}"), "dispatcher", [
             "serve", "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin),
             "--redis", bench.redis.url, "--prefix", prefix, "--hub-id", hid,
-            "--log-level", "warning", "--log-json"], bench.log_dir, env=env)
+            "--log-level", "warning", "--log-format", "json"], bench.log_dir, env=env)
     url = {h: f"ws://127.0.0.1:{p}/ws" for h, (p, _) in ports.items()}
     goal = plan.agents + plan.calm
     procs = max(1, math.ceil(plan.agents / plan.per_proc))

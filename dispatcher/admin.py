@@ -1,7 +1,7 @@
 """The admin HTTP API (aiohttp) on ``admin_port``: health, metrics, agents, commands, jobs,
 events.
 
-API.md, "HTTP admin API". Every route is one row of :data:`ROUTES` (method,
+docs/admin-api.md. Every route is one row of :data:`ROUTES` (method,
 path, handler, request-body schema, response schemas, summary): the server
 registers its handlers from that table and ``GET /openapi.json`` is generated
 from the same rows, so the document cannot drift from what is served.
@@ -9,9 +9,9 @@ Request bodies are checked against their declared schema (a small validator
 for the JSON-schema subset used here) before a handler runs; every error is
 ``{"error": {"code", "message"}}`` with a fitting status, never a bare 500.
 
-With ``admin_token`` set, every route except ``/healthz`` (load balancers)
-and ``/openapi.json`` (a description, no data) needs ``Authorization: Bearer
-TOKEN``, compared in constant time; ``/metrics`` needs it too (Prometheus
+With ``admin_token`` set, every route except the probes (``/healthz``,
+``/livez``, ``/readyz``) and ``/openapi.json`` (a description, no data) needs
+``Authorization: Bearer TOKEN``, compared in constant time; ``/metrics`` needs it too (Prometheus
 sends it with ``authorization: {credentials: TOKEN}`` in its scrape config).
 
 Payloads travel as msgpack and may hold what JSON cannot: bytes are shown as
@@ -383,7 +383,10 @@ SCHEMAS: dict[str, JSON] = {
     "Health": {
         "type": "object", "required": ["status", "engine", "hub", "agents"],
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "store_unavailable", "bus_deaf"]},
+            "status": {"type": "string",
+                       "enum": ["ok", "store_unavailable", "bus_deaf", "not_accepting"],
+                       "description": "not_accepting: /readyz only, while the hub starts "
+                       "or drains."},
             "engine": {"type": "string", "enum": ["memory", "redis"]},
             "hub": {"type": "string"},
             "agents": {"type": "integer", "minimum": 0,
@@ -505,9 +508,8 @@ def _list(name: str) -> JSON:
 # --------------------------------------------------------------------------
 # Handlers (one per row of ROUTES).
 
-async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
-    """Liveness plus store reachability: 503 while the store is down."""
-    hub = admin.hub
+async def _health(hub: Dispatcher) -> tuple[bool, JSON]:
+    """Store reachability and, with Redis, whether this hub hears the cluster."""
     store = hub.store
     ok = store.healthy
     if ok:
@@ -526,6 +528,27 @@ async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.S
         if ok and bus == "deaf":
             ok = False
             answer["status"] = "bus_deaf"
+    return ok, answer
+
+
+async def _healthz(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    """Liveness plus store reachability: 503 while the store is down."""
+    ok, answer = await _health(admin.hub)
+    return _json(answer, 200 if ok else 503)
+
+
+async def _livez(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    """The process answers: nothing else is checked (a restart would not fix the store)."""
+    return _json({"status": "ok"})
+
+
+async def _readyz(admin: AdminServer, request: web.Request, body: Any) -> web.StreamResponse:
+    """Ready for traffic: accepting agents and work (not starting, not draining) and the
+    store reachable."""
+    ok, answer = await _health(admin.hub)
+    if not admin.hub.accepting:
+        ok = False
+        answer["status"] = "not_accepting"
     return _json(answer, 200 if ok else 503)
 
 
@@ -864,6 +887,19 @@ ROUTES: tuple[Route, ...] = (
                        "channels.", _ref("Health"))},
           auth=False, tag="operations",
           description="For load balancers: never needs the admin token."),
+    Route("GET", "/livez", _livez, "livez", "Liveness: the process answers",
+          {200: Answer("The hub's process answers.",
+                       {"type": "object", "required": ["status"],
+                        "properties": {"status": {"type": "string", "enum": ["ok"]}}})},
+          auth=False, tag="operations",
+          description="For a liveness probe: checks nothing else, never needs the token."),
+    Route("GET", "/readyz", _readyz, "readyz", "Readiness: accepting agents and work",
+          {200: Answer("Accepting agents and commands, and the store answers.",
+                       _ref("Health")),
+           503: Answer("Starting, draining (SIGTERM), the store is unreachable, or this hub "
+                       "does not hear the cluster channels.", _ref("Health"))},
+          auth=False, tag="operations",
+          description="For a readiness probe or a load balancer: never needs the token."),
     Route("GET", "/metrics", _metrics, "metrics", "Prometheus metrics",
           {200: Answer("Prometheus text exposition format.", {"type": "string"},
                        "text/plain"), 401: E401},
@@ -1052,7 +1088,7 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden",
 
 
 class AdminServer:
-    """Serves the HTTP admin API of API.md for one hub."""
+    """Serves the HTTP admin API of docs/admin-api.md for one hub."""
 
     def __init__(self, hub: Dispatcher) -> None:
         self.hub = hub

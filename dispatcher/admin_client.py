@@ -43,7 +43,7 @@ class AdminClient:
         self.token = token or None
         self.timeout = timeout
 
-    # -- the routes of API.md ---------------------------------------------------------
+    # -- the routes of docs/admin-api.md ---------------------------------------------------------
     def health(self) -> dict[str, Any]:
         out: dict[str, Any] = self.request("GET", "/healthz")
         return out

@@ -1,6 +1,6 @@
 """Routed calls: an agent's ``call`` runs as a real command on the target agent.
 
-PROTOCOL.md, Routed calls. The command has the full lifecycle, store and
+docs/protocol.md, Routed calls. The command has the full lifecycle, store and
 guarantees of any other (it shows in ``list_pending_commands``); its outcome
 goes back to the caller as a ``reply`` frame, queued like an event if the
 caller is away at that moment.
@@ -54,7 +54,7 @@ def _reply_bytes(call_id: str, info: CommandInfo) -> bytes:
 
 
 def reply_error(exc: BaseException) -> dict[str, Any]:
-    """The ``error`` map of a failed call's ``reply`` (codes of PROTOCOL.md)."""
+    """The ``error`` map of a failed call's ``reply`` (codes of docs/protocol.md)."""
     if isinstance(exc, CommandFailed):
         return P.error_info(exc.code, exc.message, exc.data)
     if isinstance(exc, CommandTimeout):

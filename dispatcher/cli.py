@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -14,20 +15,23 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
+import structlog
 
-from agent_client.logs import configure_logging
+from agent_client.logs import FORMATS, LEVELS, LOG_VARIABLES, configure_logging, log_settings
 
 from .admin_client import DEFAULT_URL, AdminClient, AdminError
-from .config import HubConfig
+from .config import FIELDS, SECRETS, HubConfig, SettingError
 from .demo import run_demo
 from .errors import DispatcherError
 from .hub import Dispatcher
 from .runtime import tune_gc
+from .settings import CONFIG_VARIABLE, FLAG_ALIASES, HELP, Resolved, masked, resolve
 from .transport import agent_token
 
 __all__ = ["main"]
 
-_LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"])
+_LOG_LEVELS = click.Choice(LEVELS)
+CLOSE_BOUND = 10.0  # seconds closing may take after the drain (agents' closing handshakes)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,47 +58,102 @@ def main() -> None:
     """
 
 
+def _hub_options(fn: F) -> F:
+    """``--config FILE`` and one flag per ``HubConfig`` field, generated from the dataclass
+    (a new field gets its flag here, and its variable in dispatcher.settings)."""
+    for field in reversed(FIELDS):
+        default = "none" if field.default is None else masked(field.name, field.default)
+        env = field.variable + (f" or {field.variable}_FILE" if field.secret else "")
+        text = f"{HELP.get(field.name, field.name)}  [default: {default}; env: {env}]"
+        if field.kind is bool:
+            decl = f"{field.flag}/--no-{field.flag[2:]}"
+            fn = click.option(decl, field.name, default=None, help=text)(fn)
+        else:
+            metavar = {int: "INT", float: "SECONDS" if field.name.endswith(
+                ("timeout", "interval", "ttl", "heartbeat", "retention", "grace")) else "NUMBER",
+                       str: "TEXT"}[field.kind]
+            fn = click.option(*FLAG_ALIASES.get(field.name, ()), field.flag, field.name,
+                              default=None, metavar=metavar, help=text)(fn)
+    return click.option("--config", "config_file", metavar="FILE",
+                        help=f"TOML file of settings (keys: the flags' names with "
+                             f"underscores).  [env: {CONFIG_VARIABLE}]")(fn)
+
+
+def _log_options(fn: F) -> F:
+    fn = click.option("--log-format", type=click.Choice(FORMATS), default=None,
+                      help="json or console (default: console on a terminal, else JSON "
+                           "lines).  [env: DISPATCHER_LOG_FORMAT]")(fn)
+    return click.option("--log-level", type=click.Choice(LEVELS), default=None,
+                        help="debug, info, warning or error (default: info).  "
+                             "[env: DISPATCHER_LOG_LEVEL]")(fn)
+
+
+def _config_or_exit(config_file: str | None, flags: dict[str, Any]) -> Resolved:
+    """The effective configuration, or one line naming the bad setting and exit 2."""
+    try:
+        return resolve(file=config_file, env=os.environ, flags=flags, known=_known_variables())
+    except SettingError as exc:
+        click.echo(f"dispatcher: configuration error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _known_variables() -> set[str]:
+    """DISPATCHER_* variables the other programs read: every verb's options, the
+    agent's, the log settings."""
+    from agent_client.cli import ENV_VARIABLES  # noqa: PLC0415
+
+    known = {*ENV_VARIABLES, *LOG_VARIABLES}
+    for command in main.commands.values():
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            known.update([envvar] if isinstance(envvar, str) else envvar or ())
+    return known
+
+
 @main.command()
-@click.option("--host", help="Interface for agents and admin API.  [env: DISPATCHER_HOST]")
-@click.option("--port", type=int, help="Agents' WebSocket port (8080).")
-@click.option("--admin-host", help="Interface of the admin API (default: --host).")
-@click.option("--admin-port", type=int, help="Admin HTTP API port (8081; 0 = any).")
-@click.option("--redis", "redis_url", help="Redis URL; without it the in-memory engine runs.")
-@click.option("--prefix", help="Redis key prefix (dispatcher).")
-@click.option("--hub-id", help="This hub's id (random when unset).")
-@click.option("--heartbeat", type=float, help="Seconds between pings (20).")
-@click.option("--hello-timeout", type=float, help="Seconds an agent has to say hello (10).")
-@click.option("--command-timeout", type=float, help="Default command timeout, seconds (60).")
-@click.option("--retention", type=float, help="Seconds COMPLETE commands stay readable (3600).")
-@click.option("--max-frame", type=int, help="Largest frame in bytes (1 MiB).")
-@click.option("--agent-secret", help="Secret that derives agent tokens (HMAC-SHA256).")
-@click.option("--agent-tokens", help="File of 'AGENT_ID TOKEN' lines.")
-@click.option("--admin-token", help="Bearer token required by the admin API.")
-@click.option("--certfile", type=click.Path(exists=True, dir_okay=False), help="TLS certificate.")
-@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key.")
-@click.option("--log-level", type=_LOG_LEVELS, default="info", show_default=True)
-@click.option("--log-json/--log-console", default=None,
-              help="JSON lines or console output (default: console on a terminal).")
-def serve(log_level: str, log_json: bool | None, **options: Any) -> None:
+@_hub_options
+@_log_options
+def serve(config_file: str | None, log_level: str | None, log_format: str | None,
+          **flags: Any) -> None:
     """Run a hub until SIGTERM or Ctrl-C (the first drains, a second forces).
 
-    Every flag can also be set as DISPATCHER_<FLAG> (e.g. DISPATCHER_REDIS_URL).
+    Settings, lowest to highest precedence: defaults, the --config TOML file
+    (or DISPATCHER_CONFIG), DISPATCHER_<FIELD> variables, these flags. Secrets
+    also from files: DISPATCHER_AGENT_SECRET_FILE, DISPATCHER_ADMIN_TOKEN_FILE
+    (agent_secret_file, admin_token_file in the file). `dispatcher config`
+    shows what they add up to. A bad setting exits 2 before anything listens.
     """
-    configure_logging(log_level, log_json)
     try:
-        config = HubConfig.from_env(**options)
-    except (ValueError, TypeError) as exc:
-        raise click.UsageError(str(exc)) from None
+        level, json_logs = log_settings(log_level, log_format)
+    except ValueError as exc:
+        click.echo(f"dispatcher: configuration error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    resolved = _config_or_exit(config_file, flags)
+    configure_logging(level, json_logs)
+    on_command_line = [name for name in sorted(SECRETS) if flags.get(name) is not None]
     try:
-        _run(_serve(config))
+        _run(_serve(resolved.config, on_command_line))
     except OSError as exc:
         click.echo(f"dispatcher: cannot serve: {exc}", err=True)
         sys.exit(1)
 
 
-async def _serve(config: HubConfig) -> None:
-    import structlog  # noqa: PLC0415
+@main.command(name="config")
+@_hub_options
+@click.option("--check", is_flag=True, help="Only validate: exit 0, or 2 with the error.")
+def config_cmd(config_file: str | None, check: bool, **flags: Any) -> None:
+    """Print the effective configuration of `dispatcher serve` and where each value
+    comes from (secrets masked), from the same file, variables and flags."""
+    resolved = _config_or_exit(config_file, flags)
+    if check:
+        click.echo("configuration ok")
+        return
+    rows = [[field.name, masked(field.name, getattr(resolved.config, field.name)),
+             resolved.sources[field.name]] for field in FIELDS]
+    _table(["SETTING", "VALUE", "SOURCE"], rows)
 
+
+async def _serve(config: HubConfig, secret_flags: Sequence[str] = ()) -> None:
     log = structlog.get_logger("dispatcher.serve")
     hub = Dispatcher(config)
     # The first log line says which engine runs and whether agents need tokens.
@@ -105,6 +164,10 @@ async def _serve(config: HubConfig) -> None:
         agent_auth="required" if hub.auth_required else
         "NONE: no --agent-secret or --agent-tokens, any client may connect as any agent",
     )
+    for name in secret_flags:
+        log.warning("secret_on_command_line", flag=f"--{name.replace('_', '-')}",
+                    hint="every user can read it in the process list: use "
+                         f"DISPATCHER_{name.upper()}_FILE or the config file")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -113,7 +176,7 @@ async def _serve(config: HubConfig) -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("hub_draining", hint="send the signal again to force")
+            log.info("hub_stopping", hint="send the signal again to force")
             stop.set()
         else:
             log.warning("hub_forced_exit")
@@ -126,12 +189,13 @@ async def _serve(config: HubConfig) -> None:
     tune_gc()  # this process is the hub: see dispatcher/runtime.py
     try:
         await stop.wait()
+        await hub.drain()
     finally:
         try:
-            async with asyncio.timeout(config.drain_timeout):
+            async with asyncio.timeout(CLOSE_BOUND):
                 await hub.close()
         except TimeoutError:
-            log.warning("hub_drain_timeout", seconds=config.drain_timeout)
+            log.warning("hub_close_timeout", seconds=CLOSE_BOUND)
 
 
 @main.command()
@@ -167,7 +231,7 @@ def agent_cmd(args: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------
-# Client verbs over the admin API (API.md, Operator command line).
+# Client verbs over the admin API (docs/cli.md).
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command failed, timed out, was cancelled; no receipt; too late
@@ -740,7 +804,7 @@ def broadcast(key: str, data: str | None, client: AdminClient, as_json: bool) ->
 
 
 def _run(coro: Any) -> None:
-    """Run on uvloop when it is installed (PERFORMANCE.md), else asyncio's loop."""
+    """Run on uvloop when it is installed (docs/benchmarks.md), else asyncio's loop."""
     try:
         import uvloop  # noqa: PLC0415
 

@@ -1,6 +1,6 @@
 """Routing between hubs that share one store: per-hub channels, liveness, resync.
 
-ARCHITECTURE.md, Scale: a frame for an agent on another hub goes only to that
+docs/deployment.md, How it works: a frame for an agent on another hub goes only to that
 hub's channel; an answer or progress goes back only to the hub that submitted
 the command; only agent-emitted events (and ``broadcast``) go to every hub.
 Each hub refreshes its alive key; when one dies, the others forget its agents.
@@ -209,7 +209,7 @@ class Cluster:
         if self._reset_pending:
             self.recover("start")
         self.tasks.spawn(self._liveness_forever(), name="hub-liveness")
-        # Deadlines from the store too (ARCHITECTURE.md, Guarantees): commands whose
+        # Deadlines from the store too (docs/guide.md, Guarantees): commands whose
         # hub died, or that were submitted before this hub restarted, still time out.
         # (A hub alone, on an engine without a bus, holds only commands it waits on
         # itself, each with its local timer: it has nothing to sweep.)
@@ -306,7 +306,7 @@ class Cluster:
         assert commands is not None and connections is not None and events is not None \
             and sessions is not None, "Cluster.bind() first"
         if isinstance(msg, CmdMsg):
-            # Never deliver a command past its deadline (ARCHITECTURE.md).
+            # Never deliver a command past its deadline (docs/guide.md, Guarantees).
             if msg.deadline is None or msg.deadline > now_ms():
                 connections.send(msg.agent, msg.frame, msg.cmd_id)
         elif isinstance(msg, FrameMsg):
@@ -342,11 +342,11 @@ class Cluster:
         hub may have missed: after a store outage, a bus that reconnected, or an
         alive key that lapsed (this hub was frozen or cut off longer than its ttl,
         or Redis came back empty), when other hubs may have reaped its agents and
-        published frames nobody heard (ARCHITECTURE.md, Guarantees). Retried
+        published frames nobody heard (docs/guide.md, Guarantees). Retried
         until it succeeds; one run at a time."""
         self._recover_again = True
         # Their alive keys may have lapsed in the same outage: give the other hubs
-        # a ttl to refresh them before this one reaps anybody (ARCHITECTURE.md: no
+        # a ttl to refresh them before this one reaps anybody (docs/guide.md, Guarantees: no
         # agent reaped while its hub lives).
         self._reap_after = self.tasks.loop.time() + self._ttl_ms / 1000
         if self._recovering is None or self._recovering.done():

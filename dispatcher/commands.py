@@ -54,7 +54,7 @@ _RETRY_STORE_DOWN = 1.0
 
 
 def cmd_frame(cmd: CommandInfo) -> bytes:
-    """The ``cmd`` frame of a stored command (PROTOCOL.md, Commands)."""
+    """The ``cmd`` frame of a stored command (docs/protocol.md, Commands and redelivery)."""
     # Hot path: the map of P.CmdFrame.to_wire, built directly.
     return P.pack({"t": "cmd", "id": cmd.id, "key": cmd.key, "payload": cmd.payload,
                    "ts": cmd.ts, "deadline": cmd.deadline})
@@ -81,6 +81,8 @@ class Commands:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended_log: Any = None
+        self._draining = False
+        self._settled: asyncio.Event | None = None  # set by settle() while draining
 
     def _ended_logger(self) -> Any:
         """The logger of ``command_ended`` (one line per command): the module's
@@ -121,7 +123,7 @@ class Commands:
         require_online: bool = False,
         job: str | None = None,
     ) -> CommandHandle:
-        """``execute_on_agent`` (API.md): returns the handle at once.
+        """``execute_on_agent`` (docs/guide.md): returns the handle at once.
 
         ``job``: the command is that job's part for ``agent_id`` (the store claims
         the part with the command, see ``Store.create_command``); not an argument
@@ -130,8 +132,9 @@ class Commands:
         Argument errors raise here, synchronously (``ValueError``/``TypeError``);
         everything that happens later (store, agent) arrives through the handle.
         """
-        if self._closing:
-            raise HubClosed("the hub is closed")
+        if self._closing or self._draining:
+            raise HubClosed("the hub is closed" if self._closing else
+                            "the hub is draining: submit to another hub")
         # Connected agents' ids were checked at their hello: skip the regex.
         if not (type(agent_id) is str and agent_id in self.connections.by_id) \
                 and not P.is_valid_agent_id(agent_id):
@@ -252,7 +255,7 @@ class Commands:
     def _deliver(self, cmd: CommandInfo, location: str | None = None,
                  frame: bytes | None = None, known: bool = False) -> None:
         """Send a stored command to its agent, here or on the hub it is connected to;
-        otherwise it stays PENDING until the agent connects (PROTOCOL.md, Handshake,
+        otherwise it stays PENDING until the agent connects (docs/protocol.md, Handshake,
         step 4). ``location``: the agent's hub when ``known`` (None: nowhere);
         looked up by the peers otherwise."""
         if frame is None:
@@ -307,6 +310,8 @@ class Commands:
         ``watchers``), stop the agent's work if asked, log it, and
         (``move_group``) move its group on."""
         self.metrics.command_completed(info)
+        if self._settled is not None:
+            self._settled.set()
         handle = self._handles.pop(info.id, None)  # resolve(), inlined (hot path)
         if handle is not None:
             handle._resolve(info)
@@ -419,7 +424,7 @@ class Commands:
         if exc is None or handle is None:
             return  # timed out, or completed meanwhile: nothing left to do
         if not isinstance(exc, UnknownCommand):
-            # The store failed: retry soon, its deadline still stands (ARCHITECTURE.md).
+            # The store failed: retry soon, its deadline still stands (docs/guide.md, Guarantees).
             if not isinstance(exc, DispatcherError):
                 log.error("timeout_failed", command_id=cmd_id, exc_info=exc)
             self._deadlines.add(cmd_id, handle, _RETRY_STORE_DOWN)
@@ -472,6 +477,14 @@ class Commands:
                 return done
 
     # -- shutdown -----------------------------------------------------------------
+    def stop_accepting(self) -> asyncio.Event:
+        """Refuse new submissions from now on (``HubClosed``); commands already stored
+        still complete. The event returned is set whenever a command completes here."""
+        self._draining = True
+        if self._settled is None:
+            self._settled = asyncio.Event()
+        return self._settled
+
     def close(self) -> None:
         """Stop submitting and timing out; every handle still waiting raises HubClosed
         (its command stays stored)."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import ssl as ssl_module
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["HubConfig"]
+__all__ = ["FIELDS", "PREFIX", "SECRETS", "Field", "HubConfig", "SettingError", "env_values",
+           "read_secret"]
 
 MiB = 1024 * 1024
 
@@ -41,7 +45,7 @@ class HubConfig:
     ssl: ssl_module.SSLContext | None = None
     certfile: str | None = None
     keyfile: str | None = None
-    # Limits (API.md, Security): each is answered by a named error or close code.
+    # Limits (docs/security.md): each is answered by a named error or close code.
     max_send_buffer: int = 4 * MiB  # per connection; a reader that does not read is dropped
     max_inflight_per_agent: int = 10_000  # commands not COMPLETE per agent
     max_agents: int = 100_000  # connected agents on this hub (more: HTTP 503)
@@ -101,6 +105,20 @@ class HubConfig:
             raise ValueError("HubConfig.redis_max_queued must be at least 1")
         if not self.prefix or any(c in self.prefix for c in " \t\r\n"):
             raise ValueError("HubConfig.prefix must be a non-empty word")
+        for name in ("port", "admin_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"HubConfig.{name} must be a port number, 0 to 65535")
+        for name in ("sweep_interval", "hub_ttl", "bus_probe_interval", "bus_probe_timeout",
+                     "event_queue_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HubConfig.{name} must be positive")
+        if self.drain_timeout < 0:
+            raise ValueError("HubConfig.drain_timeout must be 0 or more")
+        for name in ("max_send_buffer", "max_inflight_per_agent", "max_agents",
+                     "max_handshakes", "max_event_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HubConfig.{name} must be at least 1")
 
     def ssl_context(self) -> ssl_module.SSLContext | None:
         """The TLS context for both ports: ``ssl`` if given, else built from cert/key files."""
@@ -116,38 +134,150 @@ class HubConfig:
     def from_env(
         cls, env: Mapping[str, str] | None = None, **overrides: Any
     ) -> HubConfig:
-        """Read ``DISPATCHER_<FIELD>`` variables; ``overrides`` (not None) win."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "ssl":
-                continue
-            raw = env.get(f"DISPATCHER_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _convert(f.name, str(f.type), raw)
+        """Read ``DISPATCHER_<FIELD>`` variables (and ``_FILE`` for secrets);
+        ``overrides`` (not None) win. ``dispatcher serve`` adds a TOML file and
+        flags, and refuses unknown variables (``dispatcher.settings``)."""
+        values, _ = env_values(os.environ if env is None else env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+
+# --------------------------------------------------------------------------
+# Fields as text: what variables, the TOML file and flags set
+# (``dispatcher.settings`` layers them). Derived from the dataclass, so a new
+# field gets its variable and flag without a line written for it.
+
+PREFIX = "DISPATCHER_"
+# Values that must never be shown; each can also be read from a file.
+SECRETS = frozenset({"agent_secret", "admin_token"})
+# Not settable from text: a Python ``ssl.SSLContext`` (certfile/keyfile are its text form).
+OBJECT_ONLY = frozenset({"ssl"})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def _convert(name: str, type_name: str, raw: str) -> Any:
-    if type_name == "bool":
-        word = raw.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise ValueError(f"DISPATCHER_{name.upper()}={raw!r} is not a boolean "
-                         "(use 0/1, true/false, yes/no or on/off)")
+class SettingError(ValueError):
+    """A setting that cannot be used; ``str()`` is the one line to show, naming its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One ``HubConfig`` field as the outside world sets it."""
+
+    name: str
+    kind: type  # bool, int, float or str
+    optional: bool  # None is a value ("none" in text)
+    mapping: bool  # a table is accepted from the TOML file (agent_tokens)
+    default: Any
+
+    @property
+    def variable(self) -> str:
+        return PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def secret(self) -> bool:
+        return self.name in SECRETS
+
+    def expected(self) -> str:
+        what = {bool: "a boolean (true/false, 1/0, yes/no, on/off)", int: "an integer",
+                float: "a number", str: "a string"}[self.kind]
+        return what + (" or none" if self.optional and self.kind is not str else "")
+
+    def parse(self, raw: Any) -> Any:
+        """Text (or a TOML value) as this field's type; ``ValueError`` saying what was expected."""
+        if isinstance(raw, str):
+            text = raw.strip()
+            if self.optional and self.kind is not str and text.lower() in ("none", ""):
+                return None
+            if self.kind is bool:
+                if text.lower() in _TRUE:
+                    return True
+                if text.lower() in _FALSE:
+                    return False
+                raise ValueError(self.expected())
+            if self.kind in (int, float):
+                try:
+                    return self.kind(text)
+                except ValueError:
+                    raise ValueError(self.expected()) from None
+            return raw
+        # TOML's own types
+        if self.kind is bool and isinstance(raw, bool):
+            return raw
+        if self.kind in (int, float) and isinstance(raw, int) and not isinstance(raw, bool):
+            return self.kind(raw)
+        if self.kind is float and isinstance(raw, float):
+            return raw
+        if self.mapping and isinstance(raw, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            return dict(raw)
+        raise ValueError(self.expected() + (" or a table of strings" if self.mapping else ""))
+
+    def value(self, raw: Any, where: str) -> Any:
+        """:meth:`parse`, failing with a :class:`SettingError` that names ``where``."""
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise SettingError(f"{where}: expected {exc}") from None
+
+
+def _fields() -> tuple[Field, ...]:
+    hints = typing.get_type_hints(HubConfig)
+    out = []
+    for f in dataclasses.fields(HubConfig):
+        if f.name in OBJECT_ONLY:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        rest = [a for a in args if a is not type(None)]
+        mapping = any(isinstance(typing.get_origin(a), type)
+                      and issubclass(typing.get_origin(a), Mapping) for a in rest)
+        kinds = [a for a in rest if a in (bool, int, float, str)]
+        if len(kinds) != 1:
+            raise TypeError(f"HubConfig.{f.name}: no text form for {hint!r} "
+                            "(give it a plain type, or add it to config.OBJECT_ONLY)")
+        out.append(Field(f.name, kinds[0], type(None) in args, mapping, f.default))
+    return tuple(out)
+
+
+FIELDS: tuple[Field, ...] = _fields()
+
+
+def env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The fields that ``DISPATCHER_<FIELD>`` (or ``DISPATCHER_<SECRET>_FILE``) variables
+    set, and for each the variable it came from. Raises :class:`SettingError`."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for field in FIELDS:
+        raw = env.get(field.variable)
+        file_var = field.variable + "_FILE"
+        if field.secret and env.get(file_var):
+            if raw:
+                raise SettingError(f"set {field.variable} or {file_var}, not both")
+            values[field.name] = read_secret(env[file_var], f"{file_var}={env[file_var]}")
+            sources[field.name] = file_var
+            continue
+        if raw is None or raw == "":
+            continue
+        shown = "***" if field.secret else raw
+        values[field.name] = field.value(raw, f"{field.variable}={shown}")
+        sources[field.name] = field.variable
+    return values, sources
+
+
+def read_secret(path: str, where: str) -> str:
+    """A secret kept in a file: its whole text, surrounding whitespace removed."""
     try:
-        if type_name.startswith("int"):
-            return int(raw)
-        if type_name.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"DISPATCHER_{name.upper()}={raw!r} is not a number") from None
-    return raw
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingError(f"{where}: cannot read the file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SettingError(f"{where}: the file is not UTF-8 text") from None
+    if not text:
+        raise SettingError(f"{where}: the file is empty")
+    return text

@@ -2,7 +2,7 @@
 
 The registry of this hub's agent connections (:class:`Session`, implemented by
 the transport) and the one way to send them a frame. While a new connection's
-catch-up runs (PROTOCOL.md, Handshake, step 4) frames for it wait in its
+catch-up runs (docs/protocol.md, Handshake, step 4) frames for it wait in its
 backlog, so that nothing overtakes the redelivered commands.
 """
 
@@ -28,7 +28,7 @@ class Session(Protocol):
         ``frame_type``, when the caller knows it, spares reading it from ``data``."""
 
     def close(self, code: int, reason: str) -> None:
-        """Start closing the connection with a close code of PROTOCOL.md."""
+        """Start closing the connection with a close code of docs/protocol.md."""
 
     def buffered(self) -> int:
         """Bytes queued for this connection and not yet sent."""

@@ -1,6 +1,6 @@
 """Events: ``emit_to`` with receipts, ``broadcast``, agent emits and subscriptions.
 
-PROTOCOL.md, Events. The hub forwards an agent's ``emit`` to the agents
+docs/protocol.md, Events and receipts. The hub forwards an agent's ``emit`` to the agents
 subscribed to its key (exact keys and ``prefix*`` patterns, never back to the
 sender) or to the ``to`` list, and raises it on its own emitter. ``emit_to``
 sends events with an ``id`` and resolves when every target answered

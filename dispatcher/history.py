@@ -80,7 +80,7 @@ class History:
                    status: str | None = None, outcome: str | None = None,
                    job: str | None = None, limit: int = 100,
                    cursor: str | None = None) -> CommandPage:
-        """API.md, History. ``ValueError`` names a bad filter, limit or cursor."""
+        """docs/guide.md, History. ``ValueError`` names a bad filter, limit or cursor."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r} (one of "
                              f"{', '.join(sorted(STATUSES))})")

@@ -4,11 +4,12 @@ The parts, bottom up (docs/design-notes.md draws them): the store; the
 connections registry; the command path (``commands``); events; routed calls;
 sessions (attach, detach, catch-up); the frame router; the cluster (or no
 peers); the agents' WebSocket server and the admin HTTP server. ``Dispatcher``
-wires them together and offers the public API of API.md, nothing else.
+wires them together and offers the public API of docs/guide.md, nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ from .commands import Commands
 from .config import HubConfig
 from .connections import Connections
 from .emitter import EventEmitter, Handler
+from .errors import StoreUnavailable
 from .events import Events
 from .feed import Feed
 from .handle import CommandHandle
@@ -116,6 +118,7 @@ class Dispatcher:
                                           metrics=self._metrics)
         self._admin_server = AdminServer(self) if config.admin_port is not None else None
         self._listening = False
+        self._draining = False
         self._closed = False
 
     # -- properties ---------------------------------------------------------------
@@ -159,6 +162,12 @@ class Dispatcher:
         return len(self._connections)
 
     @property
+    def accepting(self) -> bool:
+        """True while the hub takes agents and commands: listening, not draining or
+        closed (``/readyz`` adds the store's reachability)."""
+        return self._listening and not self._draining and not self._closed
+
+    @property
     def bus_status(self) -> str | None:
         """The cluster bus: ``ok``, ``deaf`` (not known to deliver), or None when
         the hub is alone (``/healthz``)."""
@@ -166,7 +175,7 @@ class Dispatcher:
             return None
         return "deaf" if self._cluster.deaf else "ok"
 
-    # -- the emitter (API.md: hub.on, hub.once, hub.off) -----------------------------
+    # -- the emitter (docs/guide.md: hub.on, hub.once, hub.off) -----------------------------
     def on(self, key: str, handler: Handler | None = None) -> Any:
         """Register ``handler`` for ``key``; usable as a decorator when ``handler`` is omitted."""
         return self._emitter.on(key, handler)
@@ -191,7 +200,7 @@ class Dispatcher:
         command_id: str | None = None,
         require_online: bool = False,
     ) -> CommandHandle:
-        """Submit a command; returns its handle at once (API.md). (Each instance
+        """Submit a command; returns its handle at once (docs/guide.md). (Each instance
         binds the name straight to the command path's ``submit``, see __init__.)"""
         return self._commands.submit(
             agent_id, command_key, payload, timeout=timeout, group=group,
@@ -277,7 +286,7 @@ class Dispatcher:
                             status: str | None = None, outcome: str | None = None,
                             job: str | None = None, limit: int = 100,
                             cursor: str | None = None) -> CommandPage:
-        """Retained commands, COMPLETE or not, newest first (API.md, History):
+        """Retained commands, COMPLETE or not, newest first (docs/guide.md, History):
         ``.commands`` and ``.next`` (the cursor of the next page, or None).
         Raises ``ValueError`` for an unknown status or outcome, a limit outside
         1..1000 or a malformed cursor."""
@@ -336,12 +345,64 @@ class Dispatcher:
             admin_port=self.admin_port, auth=self.auth_required,
         )
 
+    async def drain(self, timeout: float | None = None) -> int:
+        """Stop accepting agents and submissions (``HubClosed``), then wait up to
+        ``timeout`` seconds (default ``drain_timeout``) for the commands ACTIVE on
+        this hub's agents to end; returns how many still are. Connected agents
+        stay connected (to answer) until :meth:`close`. ``dispatcher serve`` runs
+        this on SIGTERM, then ``close``."""
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        self._draining = True
+        settled = self._commands.stop_accepting()
+        self._agents_server.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        log.info("hub_draining", hub_id=self.hub_id, timeout=timeout)
+        active = -1
+        while True:
+            settled.clear()
+            try:
+                now_active = await self._active_here()
+            except StoreUnavailable:
+                log.warning("hub_drain_store_unavailable", hub_id=self.hub_id)
+                break
+            if now_active != active:
+                active = now_active
+                if active:
+                    log.info("hub_drain_waiting", hub_id=self.hub_id, active=active)
+            left = deadline - loop.time()
+            if not active or left <= 0:
+                break
+            try:
+                # A command ending here sets the event; the bound re-checks the
+                # store for ends seen elsewhere (another hub's sweeper, on Redis).
+                async with asyncio.timeout(min(left, 1.0)):
+                    await settled.wait()
+            except TimeoutError:
+                pass
+        (log.warning if active > 0 else log.info)(
+            "hub_drained", hub_id=self.hub_id, still_active=max(active, 0))
+        return max(active, 0)
+
+    async def _active_here(self) -> int:
+        """Commands ACTIVE on the agents connected to this hub."""
+        pending = await asyncio.gather(*(self._store.list_pending(agent_id)
+                                         for agent_id in list(self._connections.by_id)))
+        return sum(1 for cmds in pending for cmd in cmds if cmd.status == "ACTIVE")
+
     async def close(self) -> None:
-        """Graceful and idempotent: stop accepting, close agents with 1001, keep the store."""
+        """Graceful and idempotent: stop accepting, close agents with 1001, keep the store.
+
+        On the in-memory engine, commands not COMPLETE are lost with the
+        process: their number is logged (``commands_lost``)."""
         if self._closed:
             return
         self._closed = True
         self._jobs.close()
+        lost = self._store.unfinished
+        if lost:
+            log.warning("commands_lost", hub_id=self.hub_id, count=lost,
+                        note="in-memory engine: commands not COMPLETE end with the process")
         self._commands.close()
         await self._feed.close()  # the admin API's streams end now
         await self._agents_server.close()
@@ -413,6 +474,7 @@ class Dispatcher:
                             for name in ("round_trips", "operations", "errors", "outages")},
             cluster_sent=self._cluster.sent if self._cluster is not None else 0,
             cluster_received=self._cluster.received if self._cluster is not None else 0,
+            bus_deaf=self._cluster.deaf if self._cluster is not None else None,
         )
 
 

@@ -18,7 +18,7 @@ Event = Literal["ack", "complete"]
 
 # (status, event) -> new status. ``ack`` on ACTIVE is allowed: after a
 # redelivery an agent that is still running a command acks it again
-# (PROTOCOL.md, Commands, Redelivery).
+# (docs/protocol.md, Commands and redelivery).
 TRANSITIONS: Final[dict[tuple[Status, Event], Status]] = {
     ("PENDING", "ack"): "ACTIVE",
     ("ACTIVE", "ack"): "ACTIVE",
@@ -36,7 +36,7 @@ def next_status(status: Status, event: Event) -> Status:
 
 def redeliverable(pending: list[CommandInfo], now: int) -> list[CommandInfo]:
     """Of an agent's commands not COMPLETE (oldest first), those sent to it again after
-    a (re)connection (PROTOCOL.md, Redelivery): all, but one per group, whose
+    a (re)connection (docs/protocol.md, Commands and redelivery): all, but one per group, whose
     answer completes the rest, and none whose deadline passed (unix ms ``now``):
     a command past its deadline is never delivered; a sweeper times it out."""
     out: list[CommandInfo] = []

@@ -7,7 +7,9 @@ calls on the hot paths, through labelled children cached here so that no
 label lookup happens per frame or per command. Everything that is a level
 rather than an event (connected agents, queue depths, store and cluster counters) is read
 from the hub when Prometheus scrapes, so it costs nothing in between.
-Every name starts with ``dispatcher_``; ``docs/admin-api.md`` lists them.
+The hub's own names start with ``dispatcher_``; ``docs/admin-api.md`` lists them.
+The registry also carries prometheus_client's standard collectors: ``process_*``
+(CPU, memory, open files) and ``python_*`` (interpreter, garbage collector).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,7 +47,7 @@ COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                  0.25, 0.5, 1.0, 2.5, 5.0)
 
-# Frames the hub sends (PROTOCOL.md, Frames); anything else is counted as "other".
+# Frames the hub sends (docs/protocol.md, Frames); anything else is counted as "other".
 _HUB_FRAME_TYPES = ("welcome", "cmd", "cancel", "event", "reply", "error")
 # Frames agents send, plus "invalid" for messages that do not decode.
 _AGENT_FRAME_TYPES = ("hello", "ack", "progress", "result", "fail", "received", "emit",
@@ -62,6 +72,7 @@ class Levels:
     store_counters: dict[str, int]  # round_trips, operations, errors, outages
     cluster_sent: int | None  # None: the hub is alone
     cluster_received: int | None
+    bus_deaf: bool | None = None  # None: the hub is alone
 
 
 class Metrics:
@@ -70,6 +81,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The standard ones every Prometheus user expects (process_*, python_*).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.connections_opened = Counter(
             "dispatcher_connections_opened", "Agent connections that completed the handshake.",
             registry=r)
@@ -238,7 +253,7 @@ class HubCollector(Collector):
         yield GaugeMetricFamily("dispatcher_store_up",
                                 "1 while the store answers, 0 during an outage.",
                                 value=1 if lv.store_up else 0)
-        # Queue depths (PERFORMANCE.md): what waits in this hub, by stage.
+        # Queue depths (docs/benchmarks.md): what waits in this hub, by stage.
         yield GaugeMetricFamily("dispatcher_commands_waiting",
                                 "Commands submitted here whose caller still waits for them.",
                                 value=lv.commands_waiting)
@@ -279,3 +294,8 @@ class HubCollector(Collector):
             messages.add_metric(["out"], lv.cluster_sent)
             messages.add_metric(["in"], lv.cluster_received or 0)
             yield messages
+        if lv.bus_deaf is not None:
+            yield GaugeMetricFamily("dispatcher_bus_deaf",
+                                    "1 while this hub's pub/sub listener is not known to "
+                                    "deliver (its loopback probes are late).",
+                                    value=int(lv.bus_deaf))

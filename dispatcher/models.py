@@ -22,7 +22,7 @@ STATUSES: frozenset[str] = frozenset({"PENDING", "ACTIVE", "COMPLETE"})
 
 @dataclass(slots=True)
 class CommandInfo:
-    """One command as the store keeps it (ARCHITECTURE.md, ``P:cmd:ID``).
+    """One command as the store keeps it (docs/redis.md, ``P:cmd:ID``).
 
     ``ts``, ``updated`` and ``deadline`` are unix milliseconds. ``result`` is set
     when ``outcome`` is ``ok`` or ``dropped``; ``error`` (a map with ``code``,
@@ -71,7 +71,7 @@ class CommandPage:
 
 @dataclass(slots=True)
 class AgentInfo:
-    """A connected agent (ARCHITECTURE.md, ``P:agent:ID``); times are unix ms."""
+    """A connected agent (docs/redis.md, ``P:agent:ID``); times are unix ms."""
 
     id: str
     hub_id: str

@@ -3,7 +3,7 @@
 The transport hands over every decoded frame of an attached agent here (and
 ``result`` frames' fields on its fast path); answers go to the command path,
 events, subscriptions and calls to theirs. :meth:`FrameRouter.frame_failed` is
-the one place where a frame's failure becomes the ``error`` frame PROTOCOL.md
+the one place where a frame's failure becomes the ``error`` frame docs/protocol.md
 names: a bad frame costs that error frame, never the connection or the hub.
 """
 
@@ -115,7 +115,7 @@ class FrameRouter:
 
     def frame_failed(self, session: Session, exc: BaseException, ref: Any,
                      frame_type: str) -> None:
-        """The one place a frame's failure becomes the error frame PROTOCOL.md names."""
+        """The one place a frame's failure becomes the error frame docs/protocol.md names."""
         if isinstance(exc, UnknownCommand):
             error = P.ErrorFrame(P.ErrorCode.UNKNOWN_COMMAND, str(exc), ref)
         elif isinstance(exc, P.ProtocolError):

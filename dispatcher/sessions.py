@@ -1,6 +1,6 @@
 """Agent sessions: attach (replace, register, welcome, catch up) and detach.
 
-PROTOCOL.md, Handshake: one live connection per agent id across the cluster
+docs/protocol.md, Handshake: one live connection per agent id across the cluster
 (a new one replaces the old with 4409), and right after ``welcome`` the agent
 gets, oldest first, every command of its that is not COMPLETE and every event
 queued while it was away; what arrives meanwhile waits behind them
@@ -92,7 +92,7 @@ class Sessions:
         if not self.connections.is_current(session):
             await self.events.requeue(agent_id, carried + queued)
             return  # replaced while we waited on the store
-        # PROTOCOL.md, Handshake, step 4: commands not COMPLETE, then queued
+        # docs/protocol.md, Handshake, step 4: commands not COMPLETE, then queued
         # events, oldest first; then what arrived for it meanwhile.
         sent: set[str] = set()
         for cmd in redeliverable(pending, now_ms()):
@@ -107,7 +107,7 @@ class Sessions:
         self._emit("agent-connected", session.info.copy())
 
     def _replace(self, old: Session) -> list[bytes]:
-        """One live connection per agent id (PROTOCOL.md, Handshake, step 3).
+        """One live connection per agent id (docs/protocol.md, Handshake, step 3).
 
         Returns the events the old connection had not acknowledged, for the new one.
         """

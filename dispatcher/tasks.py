@@ -14,7 +14,7 @@ log = structlog.get_logger(__name__)
 
 
 class TaskOwner:
-    """A tracked set of tasks (STYLE.md: no fire-and-forget). After :meth:`close`
+    """A tracked set of tasks (no fire-and-forget tasks). After :meth:`close`
     began, a spawned task is cancelled before it runs: nothing outlives the hub."""
 
     __slots__ = ("_closed", "_loop", "_tasks")

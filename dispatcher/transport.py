@@ -1,9 +1,9 @@
 """The agents' WebSocket server: handshake, reader, non-blocking writer, liveness.
 
-Thin by design (ARCHITECTURE.md, Layers): it turns WebSocket messages into
+Thin by design (docs/design-notes.md, The shape of the hub): it turns WebSocket messages into
 frames and frames into calls on the hub (sessions and the frame router), and maps
 every failure to the
-close code PROTOCOL.md names. Sending never blocks the hub and is bounded by
+close code docs/protocol.md names. Sending never blocks the hub and is bounded by
 ``max_send_buffer`` per connection: a reader that does not read is disconnected
 instead of growing memory.
 
@@ -46,7 +46,7 @@ from .router import FrameRouter
 from .sessions import Sessions
 from .ws_fastpath import AgentConnection, TurnWriter, binary_header
 
-__all__ = ["AgentServer", "PublicLink", "WsSession", "agent_token", "close_reason"]
+__all__ = ["AgentServer", "PublicLink", "WsSession", "agent_token", "close_reason", "load_tokens"]
 
 log = structlog.get_logger(__name__)
 
@@ -84,14 +84,14 @@ class Link(Protocol):
         """Queue one binary message without waiting; False if the connection is gone."""
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close after the frames already queued, with a close code of PROTOCOL.md."""
+        """Close after the frames already queued, with a close code of docs/protocol.md."""
 
     def buffered(self) -> int:
         """Bytes queued for this connection and not yet sent."""
 
 
 def agent_token(secret: str, agent_id: str) -> str:
-    """An agent's credential under ``agent_secret`` (API.md, Security)."""
+    """An agent's credential under ``agent_secret`` (docs/security.md)."""
     return hmac.new(secret.encode(), agent_id.encode(), "sha256").hexdigest()
 
 
@@ -182,7 +182,7 @@ class PublicLink:
             self._gone = True
 
     async def _ping(self, heartbeat: float) -> None:
-        """PROTOCOL.md, Transport: a Ping every heartbeat; a Pong a heartbeat
+        """docs/protocol.md, Transport: a Ping every heartbeat; a Pong a heartbeat
         late drops the connection (at most two heartbeats after the peer froze)."""
         ws = self.ws
         with contextlib.suppress(ConnectionClosed):
@@ -367,7 +367,7 @@ class AgentServer:
         self.metrics = metrics
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._tokens: dict[str, str] | None = _load_tokens(config.agent_tokens)
+        self._tokens: dict[str, str] | None = load_tokens(config.agent_tokens)
         self.port: int | None = None
         self._open = 0  # connections past the upgrade, handshaking or attached
         self._gate = HandshakeGate(config.handshake_concurrency, hold_max=HANDSHAKE_TURN)
@@ -375,6 +375,7 @@ class AgentServer:
         # Decided at start(): the fast path, or websockets' public API only.
         self.fast_path = False
         self.fast_path_reason = "not started"
+        self.accepting = True  # False while the hub drains: new agents get HTTP 503
 
     @property
     def _open_timeout(self) -> float:
@@ -396,7 +397,7 @@ class AgentServer:
             "transport_fast_path", hub_id=self.hub_id, enabled=self.fast_path,
             reason=self.fast_path_reason)
         fast: dict[str, Any] = {
-            # Liveness (PROTOCOL.md, Transport): websockets pings every
+            # Liveness (docs/protocol.md, Transport): websockets pings every
             # heartbeat; AgentConnection drops a peer whose Pong is late.
             "ping_interval": config.heartbeat,
             "create_connection": AgentConnection,
@@ -415,7 +416,7 @@ class AgentServer:
             ping_timeout=None,
             close_timeout=CLOSE_TIMEOUT,
             **fast,
-            # Compression triples the memory of an idle connection (PERFORMANCE.md).
+            # Compression triples the memory of an idle connection (docs/benchmarks.md).
             compression=None,
             max_queue=64,
             ssl=config.ssl_context(),
@@ -458,7 +459,11 @@ class AgentServer:
                                      ("Content-Length", str(len(body)))]), body)
         if path != "/ws":
             return conn.respond(http.HTTPStatus.NOT_FOUND, "agents connect on /ws\n")
-        # Limits (API.md, Security), answered before the upgrade costs anything.
+        if not self.accepting:
+            self.metrics.connection_refused("draining")
+            return conn.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "hub draining: connect to another hub\n")
+        # Limits (docs/security.md), answered before the upgrade costs anything.
         config = self.config
         attached = len(self.connections)
         # Upgraded connections that have not said hello yet count too, or
@@ -548,7 +553,7 @@ class AgentServer:
             await link.stop()
 
     async def _handshake(self, ws: ServerConnection, link: Link) -> WsSession | None:
-        """PROTOCOL.md, Handshake. Returns None when the connection was refused."""
+        """docs/protocol.md, Handshake. Returns None when the connection was refused."""
         try:
             return await self._hello(ws, link)
         finally:
@@ -603,7 +608,7 @@ class AgentServer:
         return session
 
     def _authorized(self, agent_id: str, token: str | None) -> bool:
-        """Constant-time check of the agent's credential (API.md, Security)."""
+        """Constant-time check of the agent's credential (docs/security.md)."""
         if not self.auth_required:
             return True
         if token is None:
@@ -650,7 +655,7 @@ class _Reader:
         # error replies may come back out of order: they carry ``ref``).
         # Bounded per connection (MAX_FRAMES_IN_FLIGHT).
         self.inflight: set[asyncio.Future[Any]] = set()
-        # Frames per second (API.md, Security): a token bucket of one second's
+        # Frames per second (docs/security.md): a token bucket of one second's
         # worth. Over it, frames are dropped with one `rate_limited` error a
         # second; a connection still over it after ``rate_limit_grace`` is closed.
         self.rate = server.config.max_frame_rate
@@ -826,7 +831,7 @@ def _remote(ws: ServerConnection) -> str:
     return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
 
 
-def _load_tokens(tokens: Mapping[str, str] | str | None) -> dict[str, str] | None:
+def load_tokens(tokens: Mapping[str, str] | str | None) -> dict[str, str] | None:
     """``agent_tokens`` as a mapping, or a file of ``id token`` lines (``#`` comments)."""
     if tokens is None:
         return None

@@ -138,7 +138,7 @@ def binary_header(size: int) -> bytes:
 class AgentConnection(ServerConnection):
     """websockets' server connection plus the hub's liveness watch.
 
-    PROTOCOL.md, Transport: a connection whose Pong is ``heartbeat`` seconds
+    docs/protocol.md, Transport: a connection whose Pong is ``heartbeat`` seconds
     late counts as gone *at that moment*, without waiting for a closing
     handshake a dead peer will never answer. websockets sends the Pings
     (``ping_interval``); this class notes when bytes last arrived and one

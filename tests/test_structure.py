@@ -1,4 +1,4 @@
-"""The shape of the code: import layers (ARCHITECTURE.md), no import cycle, narrow
+"""The shape of the code: import layers (docs/design-notes.md, The shape of the hub), no import cycle, narrow
 interfaces between the hub's parts, the public surface and the exception tree.
 
 Imports are read with ``ast`` (runtime imports only: those under
@@ -165,14 +165,15 @@ def test_features_use_the_parts_public_methods_only(feature: str) -> None:
     assert not reached, f"{feature}.py reaches into private members: {reached}"
 
 
-# API.md's names on the hub, plus the documented additions (docs/guide.md, "The hub object").
+# The public API's names on the hub (docs/guide.md), plus the documented additions (docs/guide.md, "The hub object").
 API_NAMES = {"listen", "close", "on", "once", "off", "execute_on_agent", "emit_to", "broadcast",
              "apply_command_response", "apply_command_error", "apply_command_progress",
              "list_pending_commands", "get_command", "list_connected_agents",
              "execute_on_agents", "get_job", "list_jobs", "list_job_commands", "list_commands"}
 DOCUMENTED_ADDITIONS = {"config", "hub_id", "engine", "store", "metrics", "port", "admin_port",
                         "auth_required", "connected_count", "bus_status", "cancel_command",
-                        "get_agent", "cancel_job", "on_job_changed", "follow_job", "feed"}
+                        "get_agent", "cancel_job", "on_job_changed", "follow_job", "feed",
+                        "accepting", "drain"}
 
 
 def test_dispatcher_surface_is_the_documented_one() -> None:

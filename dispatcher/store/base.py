@@ -154,6 +154,12 @@ class Store(ABC):
     frames_expired: int = 0
 
     @property
+    def unfinished(self) -> int | None:
+        """Commands not COMPLETE that go with this store object when it closes (the
+        in-memory engine's); None for a shared store, which keeps them."""
+        return None
+
+    @property
     def healthy(self) -> bool:
         """False while the backing service is unreachable (``/healthz`` answers 503)."""
         return True

@@ -118,6 +118,10 @@ class MemoryStore(Store):
             return self._failed(exc)
         return self._ok(value)
 
+    @property
+    def unfinished(self) -> int:
+        return len(self._commands)
+
     def ping(self) -> asyncio.Future[None]:
         return self._ok(None)
 

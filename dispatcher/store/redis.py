@@ -1,9 +1,9 @@
 """The Redis engine: durable command state shared by every hub on one Redis.
 
-Layout and atomic steps are in ``scripts.py`` (ARCHITECTURE.md, Redis layout).
+Layout and atomic steps are in ``scripts.py`` (docs/redis.md, The key layout).
 All operations go through one batcher: whatever the event loop's coroutines
 ask for during one turn leaves as a single pipelined write on one connection,
-so the Redis cost per command falls as concurrency rises (PERFORMANCE.md).
+so the Redis cost per command falls as concurrency rises (docs/benchmarks.md).
 
 Failures are converted here, at the layer edge: a Redis that cannot be reached
 raises ``StoreUnavailable``, once per call and at once. The first failure
@@ -135,7 +135,7 @@ class RedisStore(Store):
         self._retention_ms = str(int(retention * 1000))
         self._probe_interval = reconnect_interval
         self._bus_probe = (probe_interval, probe_timeout)
-        # A failure must reach the caller at once (ARCHITECTURE.md, store
+        # A failure must reach the caller at once (docs/guide.md, Guarantees: store
         # unreachable); the probe task reconnects. The one retry is redis-py's
         # health check: a connection idle for a second is PINGed first, and a
         # stale one (Redis restarted meanwhile) is replaced before our batch is
@@ -434,7 +434,7 @@ class RedisStore(Store):
 
     async def _fail_all(self, exc: BaseException, extra: list[_Op] | None = None) -> None:
         """The connection failed: every batch sent on it, everything queued, and
-        ``extra`` fail at once; the probe reconnects (ARCHITECTURE.md: no hang)."""
+        ``extra`` fail at once; the probe reconnects (docs/guide.md, Guarantees: no hang)."""
         ops = [op for batch, _, _ in self._sent for op in batch] + (extra or []) + self._queue
         self._sent.clear()
         self._queue = []
@@ -699,7 +699,7 @@ class RedisStore(Store):
                         probe_interval=self._bus_probe[0], probe_timeout=self._bus_probe[1])
 
     def hub_channel(self, hub_id: str) -> str:
-        """Pub/sub channel of frames routed to that hub (ARCHITECTURE.md)."""
+        """Pub/sub channel of frames routed to that hub (docs/redis.md)."""
         return f"{self.prefix}:hub:{hub_id}"
 
     @property
@@ -859,7 +859,7 @@ def _resp(commands: list[tuple[Any, ...]]) -> bytes:
     """Commands in the Redis protocol (RESP), packed in one go.
 
     What redis-py's pack_commands does, several times cheaper: it was the
-    largest single cost of the Redis engine's hot path (PERFORMANCE.md).
+    largest single cost of the Redis engine's hot path (docs/benchmarks.md).
     hiredis' C encoder, when the installed hiredis has one, is twice as
     fast again (measured: 2.7 against 6.1 µs for one command's two scripts).
     """

@@ -1,8 +1,9 @@
 """The cluster's message bus on Redis pub/sub, built not to go deaf silently.
 
 Each hub subscribes to its own channel ``P:hub:HUB_ID`` and to ``P:events``.
-What users of other hubs report most (LESSONS.md) is a listener that dies or
-hangs while health checks stay green. So:
+What users of other hubs report most (in python-socketio's and Centrifugo's
+issue trackers) is a listener that dies or hangs while health checks stay
+green. So:
 
 - the subscriber connection has no read timeout (a timeout on a blocking
   subscriber only causes resubscribe storms); it is a loop that reconnects

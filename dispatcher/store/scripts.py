@@ -1,6 +1,6 @@
 """Lua scripts of the Redis engine: each state change that belongs together, atomically.
 
-Key layout (ARCHITECTURE.md, binding), with ``P`` the prefix:
+Key layout (docs/redis.md, binding), with ``P`` the prefix:
 ``P:cmd:ID`` hash, ``P:agent:ID:pending`` zset (score ts), ``P:deadlines`` zset
 (score deadline; the sweepers' index), ``P:agent:ID`` hash, ``P:agents`` set,
 ``P:agent:ID:events`` list (frames queued for an agent that is away) and
@@ -130,7 +130,7 @@ if job ~= '' then
   redis.call('ZADD', KEYS[8], ARGV[6], ARGV[2])
 end
 -- Where the agent is connected, so the caller can route the command there
--- in the same turn (ARCHITECTURE.md, per-hub channels).
+-- in the same turn (docs/deployment.md, How it works).
 local location = ''
 if ARGV[14] == '1' then
   location = redis.call('HGET', ARGV[1] .. ':agent:' .. ARGV[3], 'hub') or ''
@@ -149,11 +149,11 @@ redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'updated', ARGV[2])
 return 1
 """
 
-# Complete if not COMPLETE: the first answer wins (ARCHITECTURE.md).
+# Complete if not COMPLETE: the first answer wins (docs/guide.md, Guarantees).
 # An answer (outcome ok or error) is refused once the deadline passed: a command
 # past its deadline only ever ends timeout or cancelled. An answer to a group
 # member completes, in the same step, every PENDING member of its group whose
-# deadline has not passed (API.md, group): a member submitted after this step
+# deadline has not passed (docs/guide.md, groups): a member submitted after this step
 # is not part of it, and runs.
 # KEYS: 1 P:cmd:ID, 2 P:deadlines
 # ARGV: 1 prefix, 2 outcome, 3 now, 4 result, 5 error, 6 required agent ('' = any),
@@ -390,7 +390,7 @@ redis.call('SREM', ARGV[3] .. ':hub:' .. f[2] .. ':agents', ARGV[1])
 return 1
 """
 
-# A hub says it is alive (ARCHITECTURE.md, P:hub:HUB_ID:alive).
+# A hub says it is alive (docs/redis.md, P:hub:HUB_ID:alive).
 # KEYS: 1 P:hub:HUB:alive, 2 P:hubs.  ARGV: 1 hub id, 2 ttl ms.
 # Returns 1 if the key was still there, 0 if it had lapsed (the hub was frozen or cut
 # off longer than its ttl, or Redis lost it): its agents may have been reaped.

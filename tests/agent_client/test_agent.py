@@ -785,7 +785,7 @@ async def test_restart_after_stop_does_not_rerun_an_interrupted_command(
     assert await hub.execute_on_agent("stop-2", "echo", "probe").result(WAIT) == "probe"
     assert runs == 1, (
         "after stop() and start() the hub's redelivery ran the interrupted command again "
-        "in the same process (PROTOCOL.md, Redelivery)"
+        "in the same process (docs/protocol.md, Commands and redelivery)"
     )
     # Instead the redelivery gets a definite answer: the work was interrupted.
     with pytest.raises(CommandFailed) as info:

@@ -1,4 +1,4 @@
-"""``agent_client.Agent`` events and routed calls against a real hub (API.md, agent_client).
+"""``agent_client.Agent`` events and routed calls against a real hub (docs/guide.md, The agent library).
 
 Real hubs on port 0 (both store engines), real agents, a ``TcpProxy`` to cut
 an agent's connection. Waits are on events, futures, or a bounded predicate.

@@ -1,7 +1,7 @@
-"""``agent_client.protocol``: the pure frame module against PROTOCOL.md, no sockets.
+"""``agent_client.protocol``: the pure frame module against docs/protocol.md, no sockets.
 
 Property tests check that decoding anything at all raises only
-``ProtocolError`` with a code PROTOCOL.md lists (section "Errors"), that every
+``ProtocolError`` with a code docs/protocol.md lists (section "Errors"), that every
 frame type survives ``decode(encode(frame))``, and that each field check gives
 the error code the protocol names.
 """
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent_client import protocol as P
 
-# PROTOCOL.md, Errors: the complete list of error codes the hub may send.
+# docs/protocol.md, Errors: the complete list of error codes the hub may send.
 PROTOCOL_ERROR_CODES = frozenset({
     "bad_frame", "unknown_type", "unknown_command", "reserved_key", "rate_limited",
     "unauthorized", "bad_hello", "unsupported_version", "replaced", "internal",
@@ -32,7 +32,7 @@ FRAME_CLASSES: tuple[Any, ...] = (
     P.FailFrame, P.CancelFrame, P.EventFrame, P.ReceivedFrame, P.EmitFrame, P.SubFrame,
     P.UnsubFrame, P.CallFrame, P.ReplyFrame, P.ErrorFrame,
 )
-# Every frame type PROTOCOL.md defines.
+# Every frame type docs/protocol.md defines.
 PROTOCOL_TYPES = frozenset({
     "hello", "welcome", "cmd", "ack", "progress", "result", "fail", "cancel", "event",
     "received", "emit", "sub", "unsub", "call", "reply", "error",
@@ -278,7 +278,7 @@ def test_every_frame_round_trips(frame: Any) -> None:
     obj = msgpack.unpackb(wire, raw=False, strict_map_key=False)
     assert isinstance(obj, dict)
     assert obj["t"] == frame.TYPE
-    assert all(isinstance(k, str) for k in obj)  # PROTOCOL.md: a map with string keys
+    assert all(isinstance(k, str) for k in obj)  # docs/protocol.md: a map with string keys
 
 
 def test_round_trip_covers_every_frame_type() -> None:
@@ -335,8 +335,8 @@ REPLY_FAILED = {"t": "reply", "id": "q1", "ok": False, "error": {"code": "timeou
                                                                  "message": "m"}}
 
 # Fields without which the frame is a bad frame. Fields written ``X|nil`` in
-# PROTOCOL.md (hello ``token``, cmd ``deadline``) are read as optional, and so is
-# the ``message`` of an error frame (PROTOCOL.md itself shows
+# docs/protocol.md (hello ``token``, cmd ``deadline``) are read as optional, and so is
+# the ``message`` of an error frame (docs/protocol.md itself shows
 # ``{t:"error", code:"replaced"}``): a receiver is lenient there.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "hello": ("v", "agent"),
@@ -404,7 +404,7 @@ MISTYPED_HELLO: list[tuple[str, Any]] = [
 
 
 def check_ref(exc: P.ProtocolError, frame: dict[str, Any]) -> None:
-    """PROTOCOL.md, Errors: ``ref`` echoes the offending frame's ``id`` when it had one."""
+    """docs/protocol.md, Errors: ``ref`` echoes the offending frame's ``id`` when it had one."""
     frame_id = frame.get("id")
     if echoable(frame_id):
         assert exc.ref == frame_id, f"ref {exc.ref!r} does not echo id {frame_id!r}"
@@ -451,7 +451,7 @@ def test_mistyped_field_is_bad_frame(t: str, name: str, value: Any) -> None:
     check_ref(exc, frame)
 
 
-# Frame types whose definition in PROTOCOL.md has an ``id``.
+# Frame types whose definition in docs/protocol.md has an ``id``.
 TYPES_WITH_ID = frozenset({"cmd", "ack", "progress", "result", "fail", "cancel", "event",
                            "received", "call", "reply", "reply-failed"})
 # Values near the edges of the field checks.

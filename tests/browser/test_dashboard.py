@@ -2,7 +2,7 @@
 
 Each test opens the page on its own hub (a new port, so a new origin: nothing
 kept in session storage leaks between tests) and waits on the page's hooks
-(API.md, "Dashboard": ``data-agent-id``, ``form#run``, ``data-result-agent``,
+(docs/dashboard.md, the hooks: ``data-agent-id``, ``form#run``, ``data-result-agent``,
 ``data-job-id``, ``data-event-key``, ``form#login``) with bounded waits.
 """
 

@@ -2,9 +2,9 @@
 
 What the stateful tests (``test_lifecycle_model.py``, ``store/test_store_model.py``)
 compare both store engines and the hub with. It is the contract written as
-plainly as possible, from ``dispatcher/store/base.py``'s docstrings, API.md
+plainly as possible, from ``dispatcher/store/base.py``'s docstrings, docs/guide.md
 (``execute_on_agent``: ``command_id``, ``group``, ``drop_all_pending``) and
-PROTOCOL.md (Commands, Redelivery):
+docs/protocol.md (Commands, Redelivery):
 
 - a command is PENDING, then ACTIVE (``ack``), then COMPLETE with one outcome;
   the first completion wins, later ones are refused (``UnknownCommand``);

@@ -1,4 +1,4 @@
-"""The HTTP admin API (API.md, "HTTP admin API"): every route, its errors, its OpenAPI.
+"""The HTTP admin API (docs/admin-api.md): every route, its errors, its OpenAPI.
 
 Real hubs on port 0 with a real HTTP client; most tests run on both engines.
 The last test fuzzes the served ``/openapi.json`` with schemathesis against a
@@ -119,6 +119,8 @@ async def test_healthz_needs_no_token(api: Api, hub: Dispatcher) -> None:
     if hub.engine == "redis":
         expected["bus"] = "ok"  # the cluster channel is heard
     assert body == expected
+    assert await api.get("/readyz", token=None) == (200, expected)
+    assert await api.get("/livez", token=None) == (200, {"status": "ok"})
 
 
 @pytest.mark.parametrize("path", ["/agents", "/metrics", "/commands/x", "/agents/a/commands"])
@@ -437,6 +439,9 @@ async def test_store_outage_answers_503_not_500(http: aiohttp.ClientSession, pre
                 _error(body, "store_unavailable")
             status, body = await api.get("/healthz")
             assert status == 503 and body["status"] == "store_unavailable"
+            status, body = await api.get("/readyz")  # out of the balancer, not restarted
+            assert status == 503 and body["status"] == "store_unavailable"
+            assert await api.get("/livez") == (200, {"status": "ok"})
     finally:
         redis.cleanup()
 
@@ -475,7 +480,8 @@ async def test_openapi_is_served_and_matches_the_router(api: Api, hub: Dispatche
     served = {(r.method, r.resource.canonical) for r in hub._admin_server.app.router.routes()}
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert served == documented == {(r.method, r.path) for r in ROUTES}
-    assert {"/healthz", "/metrics", "/agents", "/agents/{id}", "/agents/{id}/commands",
+    assert {"/healthz", "/livez", "/readyz", "/metrics", "/agents", "/agents/{id}",
+            "/agents/{id}/commands",
             "/commands/{id}", "/agents/{id}/events", "/events"} <= set(doc["paths"])
     assert doc["paths"]["/agents"]["get"]["security"] == [{"bearerAuth": []}]
     assert doc["paths"]["/healthz"]["get"]["security"] == []

@@ -1,6 +1,6 @@
 """Bad frames after the handshake: each costs one ``error`` frame, nothing more.
 
-PROTOCOL.md, Transport and Errors: the hub answers with the error code the
+docs/protocol.md, Transport and Errors: the hub answers with the error code the
 protocol names, ``ref`` echoes the offending frame's ``id``, the connection
 stays open and usable, and nothing one connection sends disturbs another
 agent's work or leaves a task behind.
@@ -164,7 +164,7 @@ def test_deep_helper_builds_the_intended_frame() -> None:
     assert frame.id == "deep"
 
 
-# Frames only the hub sends. PROTOCOL.md does not name the code for one that
+# Frames only the hub sends. docs/protocol.md does not name the code for one that
 # comes from an agent; it is an error frame either way, and harmless.
 HUB_ONLY: list[Any] = [
     pytest.param({"t": "welcome", "v": 1, "hub": "h", "session": "s", "heartbeat": 1}, None,
@@ -238,7 +238,7 @@ async def test_answer_for_another_agents_command(
     assert cmd["t"] == "cmd"
     assert cmd["id"] == handle.id
 
-    # PROTOCOL.md, Commands: for an id not addressed to this agent, never applied.
+    # docs/protocol.md, Commands and redelivery: for an id not addressed to this agent, never applied.
     await agent.send({**ANSWERS[t], "id": cmd["id"]})
     await expect_error(agent, "unknown_command", cmd["id"])
     stored = await hub.get_command(cmd["id"])
@@ -272,7 +272,7 @@ async def test_answer_for_a_finished_command(hub: Dispatcher, agent: RawAgent, t
 
 @pytest.mark.parametrize("t", ["result", "fail"])
 async def test_terminal_frame_after_cancel(hub: Dispatcher, agent: RawAgent, t: str) -> None:
-    """PROTOCOL.md, Commands: a terminal frame after ``cancel`` gets unknown_command."""
+    """docs/protocol.md, Commands and redelivery: a terminal frame after ``cancel`` gets unknown_command."""
     handle = hub.execute_on_agent("a", "work", None, timeout=WAIT)
     cmd = await agent.recv()
     await agent.send({"t": "ack", "id": cmd["id"]})
@@ -354,7 +354,7 @@ async def test_burst_of_bad_frames_does_not_disturb_other_agents(make_hub: HubFa
         await round_trip(hub, late, "late", "welcome")
         await late.close()
 
-        # PROTOCOL.md, Errors: the hub never leaks a task because of what one
+        # docs/protocol.md, Errors: the hub never leaks a task because of what one
         # connection sends. The close above ends its handler task too.
         await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, timeout=WAIT,
                        what=f"the task count to settle back to {tasks_before}")

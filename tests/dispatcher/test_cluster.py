@@ -429,7 +429,7 @@ class HubProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "serve", "--port", str(self.port),
              "--admin-port", str(self.admin_port), "--redis", redis_url, "--prefix", prefix,
-             "--hub-id", hub_id, "--log-json"],
+             "--hub-id", hub_id, "--log-format", "json"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 

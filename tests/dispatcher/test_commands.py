@@ -1,7 +1,7 @@
-"""The command lifecycle end to end, frame by frame (API.md; PROTOCOL.md, Commands).
+"""The command lifecycle end to end, frame by frame (docs/guide.md; docs/protocol.md, Commands and redelivery).
 
 Agents here are raw msgpack clients (``RawAgent``) so that every frame the hub
-sends and accepts is checked as PROTOCOL.md writes it. Every test runs against
+sends and accepts is checked as docs/protocol.md writes it. Every test runs against
 each store engine; none reaches into an engine's internals.
 """
 
@@ -389,7 +389,7 @@ async def test_group_coalesces_commands_for_an_offline_agent(
         assert info.result == {"synced": 3}
     assert await hub.list_pending_commands("a1") == []
     # The other members were never sent, so there is nothing to cancel either
-    # (PROTOCOL.md, Commands: cancel is for timeouts, cancels and drops).
+    # (docs/protocol.md, Commands and redelivery: cancel is for timeouts, cancels and drops).
     await agent.expect_silence(0.2)
 
 

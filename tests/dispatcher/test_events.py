@@ -1,4 +1,4 @@
-"""Events and routed calls on the hub, frame by frame (API.md; PROTOCOL.md, Events,
+"""Events and routed calls on the hub, frame by frame (docs/guide.md; docs/protocol.md, Events and receipts,
 Routed calls, Errors).
 
 Agents here are raw msgpack clients (``RawAgent``) so the test decides when a

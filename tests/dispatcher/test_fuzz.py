@@ -1,4 +1,4 @@
-"""Hostile input against a live hub (PROTOCOL.md, Errors).
+"""Hostile input against a live hub (docs/protocol.md, Errors).
 
 "The hub never crashes, leaks a task, or loses other agents' work because of
 what one connection sends." Hypothesis generates whole WebSocket messages
@@ -272,7 +272,7 @@ async def run_example(pre: list[bytes | str], post: list[bytes | str]) -> None:
             baseline = len(asyncio.all_tasks())
 
             # Before their handshake: every first message that is not a good hello
-            # ends the connection with the close code PROTOCOL.md names.
+            # ends the connection with the close code docs/protocol.md names.
             for message in pre:
                 raw = await RawAgent.connect(url)
                 with contextlib.suppress(ConnectionClosed):

@@ -1,6 +1,6 @@
 """The hub's agent transport: handshake, replacement, /healthz, frame limit, liveness.
 
-Real hubs on port 0 and raw msgpack clients (PROTOCOL.md, Transport and
+Real hubs on port 0 and raw msgpack clients (docs/protocol.md, Transport and
 Handshake); every wait is bounded by a timeout.
 """
 
@@ -389,7 +389,7 @@ async def test_silent_agent_is_dropped_within_two_heartbeats(make_hub: HubFactor
         paused_at = loop.time()
         info, reason = await events.expect("agent-disconnected", "silent", timeout=1.5)
         elapsed = loop.time() - paused_at
-        # About two heartbeats (PROTOCOL.md, Transport); the exact bound is
+        # About two heartbeats (docs/protocol.md, Transport); the exact bound is
         # checked by the next test.
         assert elapsed < 1.5, elapsed
         check_info(info, hub, "silent", welcome["session"], {"via": "proxy"}, since)
@@ -409,7 +409,7 @@ async def test_silent_agent_is_dropped_within_two_heartbeats(make_hub: HubFactor
 
 
 async def test_hub_answers_agent_pings(hub: Dispatcher) -> None:
-    """PROTOCOL.md, Transport: agents SHOULD ping the hub to notice a dead hub."""
+    """docs/protocol.md, Transport: agents SHOULD ping the hub to notice a dead hub."""
     agent, _ = await RawAgent.hello(ws_url(hub), "a1")
     for _ in range(3):
         pong = await agent.ws.ping()
@@ -422,7 +422,7 @@ async def test_hub_answers_agent_pings(hub: Dispatcher) -> None:
 async def test_silent_agent_counts_as_disconnected_when_its_pong_is_late(
     make_hub: HubFactory,
 ) -> None:
-    """PROTOCOL.md, Transport: a Ping every ``heartbeat``, the connection closed when
+    """docs/protocol.md, Transport: a Ping every ``heartbeat``, the connection closed when
     its Pong is ``heartbeat`` late, and the agent disconnected *from that moment*,
     "without waiting for a closing handshake that a dead peer will never answer".
     So a frozen path is reported at most two heartbeats after it froze."""

@@ -1,5 +1,5 @@
 """Command history (``list_commands``), ``command_ended`` logs and ``last_seen``, on a real
-hub with real agents, on both engines (API.md, Fleets, jobs and history)."""
+hub with real agents, on both engines (docs/guide.md, History)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The hub and a calm agent run here; each attack runs in a process of its own
 for a second and a half, as fast as it can, while the calm agent's commands
 run one after another. Whatever the attack, the calm agent's p99 stays under
-50 ms (ARCHITECTURE.md: nothing an agent sends takes other agents' latency
+50 ms (docs/guide.md, Guarantees: nothing an agent sends takes other agents' latency
 above 50 ms p99, control frames included).
 """
 

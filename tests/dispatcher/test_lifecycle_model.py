@@ -305,7 +305,7 @@ class HubMachine(RuleBasedStateMachine):
 
     def model_answer(self, agent: str, cmd_id: str, kind: str, value: Any) -> None:
         # An answer to a group member completes the group's PENDING members in the
-        # same step (API.md; none is past its deadline here: short timeouts are waited out).
+        # same step (docs/guide.md; none is past its deadline here: short timeouts are waited out).
         if kind == "result":
             self.model.complete(cmd_id, "ok", now=0, result=value, agent_id=agent)
         elif kind == "fail":

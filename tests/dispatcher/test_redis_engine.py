@@ -259,7 +259,7 @@ async def test_script_cache_flush_is_survived(hubs: list[Dispatcher], redis_url:
         frame = await agent.recv_type("cmd")
         while frame["id"] != handle.id:
             # At-least-once: the recovery after the outage may send an earlier
-            # command again (PROTOCOL.md, Redelivery); an agent dedupes by id.
+            # command again (docs/protocol.md, Commands and redelivery); an agent dedupes by id.
             frame = await agent.recv_type("cmd")
         await agent.send({"t": "result", "id": frame["id"], "data": n})
         assert await asyncio.wait_for(handle.result(), 5) == n

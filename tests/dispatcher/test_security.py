@@ -1,4 +1,4 @@
-"""Security (API.md, Security; PROTOCOL.md, Errors and Close codes).
+"""Security (docs/security.md; docs/protocol.md, Errors and Close codes).
 
 Agent credentials, the admin token, TLS on both ports, every limit answered by
 its named error, HTTP status or close code, and what one agent cannot do to
@@ -261,7 +261,7 @@ async def test_serve_first_log_line_says_whether_agents_need_tokens(flags: list[
     exe = Path(sys.executable).parent / "dispatcher"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")}
     proc = await asyncio.create_subprocess_exec(
-        str(exe), "serve", "--port", "0", "--admin-port", "0", "--log-json", *flags,
+        str(exe), "serve", "--port", "0", "--admin-port", "0", "--log-format", "json", *flags,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
     lines: list[dict[str, Any]] = []
     try:
@@ -663,7 +663,7 @@ async def test_an_agent_emits_only_as_itself(make_hub: HubFactory) -> None:
     listener, _ = await RawAgent.hello(ws_url(hub), "listener", subs=["news"])
     mallory, _ = await RawAgent.hello(ws_url(hub), "mallory")
 
-    # Extra fields claiming another sender are ignored (PROTOCOL.md: unknown fields).
+    # Extra fields claiming another sender are ignored (docs/protocol.md: unknown fields).
     await mallory.send({"t": "emit", "key": "news", "data": 1, "from": "alice",
                         "sender": "alice", "agent": "alice"})
     event = await listener.recv_type("event")

@@ -19,6 +19,7 @@ import structlog
 from .client import Agent, CommandContext
 from .errors import AgentRefused, AgentReplaced, CommandError
 from .logs import FORMATS, LEVELS, configure_logging, log_settings
+from .proctitle import hide_secret_flags
 
 __all__ = ["ENV_VARIABLES", "build_agent", "main"]
 
@@ -106,6 +107,7 @@ def main(*, urls: tuple[str, ...], agent_id: str, token: str | None, token_file:
     them). Exits 2 when the hub refuses the token or the protocol version,
     3 when another connection takes this agent id.
     """
+    hide_secret_flags()  # --token VALUE does not show in `ps`
     try:
         level, json_logs = log_settings(log_level, log_format)
     except ValueError as exc:

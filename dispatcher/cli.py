@@ -18,6 +18,7 @@ import click
 import structlog
 
 from agent_client.logs import FORMATS, LEVELS, LOG_VARIABLES, configure_logging, log_settings
+from agent_client.proctitle import hide_secret_flags
 
 from .admin_client import DEFAULT_URL, AdminClient, AdminError
 from .config import FIELDS, SECRETS, HubConfig, SettingError
@@ -56,6 +57,8 @@ def main() -> None:
       3  not found: no such agent, command or job; a target that matched nobody
       4  the hub cannot be reached, refused the admin token, or its store is down
     """
+    # Secrets given as flags (warned about by serve) do not show in `ps`.
+    hide_secret_flags()
 
 
 def _hub_options(fn: F) -> F:

@@ -283,3 +283,39 @@ def test_agent_command_line_help_version_and_bad_concurrency() -> None:
     assert out.exit_code == 2
     assert out.stderr == ("dispatcher-agent: configuration error: DISPATCHER_LOG_FORMAT=xml: "
                           "expected one of json, console\n")
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc (Linux)")
+async def test_secrets_given_as_flags_do_not_show_in_the_process_list(
+        processes: list[Process]) -> None:
+    """`ps` (/proc/PID/cmdline) shows the hub's and the agent's secret flags masked."""
+    hub, _ = await serve(processes, "--agent-secret", "s3cret-of-the-hub",
+                             "--admin-token=t0ken-of-the-admin")
+    line = _cmdline(hub.proc.pid)
+    assert "s3cret-of-the-hub" not in line and "t0ken-of-the-admin" not in line, line
+    assert "--agent-secret ***" in line and "--admin-token=***" in line, line
+    await hub.until("secret_on_command_line")  # and it says why that is a bad idea
+    # An agent that keeps retrying (nothing listens on that port): alive to be looked at.
+    agent = await Process.start("dispatcher-agent", "--url", f"ws://127.0.0.1:{free_port()}/ws",
+                                "--id", "masked", "--token", "t0ken-of-the-agent",
+                                "--log-format", "json", env=_env())
+    processes.append(agent)
+    await wait_for(lambda: "--token ***" in _cmdline(agent.proc.pid),
+                   what="the agent's process title masked")
+    assert "t0ken-of-the-agent" not in _cmdline(agent.proc.pid)
+
+
+def test_masked_argv_hides_values_and_url_passwords() -> None:
+    from agent_client.proctitle import masked_argv
+
+    assert masked_argv(["x", "serve", "--agent-secret", "a", "--redis",
+                        "redis://:pw@h:6379/0", "--redis-url=rediss://u:pw2@h/1",
+                        "--port", "1", "--token=b"]) == [
+        "x", "serve", "--agent-secret", "***", "--redis", "redis://:***@h:6379/0",
+        "--redis-url=rediss://u:***@h/1", "--port", "1", "--token=***"]
+    assert masked_argv(["x", "--redis", "redis://h:6379/0"]) == ["x", "--redis",
+                                                                  "redis://h:6379/0"]

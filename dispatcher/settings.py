@@ -32,6 +32,7 @@ from .config import (
     env_values,
     read_secret,
 )
+from .store.redis_url import without_password
 from .transport import load_tokens
 
 __all__ = ["CONFIG_VARIABLE", "FLAG_ALIASES", "HELP", "Resolved", "known_variables", "masked",
@@ -266,16 +267,7 @@ def masked(name: str, value: Any) -> str:
     if isinstance(value, Mapping):
         return f"<{len(value)} agent tokens>"
     if name == "redis_url" and isinstance(value, str):
-        return _without_password(value)
+        return without_password(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _without_password(url: str) -> str:
-    """A URL with the password of its user part as ``***`` (Redis URLs carry one)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"

@@ -57,7 +57,7 @@ from .base import (
 from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
-from .redis_url import make_pool
+from .redis_url import make_pool, without_password
 from .scripts import JOB_COUNT_FIELDS, JOB_INFO_FIELDS, SCRIPTS
 
 __all__ = ["RedisStore"]
@@ -217,7 +217,7 @@ class RedisStore(Store):
         except StoreUnavailable:
             # A hub may start while Redis is down: it serves what it can and
             # reconnects by itself (the probe is already running).
-            log.warning("store_unavailable_at_start", url=_safe_url(self.url))
+            log.warning("store_unavailable_at_start", url=without_password(self.url))
 
     def _choose_reader(self) -> None:
         if self._fast_path_allowed:
@@ -227,7 +227,7 @@ class RedisStore(Store):
             enabled, reason = False, "turned off (redis_fast_path=False)"
         self.fast_path = enabled
         self._read_replies = read_replies if enabled else read_replies_public
-        log.info("redis_fast_path", enabled=enabled, reason=reason, url=_safe_url(self.url))
+        log.info("redis_fast_path", enabled=enabled, reason=reason, url=without_password(self.url))
 
     async def close(self) -> None:
         """Fail what is waiting, end the tasks, drop the connections; bounded.
@@ -249,14 +249,14 @@ class RedisStore(Store):
         if tasks:
             _, left = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
             if left:
-                log.warning("store_close_tasks_left", url=_safe_url(self.url),
+                log.warning("store_close_tasks_left", url=without_password(self.url),
                             tasks=sorted(t.get_name() for t in left))
         for step in (self._drop_connection, self._pool.disconnect):
             try:
                 async with asyncio.timeout(_CLOSE_WAIT):
                     await step()
             except _UNAVAILABLE as exc:  # TimeoutError included: give up on that socket
-                log.warning("store_close_disconnect_failed", url=_safe_url(self.url),
+                log.warning("store_close_disconnect_failed", url=without_password(self.url),
                             error=str(exc) or type(exc).__name__)
 
     def _fail_waiting(self, err: StoreUnavailable) -> None:
@@ -281,7 +281,7 @@ class RedisStore(Store):
             return
         self._refusal = f"the store's {task.get_name()} task ended (event loop shutting down?)"
         error = None if task.cancelled() else task.exception()
-        log.warning("store_task_ended", url=_safe_url(self.url), task=task.get_name(),
+        log.warning("store_task_ended", url=without_password(self.url), task=task.get_name(),
                     error=None if error is None else repr(error))
         self._fail_waiting(StoreUnavailable(self._refusal))
 
@@ -462,7 +462,7 @@ class RedisStore(Store):
             return
         self._healthy = False
         self.outages += 1
-        log.error("store_unreachable", url=_safe_url(self.url), error=str(exc))
+        log.error("store_unreachable", url=without_password(self.url), error=str(exc))
         if self._listener is not None:
             self._listener(False, exc)
         self._probe = asyncio.get_running_loop().create_task(self._reconnect(), name="redis-probe")
@@ -489,7 +489,7 @@ class RedisStore(Store):
             self._conn = conn
             self._healthy = True
             self._probe = None
-            log.info("store_reconnected", url=_safe_url(self.url))
+            log.info("store_reconnected", url=without_password(self.url))
             if self._listener is not None:
                 self._listener(True, None)
             return
@@ -993,11 +993,3 @@ def _agent_from_hash(flat: Sequence[Any]) -> AgentInfo:
         connected_at=_i(h.get("connected")), last_seen=_i(h.get("last_seen")),
         meta=meta if isinstance(meta, dict) else {},
     )
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

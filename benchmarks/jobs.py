@@ -87,6 +87,10 @@ async def run_engine(engine: str, n: int, rounds: int, log_dir: Path) -> dict[st
     hub = Dispatcher(HubConfig(host="127.0.0.1", port=0, admin_port=None, max_frame_rate=0,
                                redis_url=redis.url if redis else None, prefix="benchjobs"))
     await hub.listen()
+    # As `dispatcher serve` does once it listens (and benchmarks/servers/ours.py).
+    from dispatcher.runtime import tune_gc  # noqa: PLC0415
+
+    tune_gc()
     gens: list[Child] = []
     try:
         gens = await _connect(hub, n, log_dir)
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     import structlog  # noqa: PLC0415
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        cache_logger_on_first_use=True)  # as serve configures it
     loop_name = install_uvloop()  # before the loop exists, as every bench process does
     return asyncio.run(main_async(args, loop_name))
 

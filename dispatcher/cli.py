@@ -224,10 +224,12 @@ def token(agent_id: str, secret: str) -> None:
     click.echo(agent_token(secret, agent_id))
 
 
-@main.command(name="agent", context_settings={"ignore_unknown_options": True})
+# -h/--help go to the agent's own options too (its help, not this wrapper's).
+@main.command(name="agent", context_settings={"ignore_unknown_options": True,
+                                              "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def agent_cmd(args: tuple[str, ...]) -> None:
-    """Run the built-in agent (same as `dispatcher-agent`)."""
+    """Run the built-in agent (same as `dispatcher-agent`; -h for its options)."""
     from agent_client.cli import main as agent_main  # noqa: PLC0415
 
     agent_main.main(args=list(args), prog_name="dispatcher agent")

@@ -341,3 +341,10 @@ def test_demo_shows_commands_and_events() -> None:
                   "failed commands so far: [('demo-2', 'upgrade'), ('demo-1', 'deploy')]",
                   "done: the hub closed cleanly."):
         assert words in text, words
+
+
+def test_dispatcher_agent_passes_help_to_the_agent() -> None:
+    """`dispatcher agent -h` is the agent's own help (its options), not the wrapper's."""
+    out = CliRunner().invoke(main, ["agent", "-h"])
+    assert out.exit_code == 0, out.output
+    assert "--stop-timeout" in out.output and "--concurrency" in out.output, out.output

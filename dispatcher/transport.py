@@ -452,9 +452,14 @@ class AgentServer:
                          ) -> Response | Awaitable[Response | None] | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            body = json.dumps({"status": "ok", "hub": self.hub_id,
+            # A draining hub says so here too: a balancer probing the agent port
+            # stops sending it new agents (which it would refuse with 503).
+            status = http.HTTPStatus.OK if self.accepting else \
+                http.HTTPStatus.SERVICE_UNAVAILABLE
+            body = json.dumps({"status": "ok" if self.accepting else "draining",
+                               "hub": self.hub_id,
                                "agents": len(self.connections)}).encode()
-            return Response(http.HTTPStatus.OK, "OK",
+            return Response(status, status.phrase,
                             Headers([("Content-Type", "application/json"),
                                      ("Content-Length", str(len(body)))]), body)
         if path != "/ws":

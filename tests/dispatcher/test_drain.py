@@ -52,6 +52,9 @@ async def test_drain_refuses_new_work_and_waits_for_active_commands(
                 assert resp.status == 503  # no new agent while draining
             async with http.get(f"http://127.0.0.1:{hub.admin_port}/readyz") as resp:
                 assert resp.status == 503
+            # The agent port's health check tells a balancer the same.
+            async with http.get(f"http://{base}/healthz") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "draining"
         assert agent.connected  # agents stay until close(), to answer
         release.set()
         assert await asyncio.wait_for(draining, WAIT) == 0

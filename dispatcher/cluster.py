@@ -31,6 +31,7 @@ from .config import HubConfig
 from .connections import Connections
 from .errors import DispatcherError
 from .events import Events
+from .feed import Feed
 from .lifecycle import redeliverable
 from .models import CommandInfo
 from .sessions import Sessions
@@ -118,7 +119,17 @@ class EmitMsg:
     frame: bytes
 
 
-Message = CmdMsg | FrameMsg | CancelMsg | DoneMsg | ProgressMsg | ReceivedMsg | KickMsg | EmitMsg
+@dataclass(frozen=True, slots=True)
+class WatchMsg:
+    """A hub has its first watcher of the feed: every hub publishes to it from now on
+    (without waiting for its next poll of the channel's listeners)."""
+
+    KIND: ClassVar[str] = "watch"
+    hub: str
+
+
+Message = (CmdMsg | FrameMsg | CancelMsg | DoneMsg | ProgressMsg | ReceivedMsg | KickMsg
+           | EmitMsg | WatchMsg)
 
 # kind -> (class, accepted argument counts, type checks of the leading fields)
 _STR = (str,)
@@ -134,6 +145,7 @@ _MESSAGES: dict[str, tuple[type[Any], tuple[int, ...], tuple[tuple[type, ...], .
     "received": (ReceivedMsg, (2,), (_STR, _STR)),
     "kick": (KickMsg, (2,), (_STR, _STR)),
     "emit": (EmitMsg, (4,), (_STR, _OPT_STR, _STR, _BYTES)),
+    "watch": (WatchMsg, (1,), (_STR,)),
 }
 
 
@@ -178,6 +190,7 @@ class Cluster:
         self._connections: Connections | None = None
         self._events: Events | None = None
         self._sessions: Sessions | None = None
+        self._feed: Feed | None = None
         # Recovery (see recover): one task at a time, run again if asked meanwhile.
         self._recovering: asyncio.Task[None] | None = None
         self._recover_again = False
@@ -191,12 +204,13 @@ class Cluster:
         return self.bus is not None and self.bus.deaf
 
     def bind(self, *, commands: Commands, connections: Connections, events: Events,
-             sessions: Sessions) -> None:
+             sessions: Sessions, feed: Feed) -> None:
         """The parts that messages from other hubs are applied to."""
         self._commands = commands
         self._connections = connections
         self._events = events
         self._sessions = sessions
+        self._feed = feed
 
     async def start(self, bus: Bus) -> None:
         """Join the cluster, before this hub accepts agents: forget what a previous
@@ -289,6 +303,11 @@ class Cluster:
     def kick(self, hub_id: str, agent_id: str, session: str) -> None:
         self._to_hub(hub_id, KickMsg(agent_id, session))
 
+    def announce_watcher(self) -> None:
+        """This hub has its first feed watcher: tell every hub (``WatchMsg``)."""
+        self.sent += 1
+        self.store.publish(self.store.events_channel, encode_message(WatchMsg(self.me)))
+
     def publish_emit(self, sender: str | None, key: str, frame: bytes) -> None:
         self.sent += 1
         self.store.publish(self.store.events_channel,
@@ -329,6 +348,9 @@ class Cluster:
             events.receipt(msg.event_id, msg.agent)
         elif isinstance(msg, KickMsg):
             sessions.kick(msg.agent, msg.session)
+        elif isinstance(msg, WatchMsg):
+            if self._feed is not None:
+                self._feed.watched()
         elif msg.hub != self.me:  # EmitMsg: our own comes back to us too
             events.fan_out_local(msg.sender, msg.key, msg.frame)
 

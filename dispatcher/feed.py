@@ -11,9 +11,10 @@ COMPLETE), ``progress`` (``{"id", "data"}``), ``event`` (an agent emitted
 A hub alone delivers to its own watchers. On a shared store every item goes
 through the channel ``P:feed``, so that a watcher on any hub sees the whole
 cluster: a hub subscribes to that channel only while it has watchers, and
-publishes only while someone listens (it asks the store how many subscribers
-the channel has every ``poll`` seconds, and stops at once when a publish
-reached nobody). Nothing is published, or built, while nobody watches.
+publishes only while someone listens (a hub that gets its first watcher tells
+every hub at once over the cluster's bus; each also asks the store how many
+subscribers the channel has every ``poll`` seconds, and stops at once when a
+publish reached nobody). Nothing is published, or built, while nobody watches.
 
 Each subscription holds at most ``buffer`` items: a watcher that falls that far
 behind is dropped (its subscription ends with ``overflow``; counted in
@@ -117,6 +118,9 @@ class Feed:
         self._bus_lock = asyncio.Lock()
         self._remote = False  # shared store: somebody subscribes to the channel
         self._closed = False
+        # Called when this hub gets its first watcher (on a shared store): the
+        # cluster tells every hub, which then publishes at once (see watched()).
+        self.on_first_watcher: Callable[[], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -176,8 +180,17 @@ class Feed:
                     if bus is not None:
                         await bus.start(self._on_message, _ignore)
                         self._bus = bus
+                        if self.on_first_watcher is not None:
+                            self.on_first_watcher()
             self._remote = True
         return sub
+
+    def watched(self) -> None:
+        """Another hub (or this one) has a watcher now: publish from now on, without
+        waiting for the next poll of the channel's listeners (which would miss what
+        happens here meanwhile, up to ``poll`` seconds)."""
+        if self.shared and not self._closed:
+            self._remote = True
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.end("closed")

@@ -106,7 +106,8 @@ class Dispatcher:
                                    calls=self._calls, tasks=self._tasks)
         if self._cluster is not None:
             self._cluster.bind(commands=self._commands, connections=self._connections,
-                               events=self._events, sessions=self._sessions)
+                               events=self._events, sessions=self._sessions, feed=self._feed)
+            self._feed.on_first_watcher = self._cluster.announce_watcher
         # The public method below, without its call: execute_on_agent is the hot
         # path of every round-trip benchmark row (a Python call per command saved).
         self.execute_on_agent = self._commands.submit  # type: ignore[method-assign]

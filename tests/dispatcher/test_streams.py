@@ -248,3 +248,26 @@ async def test_stream_covers_the_whole_cluster(http: aiohttp.ClientSession, engi
     # Nobody watches any more: the hubs stop publishing and leave the channel.
     await wait_for(lambda: not other.feed.active and watched.feed.watchers == 0,
                    what="the feed to go quiet")
+
+
+async def test_a_first_watcher_is_announced_to_every_hub(http: aiohttp.ClientSession,
+                                                         engine: str, make_hub: HubFactory,
+                                                         make_agent: Callable[..., Agent]
+                                                         ) -> None:
+    """The other hubs learn of a first watcher from the cluster's bus at once, not at
+    their next poll of the channel: what happens on them right after the stream opens
+    is on it. Their polls are stopped here, so only the announcement can do it."""
+    if engine != "redis":
+        pytest.skip("a cluster needs the Redis engine")
+    watched = await make_hub(admin_token=TOKEN)
+    other = await make_hub(admin_token=TOKEN)
+    for task in asyncio.all_tasks():
+        if task.get_name() == "feed-watch":
+            task.cancel()  # no poll of the channel's listeners from now on, on either hub
+    assert not other.feed.active
+    resp, sse = await open_stream(http, watched, "/stream")
+    await wait_for(lambda: other.feed.active, what="the announcement to reach the other hub")
+    await _worker(other, make_agent, "early")
+    seen = await sse.until("agent-connected", lambda d: d["id"] == "early")
+    assert seen["hub_id"] == other.hub_id
+    resp.close()

@@ -9,16 +9,25 @@ process title so that it does not show the value meanwhile (with
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Collection, Sequence
 
-__all__ = ["SECRET_FLAGS", "URL_FLAGS", "hide_secret_flags", "masked_argv"]
+__all__ = ["SECRET_FLAGS", "URL_FLAGS", "hide_secret_flags", "masked_argv", "without_password"]
 
 # Flags whose whole value is a secret, and flags holding a URL whose password is.
 SECRET_FLAGS = frozenset({"--agent-secret", "--admin-token", "--token", "--secret"})
 URL_FLAGS = frozenset({"--redis", "--redis-url"})
-_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def without_password(url: str) -> str:
+    """The URL with the password of its user part as ``***``: the one masker of the
+    project (process titles here; the hub's logs and ``dispatcher config``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}://{user}:***@{host}"
 
 
 def masked_argv(argv: Sequence[str], secret: Collection[str] = SECRET_FLAGS,
@@ -29,13 +38,13 @@ def masked_argv(argv: Sequence[str], secret: Collection[str] = SECRET_FLAGS,
     pending: str | None = None  # the flag whose value comes next
     for arg in argv:
         if pending is not None:
-            out.append("***" if pending in secret else _PASSWORD.sub(r"\1***@", arg))
+            out.append("***" if pending in secret else without_password(arg))
             pending = None
             continue
         name, eq, value = arg.partition("=")
         if name in secret or name in urls:
             if eq:
-                shown = "***" if name in secret else _PASSWORD.sub(r"\1***@", value)
+                shown = "***" if name in secret else without_password(value)
                 out.append(f"{name}={shown}")
             else:
                 out.append(arg)

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent_client.proctitle import without_password
+
 from .config import (
     FIELDS,
     PREFIX,
@@ -32,7 +34,6 @@ from .config import (
     env_values,
     read_secret,
 )
-from .store.redis_url import without_password
 from .transport import load_tokens
 
 __all__ = ["CONFIG_VARIABLE", "FLAG_ALIASES", "HELP", "Resolved", "known_variables", "masked",

@@ -37,6 +37,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from agent_client.proctitle import without_password
 from agent_client.protocol import pack, unpack
 
 from ..errors import JobPartRefused, StoreUnavailable, TooManyCommands, UnknownCommand
@@ -57,7 +58,7 @@ from .base import (
 from .redis_bus import RedisBus
 from .redis_fastpath import ReplyReader, read_replies, read_replies_public
 from .redis_fastpath import check as fast_path_check
-from .redis_url import make_pool, without_password
+from .redis_url import make_pool
 from .scripts import JOB_COUNT_FIELDS, JOB_INFO_FIELDS, SCRIPTS
 
 __all__ = ["RedisStore"]

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-__all__ = ["SentinelURL", "make_client", "make_pool", "parse_sentinel_url", "without_password"]
+__all__ = ["SentinelURL", "make_client", "make_pool", "parse_sentinel_url"]
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -68,13 +68,3 @@ def make_pool(url: str, **kwargs: Any) -> ConnectionPool:
 def make_client(url: str, **kwargs: Any) -> Redis:
     """A client (for pub/sub) on its own pool."""
     return Redis(connection_pool=make_pool(url, **kwargs))
-
-
-def without_password(url: str) -> str:
-    """The URL with the password of its user part as ``***`` (for logs and output)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    return f"{scheme}://{user}:***@{host}"

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import signal
 import socket
 import sys
 import time
@@ -20,6 +19,7 @@ from .client import Agent, CommandContext
 from .errors import AgentRefused, AgentReplaced, CommandError
 from .logs import FORMATS, LEVELS, configure_logging, log_settings
 from .proctitle import hide_secret_flags
+from .signals import on_stop_signals
 
 __all__ = ["ENV_VARIABLES", "build_agent", "main"]
 
@@ -145,21 +145,17 @@ async def _run(agent: Agent, stop_timeout: float) -> None:
     """Serve until the first SIGTERM/SIGINT, then stop gracefully (a second one forces)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("agent_stopping", agent_id=agent.agent_id, stop_timeout=stop_timeout,
-                     hint="send the signal again to cancel running commands")
-            stop.set()
-        else:
-            log.warning("agent_forced_stop", agent_id=agent.agent_id)
-            stopper.cancel()
+    def graceful() -> None:
+        log.info("agent_stopping", agent_id=agent.agent_id, stop_timeout=stop_timeout,
+                 hint="send the signal again to cancel running commands")
+        stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    def forced() -> None:
+        log.warning("agent_forced_stop", agent_id=agent.agent_id)
+        stopper.cancel()
+
+    on_stop_signals(loop, graceful, forced)
     runner = loop.create_task(agent.run())
     waiter = loop.create_task(stop.wait())
     stopper: asyncio.Task[None] = loop.create_task(_after(stop, agent, stop_timeout))

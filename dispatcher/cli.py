@@ -7,7 +7,6 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import structlog
 
 from agent_client.logs import FORMATS, LEVELS, LOG_VARIABLES, configure_logging, log_settings
 from agent_client.proctitle import hide_secret_flags
+from agent_client.signals import on_stop_signals
 
 from .admin_client import DEFAULT_URL, AdminClient, AdminError
 from .config import FIELDS, SECRETS, HubConfig, SettingError
@@ -172,22 +172,16 @@ async def _serve(config: HubConfig, secret_flags: Sequence[str] = ()) -> None:
                     hint="every user can read it in the process list: use "
                          f"DISPATCHER_{name.upper()}_FILE or the config file")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("hub_stopping", hint="send the signal again to force")
-            stop.set()
-        else:
-            log.warning("hub_forced_exit")
-            sys.exit(1)
+    def graceful() -> None:
+        log.info("hub_stopping", hint="send the signal again to force")
+        stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, on_signal)
+    def forced() -> None:
+        log.warning("hub_forced_exit")
+        sys.exit(1)
+
+    on_stop_signals(asyncio.get_running_loop(), graceful, forced)
     await hub.listen()
     tune_gc()  # this process is the hub: see dispatcher/runtime.py
     try:

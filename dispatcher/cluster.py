@@ -128,8 +128,18 @@ class WatchMsg:
     hub: str
 
 
+@dataclass(frozen=True, slots=True)
+class GoneMsg:
+    """A hub ended without notice (reaped as dead, or restarted under its id): the
+    completions it stored just before may never have been told to the hubs waiting on
+    them. Every hub reads its waiting commands from the store once."""
+
+    KIND: ClassVar[str] = "gone"
+    hub: str
+
+
 Message = (CmdMsg | FrameMsg | CancelMsg | DoneMsg | ProgressMsg | ReceivedMsg | KickMsg
-           | EmitMsg | WatchMsg)
+           | EmitMsg | WatchMsg | GoneMsg)
 
 # kind -> (class, accepted argument counts, type checks of the leading fields)
 _STR = (str,)
@@ -146,6 +156,7 @@ _MESSAGES: dict[str, tuple[type[Any], tuple[int, ...], tuple[tuple[type, ...], .
     "kick": (KickMsg, (2,), (_STR, _STR)),
     "emit": (EmitMsg, (4,), (_STR, _OPT_STR, _STR, _BYTES)),
     "watch": (WatchMsg, (1,), (_STR,)),
+    "gone": (GoneMsg, (1,), (_STR,)),
 }
 
 
@@ -191,6 +202,7 @@ class Cluster:
         self._events: Events | None = None
         self._sessions: Sessions | None = None
         self._feed: Feed | None = None
+        self._checking = False  # a GoneMsg's pass over the waiting commands runs
         # Recovery (see recover): one task at a time, run again if asked meanwhile.
         self._recovering: asyncio.Task[None] | None = None
         self._recover_again = False
@@ -232,11 +244,14 @@ class Cluster:
     async def _reset(self) -> None:
         if not self._reset_pending:
             return
-        for info in await self.store.hub_reset(self.me):
+        forgotten = await self.store.hub_reset(self.me)
+        for info in forgotten:
             log.warning("agent_forgotten", agent_id=info.id, hub_id=self.me,
                         reason="hub_restarted")
             self._emit("agent-disconnected", info, "hub_restarted")
         self._reset_pending = False
+        if forgotten:  # a previous life of this hub id ended without notice
+            self._announce_gone(self.me)
 
     async def close(self) -> None:
         if self.bus is not None:
@@ -308,6 +323,10 @@ class Cluster:
         self.sent += 1
         self.store.publish(self.store.events_channel, encode_message(WatchMsg(self.me)))
 
+    def _announce_gone(self, hub_id: str) -> None:
+        self.sent += 1
+        self.store.publish(self.store.events_channel, encode_message(GoneMsg(hub_id)))
+
     def publish_emit(self, sender: str | None, key: str, frame: bytes) -> None:
         self.sent += 1
         self.store.publish(self.store.events_channel,
@@ -348,6 +367,11 @@ class Cluster:
             events.receipt(msg.event_id, msg.agent)
         elif isinstance(msg, KickMsg):
             sessions.kick(msg.agent, msg.session)
+        elif isinstance(msg, GoneMsg):
+            if not self._checking:  # one pass at a time; it reads every waiting command
+                self._checking = True
+                self.tasks.spawn(self._check_waiting(f"hub_gone:{msg.hub}"),
+                                 name="check-waiting")
         elif isinstance(msg, WatchMsg):
             if self._feed is not None:
                 self._feed.watched()
@@ -404,10 +428,27 @@ class Cluster:
             pending = await self.store.list_pending(agent_id)
             for cmd in redeliverable(pending, now_ms()):
                 connections.send(agent_id, cmd_frame(cmd), cmd.id)
-        for cmd_id in commands.waiting_ids():
-            info = await self.store.get_command(cmd_id)
+        await self._resolve_finished()
+
+    async def _resolve_finished(self) -> None:
+        """Handles waiting here whose command is COMPLETE in the store learn it (its
+        completion message was lost: a bus outage, or the completing hub died between
+        its store write and its message). One pipelined read per waiting command."""
+        commands = self._commands
+        assert commands is not None
+        waiting = commands.waiting_ids()
+        found = await asyncio.gather(*(self.store.get_command(i) for i in waiting))
+        for info in found:
             if info is not None and info.status == "COMPLETE":
                 commands.resolve(info)
+
+    async def _check_waiting(self, reason: str) -> None:
+        try:
+            await self._resolve_finished()
+        except DispatcherError as exc:  # the store failed: recover() does it when back
+            log.warning("check_waiting_failed", reason=reason, error=str(exc))
+        finally:
+            self._checking = False
 
     async def _sweep_forever(self) -> None:
         commands = self._commands
@@ -430,10 +471,13 @@ class Cluster:
                     log.warning("hub_alive_lapsed", hub_id=self.me)
                     self.recover("alive_lapsed")
                 if turn % reap_every == 0 and self.tasks.loop.time() >= self._reap_after:
-                    for info in await self.store.reap_dead_hubs(self.me):
+                    reaped = await self.store.reap_dead_hubs(self.me)
+                    for info in reaped:
                         log.warning("agent_reaped", agent_id=info.id, hub_id=info.hub_id,
                                     reason="hub_dead")
                         info.last_seen = now_ms()
                         self._emit("agent-disconnected", info, "hub_dead")
+                    for hub_id in {info.hub_id for info in reaped}:
+                        self._announce_gone(hub_id)
             except DispatcherError:
                 continue

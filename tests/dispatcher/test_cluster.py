@@ -506,6 +506,42 @@ async def test_hub_killed_mid_command_completes_exactly_once(
         await agent.stop()
 
 
+async def test_a_completion_whose_hub_died_before_telling_is_learnt(
+        cluster: Any, hub_processes: list[HubProcess], redis_url: str, prefix: str) -> None:
+    """A hub killed between its store write of a completion and its message to the hub
+    waiting on it: the waiting hub learns the outcome once the dead hub is reaped
+    (GoneMsg), not at the command's deadline. The chaos run found it (1 in 3,110)."""
+    from dispatcher.clock import now_ms
+
+    (h0,) = await cluster(1)
+    h2 = HubProcess(redis_url, prefix, "hub-dies-proc")
+    hub_processes.append(h2)
+    await h2.ready()
+    started = asyncio.Event()
+    agent = Agent([h2.url], "teller", backoff_initial=0.05, backoff_max=0.2)
+
+    @agent.command("work")
+    async def work(payload: Any, ctx: Any) -> Any:
+        started.set()
+        await asyncio.sleep(60)  # never answers: only the store write below completes it
+        return None
+
+    await agent.start()
+    try:
+        await agent.wait_connected(WAIT)
+        handle = h0.execute_on_agent("teller", "work", timeout=60)
+        await asyncio.wait_for(started.wait(), WAIT)
+        # What hub 2 would have done with the agent's answer, up to its store write...
+        done = await h0.store.complete(handle.id, "ok", now=now_ms(), result=7,
+                                       agent_id="teller")
+        assert done.command.status == "COMPLETE"
+        # ... and it dies before its message to hub 0 goes out.
+        h2.proc.send_signal(signal.SIGKILL)
+        assert await asyncio.wait_for(handle.result(), WAIT) == 7  # not 60 s later
+    finally:
+        await agent.stop()
+
+
 async def test_sigterm_drains_agents_to_another_hub(
         cluster: Any, hub_processes: list[HubProcess], redis_url: str, prefix: str) -> None:
     (h1,) = await cluster(1)
